@@ -1,0 +1,200 @@
+"""The `crucible-record` command. Thin: parsing, printing, exit codes; the work lives elsewhere."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from .config import DEVICES, RunConfig, load_config_file
+from .errors import CrucibleError, Interrupted
+from .store import CODEC_PRESETS, Layout
+
+# (flag, RunConfig field, type, help)
+_EXPERIMENT_OPTIONS = [
+    ("--steps", "steps", int, "training steps"),
+    ("--batch-size", "batch_size", int, "sequences per batch"),
+    ("--seq-len", "seq_len", int, "tokens per sequence"),
+    ("--lr", "lr", float, "AdamW learning rate"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+    ("--beta1", "beta1", float, "AdamW beta1"),
+    ("--beta2", "beta2", float, "AdamW beta2"),
+    ("--eps", "eps", float, "AdamW epsilon"),
+    ("--vocab-size", "vocab_size", int, "tokenizer vocabulary size"),
+    ("--hidden-dim", "hidden_dim", int, "model width"),
+    ("--num-layers", "num_layers", int, "transformer layers"),
+    ("--num-heads", "num_heads", int, "attention heads"),
+    ("--seed", "seed", int, "random seed"),
+    ("--corpus", "corpus", str, "corpus text file [default: the shipped corpus]"),
+    ("--tokenizer", "tokenizer", str, "tokenizers JSON file [default: the shipped tokenizer]"),
+    ("--dead-mask", "dead_mask", str, "safetensors mask file [default: tokens absent from the corpus]"),
+]
+
+
+def _experiment_options(func):
+    defaults = RunConfig()
+    for flag, field, kind, text in reversed(_EXPERIMENT_OPTIONS):
+        default = getattr(defaults, field)
+        func = click.option(flag, field, type=kind, default=default, show_default=default is not None, help=text)(func)
+    return func
+
+
+@click.group()
+@click.version_option(package_name="crucible-record")
+def cli() -> None:
+    """Record every training step of the Crucible-3 experiment into a Zarr v3 store."""
+
+
+@cli.command()
+@_experiment_options
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="auto = cuda, then mps, then cpu (the notebook's detection)")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="new run directory [default: runs/crucible3-<time>]")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="JSON or TOML file of the same keys; flags override it")
+@click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
+              help="continue a stopped run (its own config is used)")
+@click.option("--checkpoint-every", type=int, default=32, show_default=True,
+              help="save model/optimizer/RNG state every K steps for exact resume (0 = never)")
+@click.option("--time-chunk", type=int, default=Layout.time_chunk, show_default=True,
+              help="steps per stored chunk (buffered in RAM, written once)")
+@click.option("--token-chunk", type=int, default=Layout.token_chunk, show_default=True,
+              help="tokens per inner chunk (smaller = faster single-token reads)")
+@click.option("--codec", type=click.Choice(CODEC_PRESETS), default=Layout.codec, show_default=True,
+              help="compression preset for W (all lossless)")
+@click.option("--progress/--no-progress", default=True, help="show the progress bar")
+@click.pass_context
+def train(ctx, out, config_file, resume, checkpoint_every, time_chunk, token_chunk, codec, progress, **values):
+    """Train the notebook's model and record every step into OUT/trajectory.zarr."""
+    from .run import resume_run, start_run
+
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if resume is not None:
+        extra = sorted(given - {"resume", "progress"})
+        if extra:
+            raise CrucibleError(
+                f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
+            )
+        summary = resume_run(resume, progress=progress)
+    else:
+        settings = load_config_file(config_file) if config_file else {}
+        settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
+        config = RunConfig.from_dict(settings)
+        if out is None:
+            out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        layout = Layout(time_chunk=time_chunk, token_chunk=token_chunk, codec=codec)
+        summary = start_run(config, out, layout=layout, checkpoint_every=checkpoint_every, progress=progress)
+    click.echo(
+        f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
+        f"steps committed: {summary.steps}, time: {summary.seconds:.1f} s"
+    )
+    click.echo(f"Run: {summary.run_dir} ({_size(summary.bytes_on_disk)} on disk)")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="output directory [default: RUN_DIR/export]")
+@click.option("--force", is_flag=True, help="overwrite existing files")
+def export(run_dir, fmt, out, force):
+    """Write the notebook's crucible_3_trajectory.safetensors and metadata.json."""
+    from .export import export_safetensors
+    from .trajectory import Trajectory
+
+    traj = Trajectory(run_dir)
+    target, meta = export_safetensors(traj, out or run_dir / "export", force=force)
+    click.echo(f"Wrote {target} ({_size(target.stat().st_size)}) and {meta} ({traj.steps} steps)")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def info(run_dir):
+    """Config, committed steps, size on disk and the notebook's Quick Stats."""
+    from .analysis import format_quick_stats, quick_stats
+    from .trajectory import Trajectory
+
+    traj = Trajectory(run_dir)
+    config = traj.config
+    click.echo(f"Run: {run_dir}")
+    click.echo(f"Committed steps: {traj.steps} of {config.steps}  (epochs: {traj.epochs})")
+    click.echo("Config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
+    prov = traj.attrs.get("provenance", {})
+    click.echo("Recorded with: " + ", ".join(f"{k} {v}" for k, v in prov.items()))
+    layout = traj.attrs.get("layout", {})
+    on_disk, raw = traj.bytes_on_disk(), traj.raw_bytes()
+    click.echo(
+        f"Size: {_size(on_disk)} on disk, {_size(raw)} raw, compression {raw / max(on_disk, 1):.2f}x "
+        f"(codec {layout.get('codec')}, chunks of {layout.get('time_chunk')} steps x {layout.get('token_chunk')} tokens)"
+    )
+    n_dead = int(traj.dead_mask.sum())
+    click.echo(f"Tokens: {n_dead} dead, {config.vocab_size - n_dead} live")
+    if traj.steps > 0:
+        click.echo(f"Loss: first {traj.loss[1].item():.4f}, last {traj.loss[-1].item():.4f}")
+    click.echo(format_quick_stats(traj, quick_stats(traj)))
+
+
+@cli.command("dead-mask")
+@click.option("--corpus", type=click.Path(path_type=Path), default=None, help="[default: the shipped corpus]")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="[default: the shipped tokenizer]")
+@click.option("--vocab-size", type=int, default=10000, show_default=True)
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="mask file to write")
+@click.option("--force", is_flag=True, help="overwrite an existing file")
+def dead_mask(corpus, tokenizer, vocab_size, out, force):
+    """Write the notebook's mask file: tokens that never occur in the tokenized corpus are dead."""
+    from .data import (default_corpus_path, default_tokenizer_path, derive_dead_mask, load_tokenizer,
+                       save_dead_mask, tokenize_corpus)
+
+    if vocab_size <= 0:
+        raise CrucibleError(f"--vocab-size must be positive, got {vocab_size}")
+    if out.exists() and not force:
+        raise CrucibleError(f"{out} already exists; pass --force to overwrite it")
+    tok = load_tokenizer(tokenizer or default_tokenizer_path(), vocab_size)
+    masks = derive_dead_mask(tokenize_corpus(corpus or default_corpus_path(), tok), vocab_size)
+    try:
+        save_dead_mask(masks, out)
+    except OSError as e:
+        raise CrucibleError(f"cannot write {out}: {e.strerror or e}") from None
+    n_dead = int(masks.dead_mask.sum())
+    click.echo(f"Wrote {out}: {n_dead} dead, {vocab_size - n_dead} live tokens")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    warnings.filterwarnings("ignore", message="enable_nested_tensor is True")
+    try:
+        cli.main(args=argv, prog_name="crucible-record", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except Interrupted as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(130)
+    except CrucibleError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug or an environment fault: still one line, unless debugging
+        if os.environ.get("CRUCIBLE_DEBUG"):
+            raise
+        text = str(e).splitlines()[0] if str(e) else ""
+        click.echo(f"error: {type(e).__name__}: {text} (set CRUCIBLE_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,131 @@
+"""RunConfig: every constant of the Crucible-3 notebook, validated, with the notebook's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CrucibleError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Sizes above these are refused as typos rather than attempted.
+_LIMITS = {
+    "steps": 10_000_000,
+    "batch_size": 1_000_000,
+    "seq_len": 1_000_000,
+    "vocab_size": 10_000_000,
+    "hidden_dim": 65_536,
+    "num_layers": 1_000,
+    "num_heads": 65_536,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The experiment's knobs; defaults are the notebook's values."""
+
+    steps: int = 500
+    batch_size: int = 128
+    seq_len: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    vocab_size: int = 10000
+    hidden_dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    seed: int = 42
+    corpus: str | None = None
+    tokenizer: str | None = None
+    dead_mask: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("corpus", "tokenizer", "dead_mask"):
+                if value is not None and not isinstance(value, str):
+                    raise CrucibleError(f"{f.name} must be a path, got {value!r}")
+            elif f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise CrucibleError(f"{f.name} must be an integer, got {value!r}")
+            elif f.type == "float" and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise CrucibleError(f"{f.name} must be a number, got {value!r}")
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if value <= 0:
+                raise CrucibleError(f"--{_flag(name)} must be positive, got {value}")
+            if value > limit:
+                raise CrucibleError(f"--{_flag(name)} {value} is larger than the limit {limit}")
+        if self.hidden_dim % self.num_heads:
+            raise CrucibleError(
+                f"--num-heads {self.num_heads} does not divide --hidden-dim {self.hidden_dim}"
+            )
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise CrucibleError(f"--lr must be a positive finite number, got {self.lr}")
+        if not (0 <= self.weight_decay < float("inf")):
+            raise CrucibleError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise CrucibleError(f"--{name} must be in [0, 1), got {value}")
+        if not (self.eps > 0 and self.eps < float("inf")):
+            raise CrucibleError(f"--eps must be a positive finite number, got {self.eps}")
+        if not 0 <= self.seed < 2**63:
+            raise CrucibleError(f"--seed must be in [0, 2**63), got {self.seed}")
+        if self.device not in DEVICES:
+            raise CrucibleError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CrucibleError(f"unknown config key(s): {', '.join(unknown)}")
+        values = dict(values)
+        for f in fields(cls):  # JSON has no int/float distinction: 1 means 1.0 for a float
+            if f.type == "float" and isinstance(values.get(f.name), int) and not isinstance(
+                values.get(f.name), bool
+            ):
+                values[f.name] = float(values[f.name])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML file of RunConfig keys (dashes or underscores)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise CrucibleError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            values = tomllib.loads(text.decode("utf-8"))
+        else:
+            values = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CrucibleError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+    if not isinstance(values, dict):
+        raise CrucibleError(f"config file {path} must hold a table of keys, not {type(values).__name__}")
+    return {key.replace("-", "_"): value for key, value in values.items()}

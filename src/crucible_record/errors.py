@@ -1,0 +1,13 @@
+"""Errors a user can cause. The CLI prints them as one line and exits non-zero."""
+
+
+class CrucibleError(Exception):
+    """Bad input or an unusable run: the message is meant for the user, as is."""
+
+
+class RecorderError(CrucibleError):
+    """The background writer failed; the cause is chained."""
+
+
+class Interrupted(CrucibleError):
+    """Training was stopped by Ctrl-C or SIGTERM after committing what it had."""
