@@ -115,7 +115,7 @@ def create_store(
         shape=(steps + 1, vocab_size, hidden_dim),
         dtype="uint16",
         chunks=(time_chunk, token_chunk, hidden_dim),
-        shards=(time_chunk, vocab_size, hidden_dim),
+        shards=(time_chunk, -(-vocab_size // token_chunk) * token_chunk, hidden_dim),
         serializer="auto",
         fill_value=0,
         dimension_names=("step", "token", "hidden"),
