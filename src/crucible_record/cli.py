@@ -156,10 +156,7 @@ def dead_mask(corpus, tokenizer, vocab_size, out, force):
         raise CrucibleError(f"{out} already exists; pass --force to overwrite it")
     tok = load_tokenizer(tokenizer or default_tokenizer_path(), vocab_size)
     masks = derive_dead_mask(tokenize_corpus(corpus or default_corpus_path(), tok), vocab_size)
-    try:
-        save_dead_mask(masks, out)
-    except OSError as e:
-        raise CrucibleError(f"cannot write {out}: {e.strerror or e}") from None
+    save_dead_mask(masks, out)
     n_dead = int(masks.dead_mask.sum())
     click.echo(f"Wrote {out}: {n_dead} dead, {vocab_size - n_dead} live tokens")
 

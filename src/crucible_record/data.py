@@ -124,9 +124,16 @@ def load_dead_mask(path: str | Path, vocab_size: int) -> TokenMasks:
 
 
 def save_dead_mask(masks: TokenMasks, path: str | Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file({"dead_mask": masks.dead_mask, "dead_indices": masks.dead_indices}, str(path))
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CrucibleError(f"cannot write {path}: folder {path.parent} does not exist")
+    try:
+        save_file({"dead_mask": masks.dead_mask, "dead_indices": masks.dead_indices}, str(path))
+    except (SafetensorError, OSError) as e:
+        raise CrucibleError(f"cannot write {path}: {e}") from None
 
 
 def _check_readable(path: Path, what: str) -> None:

@@ -40,7 +40,10 @@ class LazyW:
                 data = self._array[selection]
         except Exception as e:  # zarr raises codec errors for damaged chunks
             raise CrucibleError(f"cannot read W{_show(key)}: {_describe(e)}") from e
-        return torch.from_numpy(np.ascontiguousarray(data)).view(torch.bfloat16)
+        data = np.asarray(data)
+        if not data.flags.c_contiguous:
+            data = data.copy()
+        return torch.from_numpy(data).view(torch.bfloat16)
 
     def numpy_bits(self, key) -> np.ndarray:
         """The raw uint16 bits of a selection (what the safetensors export holds)."""

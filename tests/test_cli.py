@@ -1,0 +1,95 @@
+"""The CLI end to end on tiny runs: train, info, export, dead-mask, config files, overrides."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+import crucible_record as cr
+
+from .clirun import assert_one_line_error, run_cli
+from .conftest import TINY
+
+
+def tiny_flags(corpus):
+    flags = []
+    for key, value in TINY.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags + ["--corpus", str(corpus), "--device", "cpu", "--no-progress"]
+
+
+def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
+    run = tmp_path / "run"
+    result = run_cli(capsys, "train", *tiny_flags(tiny_corpus), "--out", run, "--time-chunk", "8")
+    assert result.code == 0, result.err
+    assert "Final loss" in result.out and str(run) in result.out and "on disk" in result.out
+    traj = cr.open(run)
+    assert traj.steps == TINY["steps"] and traj.config.hidden_dim == TINY["hidden_dim"]
+    # the CLI run records exactly what the API run (tiny_run fixture) recorded
+    assert torch.equal(traj.W[:].view(torch.uint16), cr.open(tiny_run).W[:].view(torch.uint16))
+
+    info = run_cli(capsys, "info", run)
+    assert info.code == 0, info.err
+    for text in ("Committed steps: 25 of 25", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
+        assert text in info.out
+
+    exported = run_cli(capsys, "export", run, "--format", "safetensors", "--out", tmp_path / "exp")
+    assert exported.code == 0, exported.err
+    tensors = load_file(str(tmp_path / "exp" / "crucible_3_trajectory.safetensors"))
+    assert tensors["W"].shape == (26, 10000, 16) and tensors["W"].dtype == torch.uint16
+    meta = json.loads((tmp_path / "exp" / "metadata.json").read_text())
+    assert meta["total_steps"] == 25 and meta["hidden_dim"] == 16 and meta["device"] == "cpu"
+
+    before = (tmp_path / "exp" / "crucible_3_trajectory.safetensors").read_bytes()
+    again = run_cli(capsys, "export", run, "--out", tmp_path / "exp")
+    assert_one_line_error(again, "already exists", "--force")
+    assert (tmp_path / "exp" / "crucible_3_trajectory.safetensors").read_bytes() == before
+    forced = run_cli(capsys, "export", run, "--out", tmp_path / "exp", "--force")
+    assert forced.code == 0
+
+
+def test_config_file_and_flag_override(capsys, tmp_path, tiny_corpus):
+    cfg = tmp_path / "c.toml"
+    body = "\n".join(f"{k.replace('_', '-')} = {v}" for k, v in TINY.items())
+    cfg.write_text(body + f'\ncorpus = "{tiny_corpus}"\ndevice = "cpu"\nlr = 2e-3\n')
+    run = tmp_path / "run"
+    result = run_cli(capsys, "train", "--config", cfg, "--steps", "3", "--out", run, "--no-progress")
+    assert result.code == 0, result.err
+    config = cr.open(run).config
+    assert config.steps == 3  # flag beats file
+    assert config.lr == 2e-3 and config.hidden_dim == 16  # file beats defaults
+
+    cfg_json = tmp_path / "c.json"
+    cfg_json.write_text(json.dumps({**TINY, "corpus": str(tiny_corpus), "device": "cpu", "steps": 2}))
+    result = run_cli(capsys, "train", "--config", cfg_json, "--out", tmp_path / "run2", "--no-progress")
+    assert result.code == 0, result.err
+    assert cr.open(tmp_path / "run2").steps == 2
+
+
+def test_dead_mask_command(capsys, tmp_path, tiny_corpus, tiny_run):
+    out = tmp_path / "mask.safetensors"
+    result = run_cli(capsys, "dead-mask", "--corpus", tiny_corpus, "--out", out)
+    assert result.code == 0, result.err
+    masks = load_file(str(out))
+    assert masks["dead_mask"].dtype == torch.bool and masks["dead_indices"].dtype == torch.int64
+    assert torch.equal(masks["dead_mask"], cr.open(tiny_run).dead_mask)
+    assert_one_line_error(run_cli(capsys, "dead-mask", "--corpus", tiny_corpus, "--out", out), "already exists")
+
+
+def test_default_data_ships_with_a_realistic_dead_share():
+    from crucible_record.data import (default_corpus_path, default_tokenizer_path, derive_dead_mask,
+                                      load_tokenizer, tokenize_corpus)
+
+    tokens = tokenize_corpus(default_corpus_path(), load_tokenizer(default_tokenizer_path(), 10000))
+    dead = int(derive_dead_mask(tokens, 10000).dead_mask.sum())
+    assert len(tokens) // 128 >= 128  # at least one default batch
+    assert 1000 < dead < 9000
+
+
+def test_help_lists_notebook_defaults(capsys):
+    result = run_cli(capsys, "train", "--help")
+    assert result.code == 0
+    for text in ("--steps", "500", "--batch-size", "128", "--lr", "0.001", "--seed", "42", "--resume"):
+        assert text in result.out
