@@ -1,12 +1,75 @@
-"""The notebook's questions, answered from a store while streaming over blocks of steps."""
+"""The notebook's questions, answered from a store while streaming over blocks of steps.
+
+Every function takes a :class:`~crucible_record.trajectory.Trajectory` (``cr.open(run_dir)``), so a
+notebook user can call them directly; :func:`analyze` runs them all and adds a plain ``summary``.
+Only committed steps are used, so a run still in progress can be analysed.
+
+Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored chunks
+(:func:`iter_blocks`), carrying the previous block's last step across block boundaries for the
+step-to-step differences, and works inside a block a few steps at a time. Peak memory is bounded by
+one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
+
+Indexing (also written into analysis.json under ``indexing``). With ``n`` committed steps:
+
+* ``W[t]``, ``loss[t]`` and every per-step array (``centroid_*``, ``centroid_separation``), length
+  ``n + 1``: ``t`` is the training step after which W was recorded (``t = 0`` is the initialisation).
+* ``h_mean[i]``, ``i = 0 .. n-1``: from the forward pass of training step ``i + 1``. That forward pass
+  read ``W[i]``; its optimizer update produced ``W[i+1]``, and the notebook records ``h_mean[i]``
+  together with ``W[i+1]``.
+* Per-transition arrays, length ``n``, index ``i`` (training step ``i + 1``, the ``transition_step``
+  axis): they pair ``h_mean[i]`` with the update ``W[i] -> W[i+1]`` (``c[i+1] - c[i]`` for the drift
+  cosines, entries of ``W[i+1]`` vs ``W[i]`` for ``frac_changed_*``), and
+  ``cos_hmean_live_centroid[i]`` / ``cos_hmean_live_minus_dead[i]`` use the centroids of ``W[i+1]``,
+  the embedding recorded with ``h_mean[i]``.
+* ``h_mean_cos_lag1[i] = cos(h_mean[i], h_mean[i+1])``, ``i = 0 .. n-2``;
+  ``h_mean_autocorr[k]`` is the mean over ``i`` of ``cos(h_mean[i], h_mean[i+k])`` for the lag
+  ``k = 0 .. n-1`` (index = lag; ``k = 0`` is 1 by definition);
+  ``h_mean_cos_to_first[i] = cos(h_mean[0], h_mean[i])``.
+
+A cosine with a zero vector (e.g. a centroid that did not move in bf16) is NaN.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
+from .errors import CrucibleError
 from .trajectory import Trajectory
+
+# Thresholds behind the plain answers of the summary (also written into it).
+LAG1_THRESHOLD = 0.95
+AUTOCORR_THRESHOLD = 0.5
+SEPARATION_GROWTH = 1.1  # last/first separation above this: "yes, they separate"
+ALIGN_STRONG = 0.5  # mean cosine above this: "yes"; above 0: "weakly"
+STALL_STRONG = 0.5  # late share of changed dead entries below this: "yes, bf16 stalls"
+STALL_PARTLY = 0.9  # ... below this: "partly"
+LATE_FRACTION = 0.1  # "late in training" = the last 10% of steps (at least one)
+
+_SUB_STEPS = 8  # steps handled at once inside a stored block: bounds the float32 temporaries
+
+INDEXING = {
+    "step": "W[t], loss[t], centroid_*[t], centroid_separation[t]: t = 0..n is the training step after "
+    "which W was recorded (t = 0: initialisation); x axis 'step'.",
+    "h_mean": "h_mean[i], i = 0..n-1, comes from the forward pass of training step i+1; that pass read W[i], "
+    "its update produced W[i+1], and h_mean[i] is recorded together with W[i+1].",
+    "transition": "Per-transition arrays (length n, x axis 'transition_step' = i+1) pair h_mean[i] with the "
+    "update W[i] -> W[i+1]: cos_dead_drift_* / cos_live_drift_* use c[i+1] - c[i], frac_changed_* compare "
+    "W[i+1] with W[i], and cos_hmean_live_centroid[i], cos_hmean_live_minus_dead[i] use c_live[i+1], "
+    "c_dead[i+1] (the centroids of the W recorded with h_mean[i]).",
+    "h_mean_cos_lag1": "h_mean_cos_lag1[i] = cos(h_mean[i], h_mean[i+1]), i = 0..n-2 (training steps i+1 and i+2; "
+    "x axis 'lag1_step' = i+2).",
+    "h_mean_autocorr": "h_mean_autocorr[k] = mean over i of cos(h_mean[i], h_mean[i+k]) for lag k = 0..n-1 "
+    "(index = lag, x axis 'lag'; k = 0 is 1 by definition).",
+    "h_mean_cos_to_first": "h_mean_cos_to_first[i] = cos(h_mean[0], h_mean[i]), i = 0..n-1 (x axis 'transition_step').",
+    "path_straightness": "per token |W[n] - W[0]| / sum_t |W[t+1] - W[t]| (L2 over hidden, float32 on the bf16 "
+    "values); 1.0 is a straight line; tokens that never moved are left out of the percentiles.",
+    "nan": "NaN (null in JSON) where a cosine involves a zero vector or a population is empty.",
+}
 
 
 def iter_blocks(traj: Trajectory, block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
@@ -74,3 +137,399 @@ def format_quick_stats(traj: Trajectory, stats: dict[str, float]) -> str:
             f"  Mean L2 norm: {stats['h_mean_norm_mean']:.6f}",
         ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# One streaming pass over W
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WScan:
+    """What one pass over W gathers (n = committed steps).
+
+    centroid_dead, centroid_live: (n+1, hidden) float32, ``W[t][mask].float().mean(0)`` (NaN if the
+    population is empty). changed_dead, changed_live: (n,) float64, share of the population's entries
+    of W[i+1] whose bf16 bits differ from W[i]. path_length: (vocab,) float64, sum over t of the
+    float32 L2 norm of W[t+1] - W[t]. net_displacement: (vocab,) float32, |W[n] - W[0]|.
+    """
+
+    centroid_dead: torch.Tensor
+    centroid_live: torch.Tensor
+    changed_dead: torch.Tensor
+    changed_live: torch.Tensor
+    path_length: torch.Tensor
+    net_displacement: torch.Tensor
+
+
+def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
+    """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
+    dead = traj.dead_mask.bool()
+    live = ~dead
+    n_dead, n_live = int(dead.sum()), int(live.sum())
+    vocab, hidden = traj.W.shape[1], traj.W.shape[2]
+    c_dead, c_live, ch_dead, ch_live = [], [], [], []
+    path = torch.zeros(vocab, dtype=torch.float64)
+    first = prev = None
+    for _, W in iter_blocks(traj, block):
+        if first is None:
+            first = W[0].clone()
+        for s in range(0, W.shape[0], _SUB_STEPS):
+            part = W[s:s + _SUB_STEPS]
+            c_dead.append(_masked_mean(part, dead, n_dead))
+            c_live.append(_masked_mean(part, live, n_live))
+            # transitions a[j] -> b[j] that end in `part`; the previous block's last step is carried
+            if s > 0:
+                a, b = W[s - 1:s - 1 + part.shape[0]], part
+            elif prev is not None:
+                a, b = torch.cat([prev[None], part[:-1]]), part
+            else:  # global step 0 has no step before it
+                a, b = part[:-1], part[1:]
+            if a.shape[0]:
+                _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path)
+        prev = W[-1].clone()
+    if prev is None:
+        raise CrucibleError(f"{traj.run_dir} has no committed step of W")
+    net = torch.norm(prev.float() - first.float(), dim=1)
+    empty = torch.zeros(0, dtype=torch.float64)
+    return WScan(
+        centroid_dead=torch.cat(c_dead),
+        centroid_live=torch.cat(c_live),
+        changed_dead=torch.cat(ch_dead) if ch_dead else empty,
+        changed_live=torch.cat(ch_live) if ch_live else empty,
+        path_length=path,
+        net_displacement=net,
+    )
+
+
+def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    if count == 0:
+        return torch.full((W.shape[0], W.shape[2]), float("nan"), dtype=torch.float32)
+    return W[:, mask, :].float().mean(dim=1)
+
+
+def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path) -> None:
+    """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
+    per_token = (a.view(torch.int16) != b.view(torch.int16)).sum(dim=2)  # (k, vocab) changed entries
+    ch_dead.append(per_token[:, dead].sum(dim=1).double() / (n_dead * hidden) if n_dead else
+                   torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
+    ch_live.append(per_token[:, live].sum(dim=1).double() / (n_live * hidden) if n_live else
+                   torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
+    path += torch.norm(b.float() - a.float(), dim=2).double().sum(dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# The questions
+# --------------------------------------------------------------------------------------------
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine in float64, NaN where either row is zero (or not finite)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = torch.broadcast_tensors(a, b)
+    denom = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+    out = (a * b).sum(dim=-1) / denom
+    return torch.where(denom > 0, out, torch.full_like(out, float("nan")))
+
+
+def h_mean_persistence(traj: Trajectory) -> dict[str, torch.Tensor]:
+    """Question 1: does h_mean keep its direction?
+
+    Returns (float64): ``h_mean_cos_lag1`` (n-1,) = cos(h_mean[i], h_mean[i+1]);
+    ``h_mean_autocorr`` (n,) indexed by lag k = 0..n-1, the mean over i of cos(h_mean[i], h_mean[i+k])
+    (computed with an FFT: O(n log n) time, O(n x hidden) memory); ``h_mean_cos_to_first`` (n,) =
+    cos(h_mean[0], h_mean[i]). h_mean[i] comes from the forward pass of training step i+1.
+    """
+    h = traj.h_mean.double()
+    n = h.shape[0]
+    norms = torch.norm(h, dim=1)
+    valid = (norms > 0) & torch.isfinite(norms)
+    unit = torch.where(valid[:, None], h / torch.where(valid, norms, 1.0)[:, None], torch.zeros_like(h))
+    lag1 = cosine(h[:-1], h[1:])
+    to_first = cosine(h[:1], h)
+    if n == 0:
+        autocorr = torch.zeros(0, dtype=torch.float64)
+    else:
+        size = 2 * n
+        spec = torch.fft.rfft(unit, n=size, dim=0)
+        sums = torch.fft.irfft(spec * spec.conj(), n=size, dim=0)[:n].sum(dim=1)
+        vspec = torch.fft.rfft(valid.double(), n=size)
+        counts = torch.fft.irfft(vspec * vspec.conj(), n=size)[:n].round()
+        autocorr = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+        autocorr = autocorr.clamp(-1.0, 1.0)
+    return {"h_mean_cos_lag1": lag1, "h_mean_autocorr": autocorr, "h_mean_cos_to_first": to_first}
+
+
+def centroid_dynamics(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
+    """Question 2, per step t = 0..n (float32 math on the bf16 values, as the notebook's Quick Stats).
+
+    ``centroid_dead_norm``, ``centroid_live_norm``: |c[t]|; ``centroid_dead_displacement``,
+    ``centroid_live_displacement``: |c[t] - c[0]|; ``centroid_separation``: |c_dead[t] - c_live[t]|.
+    """
+    scan = scan or scan_W(traj)
+    cd, cl = scan.centroid_dead, scan.centroid_live
+    return {
+        "centroid_dead_norm": torch.norm(cd, dim=1),
+        "centroid_live_norm": torch.norm(cl, dim=1),
+        "centroid_dead_displacement": torch.norm(cd - cd[:1], dim=1),
+        "centroid_live_displacement": torch.norm(cl - cl[:1], dim=1),
+        "centroid_separation": torch.norm(cd - cl, dim=1),
+    }
+
+
+def path_straightness(traj: Trajectory, scan: WScan | None = None) -> torch.Tensor:
+    """Per token (vocab,) float64: |W[n] - W[0]| / sum_t |W[t+1] - W[t]|; 1.0 is a straight line.
+
+    NaN for tokens that never moved (their path length is 0).
+    """
+    scan = scan or scan_W(traj)
+    ratio = scan.net_displacement.double() / scan.path_length
+    return torch.where(scan.path_length > 0, ratio, torch.full_like(ratio, float("nan")))
+
+
+def straightness_summary(straightness: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """median, p10, p90 of path straightness over the tokens of ``mask`` that moved."""
+    values = straightness[mask.bool()].numpy()
+    moved = values[np.isfinite(values)]
+    out: dict[str, Any] = {"tokens": int(values.size), "never_moved": int(values.size - moved.size)}
+    if moved.size:
+        p10, median, p90 = np.percentile(moved, [10, 50, 90])
+        out.update(median=float(median), p10=float(p10), p90=float(p90))
+    else:
+        out.update(median=None, p10=None, p90=None)
+    return out
+
+
+def alignment(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
+    """Question 3, per transition i = 0..n-1 (training step i+1), float64.
+
+    ``cos_hmean_live_centroid[i]`` = cos(h_mean[i], c_live[i+1]);
+    ``cos_hmean_live_minus_dead[i]`` = cos(h_mean[i], c_live[i+1] - c_dead[i+1]);
+    ``cos_dead_drift_neg_hmean[i]`` = cos(c_dead[i+1] - c_dead[i], -h_mean[i]);
+    ``cos_dead_drift_neg_sign_hmean[i]`` = cos(c_dead[i+1] - c_dead[i], -sign(h_mean[i]));
+    ``cos_live_drift_hmean[i]`` = cos(c_live[i+1] - c_live[i], h_mean[i]);
+    ``cos_live_drift_sign_hmean[i]`` = cos(c_live[i+1] - c_live[i], sign(h_mean[i])).
+    h_mean[i] is from the forward pass of step i+1, recorded with W[i+1] (see the module docstring).
+    Under Adam a steady gradient moves each coordinate by about the learning rate, so the drift may
+    follow sign(h_mean) more closely than h_mean: compare the two pairs.
+    """
+    scan = scan or scan_W(traj)
+    h = traj.h_mean
+    cd, cl = scan.centroid_dead, scan.centroid_live
+    drift_dead = cd[1:] - cd[:-1]
+    drift_live = cl[1:] - cl[:-1]
+    return {
+        "cos_hmean_live_centroid": cosine(h, cl[1:]),
+        "cos_hmean_live_minus_dead": cosine(h, cl[1:] - cd[1:]),
+        "cos_dead_drift_neg_hmean": cosine(drift_dead, -h),
+        "cos_dead_drift_neg_sign_hmean": cosine(drift_dead, -torch.sign(h)),
+        "cos_live_drift_hmean": cosine(drift_live, h),
+        "cos_live_drift_sign_hmean": cosine(drift_live, torch.sign(h)),
+    }
+
+
+def frac_changed(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
+    """Question 4, per transition i = 0..n-1: share of the dead (live) tokens' entries of W[i+1]
+    whose bf16 value (bits) differs from W[i]. ``frac_changed_dead``, ``frac_changed_live``."""
+    scan = scan or scan_W(traj)
+    return {"frac_changed_dead": scan.changed_dead, "frac_changed_live": scan.changed_live}
+
+
+def analyze(traj: Trajectory, block: int | None = None) -> dict[str, Any]:
+    """All four questions in one pass over W: every array above, the axes, ``indexing`` and ``summary``.
+
+    Arrays are torch tensors. The per-token ``path_straightness`` and ``dead_mask`` (vocab,) are
+    included too; analysis.json leaves those two out (their percentiles are in the summary).
+    Raises CrucibleError for a run with fewer than 2 committed steps.
+    """
+    n = traj.steps
+    if n < 2:
+        raise CrucibleError(
+            f"{traj.run_dir} has {max(n, 0)} committed step(s); the analysis needs at least 2"
+        )
+    scan = scan_W(traj, block)
+    dead = traj.dead_mask.bool()
+    result: dict[str, Any] = {
+        "run_dir": str(traj.run_dir),
+        "committed_steps": n,
+        "configured_steps": int(traj.attrs.get("config", {}).get("steps", n)),
+        "vocab_size": int(traj.W.shape[1]),
+        "hidden_dim": int(traj.W.shape[2]),
+        "n_dead": int(dead.sum()),
+        "n_live": int((~dead).sum()),
+        "indexing": dict(INDEXING),
+        "step": torch.arange(n + 1),
+        "transition_step": torch.arange(1, n + 1),
+        "lag1_step": torch.arange(2, n + 1),
+        "lag": torch.arange(n),
+        "loss": traj.loss,
+    }
+    result.update(h_mean_persistence(traj))
+    result.update(centroid_dynamics(traj, scan))
+    result.update(alignment(traj, scan))
+    result.update(frac_changed(traj, scan))
+    result["path_straightness"] = path_straightness(traj, scan)
+    result["dead_mask"] = dead
+    result["summary"] = summarize(result, dead)
+    return result
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return x[torch.isfinite(x)]
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    x = _finite(x.double())
+    return float(x.mean()) if x.numel() else None
+
+
+def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]:
+    """A plain answer and the supporting numbers for each question (thresholds included)."""
+    n = result["committed_steps"]
+    late = max(1, int(round(n * LATE_FRACTION)))
+
+    # 1. h_mean persistence
+    lag1 = result["h_mean_cos_lag1"]
+    auto = result["h_mean_autocorr"]
+    finite = torch.isfinite(lag1)
+    lag1_min = float(lag1[finite].min()) if finite.any() else None
+    lag1_min_at = int(torch.where(finite, lag1, torch.inf).argmin()) + 2 if finite.any() else None
+    stays = lag1_min is not None and lag1_min >= LAG1_THRESHOLD
+    below = [k for k in range(1, len(auto)) if torch.isfinite(auto[k]) and auto[k] < AUTOCORR_THRESHOLD]
+    first_below = below[0] if below else None
+    q1 = {
+        "question": "Does h_mean keep its direction?",
+        "answer": "yes" if stays else "no",
+        "lag1_stays_at_or_above_0.95": stays,
+        "lag1_min": lag1_min,
+        "lag1_min_at_step": lag1_min_at,
+        "lag1_mean": _nanmean(lag1),
+        "autocorr_first_lag_below_0.5": first_below,
+        "autocorr_at_max_lag": _num(auto[-1]) if len(auto) > 1 else None,
+        "cos_to_first_at_last_step": _num(result["h_mean_cos_to_first"][-1]),
+    }
+    lag_text = (f"mean cos first < {AUTOCORR_THRESHOLD} at lag {first_below}" if first_below is not None
+                else f"mean cos never < {AUTOCORR_THRESHOLD} (lags 1..{n - 1})")
+    q1["evidence"] = (
+        f"lag-1 cos min {_fmt(lag1_min)} (step {lag1_min_at}), "
+        f"{'>=' if stays else 'not always >='} {LAG1_THRESHOLD}; {lag_text}"
+    )
+
+    # 2. centroid separation and path straightness
+    sep = result["centroid_separation"]
+    sep_first, sep_last = _num(sep[0]), _num(sep[-1])
+    growth = sep_last / sep_first if sep_first and sep_last is not None else None
+    if growth is None:
+        answer2 = "unknown"
+    elif growth > SEPARATION_GROWTH:
+        answer2 = "yes"
+    elif growth >= 1 / SEPARATION_GROWTH:
+        answer2 = "no (about unchanged)"
+    else:
+        answer2 = "no (they come closer)"
+    straight = result["path_straightness"]
+    s_dead = straightness_summary(straight, dead_mask)
+    s_live = straightness_summary(straight, ~dead_mask.bool())
+    q2 = {
+        "question": "Do live and dead centroids separate?",
+        "answer": answer2,
+        "separation_first": sep_first,
+        "separation_last": sep_last,
+        "separation_growth": growth,
+        "dead_centroid_displacement": _num(result["centroid_dead_displacement"][-1]),
+        "live_centroid_displacement": _num(result["centroid_live_displacement"][-1]),
+        "path_straightness_dead": s_dead,
+        "path_straightness_live": s_live,
+    }
+    q2["evidence"] = (
+        f"separation {_fmt(sep_first)} -> {_fmt(sep_last)} ({_fmt(growth, '.2f')}x); path straightness median "
+        f"dead {_fmt(s_dead['median'], '.2f')}, live {_fmt(s_live['median'], '.2f')} (1 = straight)"
+    )
+
+    # 3. alignment
+    mean_live = _nanmean(result["cos_hmean_live_centroid"])
+    mean_lmd = _nanmean(result["cos_hmean_live_minus_dead"])
+    answer3 = _align_answer(mean_live)
+    drift = {name: _nanmean(result[name]) for name in (
+        "cos_dead_drift_neg_hmean", "cos_dead_drift_neg_sign_hmean", "cos_live_drift_hmean", "cos_live_drift_sign_hmean")}
+    dead_h, dead_s = drift["cos_dead_drift_neg_hmean"], drift["cos_dead_drift_neg_sign_hmean"]
+    if dead_h is None or dead_s is None:
+        follows = "unknown"
+    else:
+        follows = "-sign(h_mean)" if dead_s > dead_h else "-h_mean"
+    answer3_lmd = _align_answer(mean_lmd)
+    if answer3_lmd != answer3:
+        answer3 = f"{answer3} ({answer3_lmd} toward c_live - c_dead)"
+    q3 = {
+        "question": "Does h_mean point toward the live centroid?",
+        "answer": answer3,
+        "answer_live_minus_dead": answer3_lmd,
+        "mean_cos_hmean_live_centroid": mean_live,
+        "share_of_steps_positive": _num((result["cos_hmean_live_centroid"] > 0).double().mean()),
+        "mean_cos_hmean_live_minus_dead": mean_lmd,
+        **{f"mean_{k}": v for k, v in drift.items()},
+        "dead_drift_follows": follows,
+    }
+    q3["evidence"] = (
+        f"mean cos(h_mean, c_live) {_fmt(mean_live, '+.3f')}, cos(h_mean, c_live - c_dead) {_fmt(mean_lmd, '+.3f')}; "
+        f"dead drift vs -sign(h) {_fmt(dead_s, '+.2f')}, vs -h {_fmt(dead_h, '+.2f')}; "
+        f"live drift vs sign(h) {_fmt(drift['cos_live_drift_sign_hmean'], '+.2f')}, "
+        f"vs h {_fmt(drift['cos_live_drift_hmean'], '+.2f')}"
+    )
+
+    # 4. bf16 stall
+    fd, fl = result["frac_changed_dead"], result["frac_changed_live"]
+    late_dead, late_live = _nanmean(fd[-late:]), _nanmean(fl[-late:])
+    if late_dead is None:
+        answer4 = "unknown"
+    elif late_dead < STALL_STRONG:
+        answer4 = "yes"
+    elif late_dead < STALL_PARTLY:
+        answer4 = "partly"
+    else:
+        answer4 = "no"
+    q4 = {
+        "question": "Does bf16 stall the drift?",
+        "answer": answer4,
+        "late_steps": late,
+        "late_mean_frac_changed_dead": late_dead,
+        "late_mean_frac_changed_live": late_live,
+        "first_frac_changed_dead": _num(fd[0]),
+        "first_frac_changed_live": _num(fl[0]),
+    }
+    q4["evidence"] = (
+        f"last {late} step(s): {_fmt(late_dead, '.1%')} of dead and {_fmt(late_live, '.1%')} of live entries "
+        f"change per step (step 1: {_fmt(_num(fd[0]), '.1%')} dead, {_fmt(_num(fl[0]), '.1%')} live)"
+    )
+    return {
+        "h_mean_persistence": q1,
+        "centroid_separation": q2,
+        "h_mean_alignment": q3,
+        "bf16_stall": q4,
+        "thresholds": {
+            "lag1": LAG1_THRESHOLD,
+            "autocorr": AUTOCORR_THRESHOLD,
+            "separation_growth_yes": SEPARATION_GROWTH,
+            "alignment_yes": ALIGN_STRONG,
+            "stall_yes_below": STALL_STRONG,
+            "stall_partly_below": STALL_PARTLY,
+            "late_fraction": LATE_FRACTION,
+        },
+    }
+
+
+def _align_answer(mean_cos: float | None) -> str:
+    if mean_cos is None:
+        return "unknown"
+    if mean_cos > ALIGN_STRONG:
+        return "yes"
+    return "weakly" if mean_cos > 0 else "no"
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, spec)

@@ -139,6 +139,20 @@ def info(run_dir):
     click.echo(format_quick_stats(traj, quick_stats(traj)))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def verify(run_dir):
+    """Read every committed chunk; report corruption by array and step range."""
+    from .verify import verify_run
+
+    report = verify_run(run_dir)
+    for problem in report.problems:
+        click.echo(f"CORRUPT {problem}")
+    if not report.ok:
+        raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s) in {report.steps} committed steps")
+    click.echo(f"OK: {report.steps} committed steps, {report.blocks_read} blocks read, all checksums match")
+
+
 @cli.command("dead-mask")
 @click.option("--corpus", type=click.Path(path_type=Path), default=None, help="[default: the shipped corpus]")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="[default: the shipped tokenizer]")

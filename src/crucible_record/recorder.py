@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import RecorderError
-from .store import committed_steps, write_commit
+from .store import committed_steps, group_path, write_commit
 
 _POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
 
@@ -214,6 +214,10 @@ class Recorder:
                 self._run_checkpoints(pending)
 
     def _commit(self, step: int, blocks: tuple[_Block, ...]) -> None:
+        # zarr would silently recreate a deleted store's folders; refuse to write into nothing.
+        root = group_path(self.group)
+        if not (root / "zarr.json").is_file() or not (root / "W" / "zarr.json").is_file():
+            raise FileNotFoundError(f"the store {root} disappeared during the run")
         for block in blocks:
             block.flush()
         write_commit(self.group, step, self.epoch)

@@ -228,3 +228,36 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def group_path(group) -> Path:
+    """Directory of a group in a LocalStore."""
+    return Path(group.store.root) / group.path
+
+
+def missing_blocks(group, name: str, rows: range) -> list[int]:
+    """Time blocks of `name` covering `rows` whose chunk files are absent.
+
+    zarr reads an absent chunk as fill values without complaint; for committed steps an absent
+    chunk can only mean damage, so readers check for it first.
+    """
+    array = group[name]
+    unit = array.shards or array.chunks
+    if len(rows) == 0 or array.size == 0:
+        return []
+    others = [range(-(-size // u)) for size, u in zip(array.shape[1:], unit[1:])]
+    root = group_path(group) / name / "c"
+    blocks = range(rows.start // unit[0], (rows.stop - 1) // unit[0] + 1)
+    missing = []
+    for block in blocks:
+        for rest in _product(others):
+            if not (root / "/".join(map(str, (block, *rest)))).is_file():
+                missing.append(block)
+                break
+    return missing
+
+
+def _product(ranges):
+    import itertools
+
+    return itertools.product(*ranges)

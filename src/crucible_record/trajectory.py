@@ -12,7 +12,7 @@ import torch
 
 from .config import RunConfig
 from .errors import CrucibleError
-from .store import committed_steps, open_store, store_bytes
+from .store import committed_steps, missing_blocks, open_store, store_bytes
 
 
 class LazyW:
@@ -23,9 +23,10 @@ class LazyW:
     exist: ``len(W) == steps + 1`` and ``W[-1]`` is the last committed step.
     """
 
-    def __init__(self, array, n_steps: int):
-        self._array = array
-        self.shape = torch.Size((n_steps + 1,) + tuple(array.shape[1:]))
+    def __init__(self, group, n_steps: int):
+        self._group = group
+        self._array = group["W"]
+        self.shape = torch.Size((n_steps + 1,) + tuple(self._array.shape[1:]))
         self.dtype = torch.bfloat16
 
     def __len__(self) -> int:
@@ -33,6 +34,7 @@ class LazyW:
 
     def __getitem__(self, key) -> torch.Tensor:
         selection, advanced = _normalize(key, self.shape)
+        _check_present(self._group, "W", _rows(selection[0]))
         try:
             if advanced:
                 data = self._array.oindex[selection]
@@ -101,7 +103,7 @@ class Trajectory:
         self.steps = committed_steps(self._group)
         if self.steps < 0:
             raise CrucibleError(f"{self.run_dir} has no committed step yet")
-        self.W = LazyW(self._group["W"], self.steps)
+        self.W = LazyW(self._group, self.steps)
 
     @property
     def group(self):
@@ -147,6 +149,7 @@ class Trajectory:
 
     def _read(self, name: str, rows: int | None) -> torch.Tensor:
         array = self._group[name]
+        _check_present(self._group, name, range(rows if rows is not None else array.shape[0]))
         try:
             data = array[:rows] if rows is not None else array[...]
         except Exception as e:
@@ -160,6 +163,31 @@ class Trajectory:
 def open(run_dir: str | Path) -> Trajectory:  # noqa: A001 - the public name is cr.open
     """Open a run directory for lazy reading."""
     return Trajectory(run_dir)
+
+
+def _rows(selection) -> range:
+    """The step rows a normalized step selection touches (a superset is fine)."""
+    if isinstance(selection, int):
+        return range(selection, selection + 1)
+    if isinstance(selection, slice):
+        start, stop, step = selection.start, selection.stop, selection.step
+        if step < 0:
+            start, stop = stop + 1, start + 1
+        return range(start, max(start, stop))
+    if len(selection) == 0:
+        return range(0)
+    return range(int(selection.min()), int(selection.max()) + 1)
+
+
+def _check_present(group, name: str, rows: range) -> None:
+    missing = missing_blocks(group, name, rows)
+    if missing:
+        unit = (group[name].shards or group[name].chunks)[0]
+        first = missing[0] * unit
+        raise CrucibleError(
+            f"{name} is damaged: the chunk holding rows {first}-{first + unit - 1} is missing "
+            f"(run `crucible-record verify`)"
+        )
 
 
 def _show(key) -> str:

@@ -1,0 +1,273 @@
+"""`crucible-record analyze`: analysis.json, lab-notebook plots and the printed answers for one run.
+
+The numbers come from :func:`crucible_record.analysis.analyze` (one streaming pass over W); this
+module only writes them down. Plots use matplotlib's Agg canvas directly (no pyplot, so importing
+this module never changes the backend of an interactive session).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .analysis import analyze
+from .errors import CrucibleError
+from .store import atomic_write_text
+from .trajectory import Trajectory
+
+JSON_NAME = "analysis.json"
+PLOT_NAMES = (
+    "h_mean_persistence.png",
+    "centroids.png",
+    "alignment.png",
+    "frac_changed.png",
+    "path_straightness.png",
+)
+# Arrays with one value per token: kept in analyze()'s result, left out of analysis.json (the
+# file would grow with the vocabulary; their percentiles are in the summary).
+PER_TOKEN_KEYS = ("path_straightness", "dead_mask")
+_QUESTION_KEYS = ("h_mean_persistence", "centroid_separation", "h_mean_alignment", "bf16_stall")
+
+
+def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: bool = False,
+                *, block: int | None = None) -> str:
+    """Analyse RUN_DIR's committed steps into OUT_DIR (default RUN_DIR/analysis).
+
+    Writes OUT_DIR/analysis.json and the PNG plots, returns the text to print (the answers table and
+    what was written). Raises CrucibleError (one line) for a path that is not a run, a run with fewer
+    than 2 committed steps, or an OUT_DIR that already holds files (unless ``force``, which
+    overwrites this command's files and leaves others alone).
+    """
+    run_dir = Path(run_dir)
+    traj = Trajectory(run_dir)
+    if traj.steps < 2:
+        raise CrucibleError(
+            f"{run_dir} has {max(traj.steps, 0)} committed step(s); the analysis needs at least 2"
+        )
+    out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    _check_out_dir(out, force)
+    result = analyze(traj, block=block)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        json_path = write_analysis_json(result, out / JSON_NAME)
+    except OSError as e:
+        raise CrucibleError(f"cannot write to {out}: {e.strerror or e}") from None
+    plots, note = write_plots(result, out)
+    lines = [format_table(result), ""]
+    if plots:
+        lines.append(f"Wrote {json_path} and {len(plots)} plots in {out}: {', '.join(p.name for p in plots)}")
+    else:
+        lines.append(f"Wrote {json_path}; {note}")
+    return "\n".join(lines)
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CrucibleError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CrucibleError(f"--out {out} already exists and is not empty; pass --force to overwrite it")
+
+
+# --------------------------------------------------------------------------------------------
+# analysis.json
+# --------------------------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors/arrays to lists, NaN and infinities to None, so the file is strict JSON."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        value = value.numpy()
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def analysis_document(result: dict[str, Any]) -> dict[str, Any]:
+    """What analysis.json holds: metadata, summary, indexing, then the per-step arrays."""
+    doc: dict[str, Any] = {"format": "crucible-record analysis", "format_version": 1,
+                           "generated_by": f"crucible-record {__version__}"}
+    order = ["run_dir", "committed_steps", "configured_steps", "vocab_size", "hidden_dim", "n_dead", "n_live",
+             "summary", "indexing"]
+    for key in order:
+        doc[key] = result[key]
+    for key, value in result.items():
+        if key not in doc and key not in PER_TOKEN_KEYS:
+            doc[key] = value
+    return to_jsonable(doc)
+
+
+def write_analysis_json(result: dict[str, Any], path: Path) -> Path:
+    """Strict JSON (no NaN): objects indented, arrays on one line each."""
+    doc = analysis_document(result)
+    parts = []
+    for key, value in doc.items():
+        text = json.dumps(value, allow_nan=False, indent=2 if isinstance(value, dict) else None)
+        parts.append(f"  {json.dumps(key)}: " + text.replace("\n", "\n  "))
+    atomic_write_text(Path(path), "{\n" + ",\n".join(parts) + "\n}\n")
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The printed answers
+# --------------------------------------------------------------------------------------------
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The four answers as a short table: question, plain answer, and the supporting numbers."""
+    summary = result["summary"]
+    n, total = result["committed_steps"], result["configured_steps"]
+    progress = f"{n} committed steps" + (f" of {total} (run in progress or stopped)" if n < total else "")
+    head = (f"crucible-record analysis of {result['run_dir']}: {progress}; "
+            f"{result['n_dead']} dead, {result['n_live']} live tokens")
+    rows = [(f"{i}. {summary[key]['question']}", summary[key]["answer"], summary[key]["evidence"])
+            for i, key in enumerate(_QUESTION_KEYS, start=1)]
+    width = max(len("Question"), *(len(q) for q, _, _ in rows))
+    answer_width = max(len("Answer"), *(len(a) for _, a, _ in rows))
+    lines = [head, "", f"{'Question':<{width}}  Answer", f"{'-' * width}  {'-' * answer_width}"]
+    for question, answer, evidence in rows:
+        lines.append(f"{question:<{width}}  {answer}")
+        lines.append(f"     {evidence}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def write_plots(result: dict[str, Any], out: Path) -> tuple[list[Path], str]:
+    """The lab-notebook figures as PNGs; ([], reason) when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed (pip install 'crucible-record[plot]')"
+
+    a = {k: (v.double().numpy() if isinstance(v, torch.Tensor) else v) for k, v in result.items()}
+    n = result["committed_steps"]
+    marker = "." if n <= 60 else None
+    step, trans, lag1_step, lag = a["step"], a["transition_step"], a["lag1_step"], a["lag"]
+    written = []
+
+    def save(fig, name):
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        path = out / name
+        try:
+            fig.savefig(path, dpi=110)
+        except OSError as e:
+            raise CrucibleError(f"cannot write {path}: {e.strerror or e}") from None
+        written.append(path)
+
+    title = f"{Path(result['run_dir']).name} ({n} steps)"
+
+    # 1. h_mean persistence
+    fig = Figure(figsize=(8, 7))
+    ax1, ax2 = fig.subplots(2, 1)
+    ax1.plot(lag1_step, a["h_mean_cos_lag1"], marker=marker, label="cos(h_mean[t-1], h_mean[t]) (lag 1)")
+    ax1.plot(trans, a["h_mean_cos_to_first"], marker=marker, alpha=0.7, label="cos(h_mean at step 1, h_mean[t])")
+    ax1.axhline(0.95, color="grey", linestyle="--", linewidth=0.8, label="0.95")
+    ax1.set_xlabel("training step t (forward pass that produced h_mean)")
+    ax1.set_ylabel("cosine")
+    ax1.set_title(f"h_mean persistence over time - {title}")
+    ax1.legend(fontsize=8)
+    ax2.plot(lag[1:], a["h_mean_autocorr"][1:], marker=marker)
+    ax2.axhline(0.5, color="grey", linestyle="--", linewidth=0.8, label="0.5")
+    ax2.set_xlabel("lag k (steps)")
+    ax2.set_ylabel("mean over t of cos(h_mean[t], h_mean[t+k])")
+    ax2.set_title("h_mean autocorrelation by lag")
+    ax2.legend(fontsize=8)
+    save(fig, PLOT_NAMES[0])
+
+    # 2. centroids
+    fig = Figure(figsize=(8, 9))
+    ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True)
+    ax1.plot(step, a["centroid_dead_norm"], marker=marker, label="dead centroid |c_dead|")
+    ax1.plot(step, a["centroid_live_norm"], marker=marker, label="live centroid |c_live|")
+    ax1.set_ylabel("L2 norm")
+    ax1.set_title(f"Centroid norms - {title}")
+    ax1.legend(fontsize=8)
+    ax2.plot(step, a["centroid_separation"], marker=marker, color="black")
+    ax2.set_ylabel("|c_dead - c_live|")
+    ax2.set_title("Live/dead centroid separation")
+    ax3.plot(step, a["centroid_dead_displacement"], marker=marker, label="dead |c[t] - c[0]|")
+    ax3.plot(step, a["centroid_live_displacement"], marker=marker, label="live |c[t] - c[0]|")
+    ax3.set_ylabel("displacement from step 0")
+    ax3.set_xlabel("training step t (W after step t; 0 = initialisation)")
+    ax3.set_title("Centroid displacement from initialisation")
+    ax3.legend(fontsize=8)
+    save(fig, PLOT_NAMES[1])
+
+    # 3. alignment
+    fig = Figure(figsize=(8, 8))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    ax1.plot(trans, a["cos_hmean_live_centroid"], marker=marker, label="cos(h_mean, c_live)")
+    ax1.plot(trans, a["cos_hmean_live_minus_dead"], marker=marker, label="cos(h_mean, c_live - c_dead)")
+    ax1.axhline(0, color="grey", linewidth=0.8)
+    ax1.set_ylabel("cosine")
+    ax1.set_title(f"Does h_mean point toward the live centroid? - {title}")
+    ax1.legend(fontsize=8)
+    for key, label in (("cos_dead_drift_neg_sign_hmean", "dead drift vs -sign(h_mean)"),
+                       ("cos_dead_drift_neg_hmean", "dead drift vs -h_mean"),
+                       ("cos_live_drift_sign_hmean", "live drift vs +sign(h_mean)"),
+                       ("cos_live_drift_hmean", "live drift vs +h_mean")):
+        ax2.plot(trans, a[key], marker=marker, linewidth=1, label=label)
+    ax2.axhline(0, color="grey", linewidth=0.8)
+    ax2.set_ylabel("cosine")
+    ax2.set_xlabel("training step t (h_mean of step t; drift c[t] - c[t-1]; centroids of W[t])")
+    ax2.set_title("Centroid drift directions (Adam: sign vs value of h_mean)")
+    ax2.legend(fontsize=8)
+    save(fig, PLOT_NAMES[2])
+
+    # 4. share of entries changed
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ax.plot(trans, a["frac_changed_dead"], marker=marker, label="dead tokens")
+    ax.plot(trans, a["frac_changed_live"], marker=marker, label="live tokens")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("training step t (W[t] compared with W[t-1])")
+    ax.set_ylabel("share of W entries changed")
+    ax.set_title(f"Does bf16 stall the drift? - {title}")
+    ax.legend(fontsize=8)
+    save(fig, PLOT_NAMES[3])
+
+    # 5. path straightness per token
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    straight = result["path_straightness"].double().numpy()
+    dead = result["dead_mask"].bool().numpy()
+    bins = np.linspace(0, 1, 51)
+    for mask, label in ((dead, "dead tokens"), (~dead, "live tokens")):
+        values = straight[mask]
+        values = values[np.isfinite(values)]
+        if values.size:
+            ax.hist(values, bins=bins, density=True, alpha=0.6, label=f"{label} ({values.size})")
+    ax.set_xlabel("path straightness |W[T] - W[0]| / sum_t |W[t+1] - W[t]| (1 = straight line)")
+    ax.set_ylabel("density of tokens")
+    ax.set_title(f"How straight are the token paths? - {title}")
+    ax.legend(fontsize=8)
+    save(fig, PLOT_NAMES[4])
+    return written, ""
+

@@ -1,0 +1,156 @@
+"""Kill, interrupt and resume real `crucible-record train` processes; nothing committed is lost."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import crucible_record as cr
+from crucible_record.run import run_lock
+from crucible_record.store import committed_steps, open_store
+from crucible_record.verify import verify_run
+
+from .clirun import assert_one_line_error, run_cli
+from .test_cli import tiny_flags
+
+STEPS = 40
+
+
+def train_cmd(corpus, out, *extra):
+    flags = tiny_flags(corpus)
+    flags[flags.index("--steps") + 1] = str(STEPS)
+    return [sys.executable, "-m", "crucible_record", "train", *flags, "--out", str(out),
+            "--time-chunk", "4", "--checkpoint-every", "6", *extra]
+
+
+def committed(run_dir) -> int:
+    try:
+        return committed_steps(open_store(run_dir))
+    except Exception:
+        return -2  # not created yet
+
+
+def start_and_wait(cmd, run_dir, until_step, timeout=120):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while committed(run_dir) < until_step:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"run ended before step {until_step}: rc={proc.returncode} {err[-2000:]}")
+        time.sleep(0.005)
+    return proc
+
+
+def resume(run_dir):
+    cmd = [sys.executable, "-m", "crucible_record", "train", "--resume", str(run_dir), "--no-progress"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def arrays(run_dir, steps=None):
+    t = cr.open(run_dir)
+    n = t.steps if steps is None else steps
+    return t.W.numpy_bits(slice(0, n + 1)), t.h_mean.numpy()[:n], t.loss.numpy()[: n + 1].view(np.uint32)
+
+
+def assert_prefix_equal(run_dir, reference_dir):
+    steps = cr.open(run_dir).steps
+    ours, ref = arrays(run_dir), arrays(reference_dir, steps)
+    for name, a, b in zip(("W", "h_mean", "loss"), ours, ref):
+        assert a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_corpus):
+    """An uninterrupted run, made by the same command in a subprocess (same torch threads)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    done = subprocess.run(train_cmd(tiny_corpus, out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_sigkill_at_random_points_loses_nothing_and_resumes_exactly(tmp_path, tiny_corpus, reference):
+    rng = random.Random(1234)
+    for trial in range(3):
+        run_dir = tmp_path / f"killed{trial}"
+        proc = start_and_wait(train_cmd(tiny_corpus, run_dir), run_dir, rng.randrange(0, STEPS - 8))
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        t = cr.open(run_dir)  # opens fine after a SIGKILL, shows only the committed prefix
+        assert 0 <= t.steps <= STEPS
+        assert_prefix_equal(run_dir, reference)
+
+        done = resume(run_dir)  # the dead process's lock does not block this
+        assert done.returncode == 0, done.stderr
+        assert cr.open(run_dir).steps == STEPS
+        assert_prefix_equal(run_dir, reference)
+        assert verify_run(run_dir).ok
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpus, reference, sig):
+    run_dir = tmp_path / "run"
+    proc = start_and_wait(train_cmd(tiny_corpus, run_dir), run_dir, 9)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    t = cr.open(run_dir)
+    assert f"{t.steps} of {STEPS} steps committed" in lines[0] and "--resume" in lines[0]
+    assert t.steps >= 9  # what the writer had was drained and committed, not dropped
+    assert_prefix_equal(run_dir, reference)
+
+    done = resume(run_dir)
+    assert done.returncode == 0, done.stderr
+    assert_prefix_equal(run_dir, reference)
+    assert cr.open(run_dir).steps == STEPS
+    export_ours = subprocess.run([sys.executable, "-m", "crucible_record", "export", str(run_dir)], capture_output=True)
+    export_ref = subprocess.run([sys.executable, "-m", "crucible_record", "export", str(reference), "--force"], capture_output=True)
+    assert export_ours.returncode == 0 and export_ref.returncode == 0
+    name = "crucible_3_trajectory.safetensors"
+    assert (run_dir / "export" / name).read_bytes() == (reference / "export" / name).read_bytes()
+
+
+def test_second_writer_is_refused(capsys, tmp_path, reference):
+    with run_lock(reference):
+        assert_one_line_error(run_cli(capsys, "train", "--resume", reference), "another process")
+
+
+def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corpus, reference):
+    run_dir = tmp_path / "run"
+    proc = start_and_wait(train_cmd(tiny_corpus, run_dir), run_dir, 13)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    os.remove(run_dir / "checkpoint.pt")
+    done = resume(run_dir)
+    assert done.returncode == 0, done.stderr
+    assert_prefix_equal(run_dir, reference)
+    assert cr.open(run_dir).steps == STEPS
+
+
+def test_resume_detects_a_diverging_recomputation(tmp_path, tiny_corpus, reference):
+    """If a recomputed step differs from the recorded one (other threads, other device), say so."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    proc = start_and_wait(train_cmd(tiny_corpus, run_dir), run_dir, 13)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    os.remove(run_dir / "checkpoint.pt")
+    group = open_store(run_dir, mode="r+")
+    row = group["loss"][5]
+    group["loss"][5] = row + 1.0  # what a different machine would have produced
+    before = committed(run_dir)
+    done = resume(run_dir)
+    assert done.returncode != 0 and "diverged at step 5" in done.stderr and "Traceback" not in done.stderr
+    assert committed(run_dir) == before
+    shutil.rmtree(run_dir)
