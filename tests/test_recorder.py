@@ -14,7 +14,7 @@ import torch
 import crucible_record as cr
 from crucible_record.errors import RecorderError
 from crucible_record.recorder import Recorder
-from crucible_record.store import CODEC_PRESETS, Layout, committed_steps, create_store
+from crucible_record.store import CODEC_PRESETS, Layout, committed_steps, create_store, open_store
 
 V, H = 300, 8
 
@@ -70,7 +70,7 @@ def test_commits_whole_blocks_while_running(tmp_path):
         W, h, loss = fake_step(step)
         rec.record(step, W=W, h_mean=h if step else None, loss=loss)
     deadline = time.time() + 10
-    while committed_steps(group) < 3 and time.time() < deadline:
+    while committed_steps(open_store(tmp_path)) < 3 and time.time() < deadline:
         time.sleep(0.01)
     t = cr.open(tmp_path)  # a reader while the run is in progress
     assert t.steps == 3 and len(t.W) == 4 and t.h_mean.shape == (3, H)

@@ -19,8 +19,9 @@ Indexing (also written into analysis.json under ``indexing``). With ``n`` commit
 * Per-transition arrays, length ``n``, index ``i`` (training step ``i + 1``, the ``transition_step``
   axis): they pair ``h_mean[i]`` with the update ``W[i] -> W[i+1]`` (``c[i+1] - c[i]`` for the drift
   cosines, entries of ``W[i+1]`` vs ``W[i]`` for ``frac_changed_*``), and
-  ``cos_hmean_live_centroid[i]`` / ``cos_hmean_live_minus_dead[i]`` use the centroids of ``W[i+1]``,
-  the embedding recorded with ``h_mean[i]``.
+  ``cos_hmean_live_centroid[i] = cos(h_mean[i], c_live[i+1])`` and
+  ``cos_hmean_live_minus_dead[i] = cos(h_mean[i], c_live[i+1] - c_dead[i+1])`` use the centroids of
+  ``W[i+1]``, the embedding recorded with ``h_mean[i]``.
 * ``h_mean_cos_lag1[i] = cos(h_mean[i], h_mean[i+1])``, ``i = 0 .. n-2``;
   ``h_mean_autocorr[k]`` is the mean over ``i`` of ``cos(h_mean[i], h_mean[i+k])`` for the lag
   ``k = 0 .. n-1`` (index = lag; ``k = 0`` is 1 by definition);
@@ -150,8 +151,9 @@ class WScan:
 
     centroid_dead, centroid_live: (n+1, hidden) float32, ``W[t][mask].float().mean(0)`` (NaN if the
     population is empty). changed_dead, changed_live: (n,) float64, share of the population's entries
-    of W[i+1] whose bf16 bits differ from W[i]. path_length: (vocab,) float64, sum over t of the
-    float32 L2 norm of W[t+1] - W[t]. net_displacement: (vocab,) float32, |W[n] - W[0]|.
+    of W[i+1] whose bf16 value differs from W[i] (+0.0 and -0.0 count as equal).
+    path_length: (vocab,) float64, sum over t of the float32 L2 norm of W[t+1] - W[t].
+    net_displacement: (vocab,) float32, |W[n] - W[0]|.
     """
 
     centroid_dead: torch.Tensor
@@ -210,7 +212,7 @@ def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tenso
 
 def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path) -> None:
     """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
-    per_token = (a.view(torch.int16) != b.view(torch.int16)).sum(dim=2)  # (k, vocab) changed entries
+    per_token = (a != b).sum(dim=2)  # (k, vocab) changed entries (by value: -0.0 == +0.0)
     ch_dead.append(per_token[:, dead].sum(dim=1).double() / (n_dead * hidden) if n_dead else
                    torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
     ch_live.append(per_token[:, live].sum(dim=1).double() / (n_live * hidden) if n_live else
@@ -330,7 +332,8 @@ def alignment(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Te
 
 def frac_changed(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
     """Question 4, per transition i = 0..n-1: share of the dead (live) tokens' entries of W[i+1]
-    whose bf16 value (bits) differs from W[i]. ``frac_changed_dead``, ``frac_changed_live``."""
+    whose bf16 value differs from W[i] (compared as values: -0.0 == +0.0).
+    ``frac_changed_dead``, ``frac_changed_live``."""
     scan = scan or scan_W(traj)
     return {"frac_changed_dead": scan.changed_dead, "frac_changed_live": scan.changed_live}
 

@@ -82,9 +82,13 @@ def load_inputs(config: RunConfig) -> Inputs:
 
 @dataclass
 class TrainResult:
-    final_loss: float
+    last_loss: torch.Tensor | None  # a device tensor: reading it is the caller's (one) sync
     epochs: int
     steps: int
+
+    @property
+    def final_loss(self) -> float:
+        return float(self.last_loss.float()) if self.last_loss is not None else float("nan")
 
 
 @dataclass
@@ -185,7 +189,10 @@ def train(
             for batch in batches:
                 if step >= config.steps:
                     break
-                input_ids = batch.to(device)
+                if device == "cuda":  # no host sync per step: pinned source, asynchronous copy
+                    input_ids = batch.pin_memory().to(device, non_blocking=True)
+                else:
+                    input_ids = batch.to(device)
 
                 with torch.autocast(device_type=autocast_device, dtype=torch.bfloat16):
                     logits, h = model(input_ids, return_hidden=True)
@@ -212,8 +219,7 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    final_loss = float(loss.detach().float()) if loss is not None else float("nan")
-    return TrainResult(final_loss=final_loss, epochs=epoch, steps=step)
+    return TrainResult(last_loss=loss.detach() if loss is not None else None, epochs=epoch, steps=step)
 
 
 def _snapshot(step, epoch, batches_done, epoch_rng_state, model, optimizer, device) -> dict:

@@ -36,13 +36,14 @@ _QUESTION_KEYS = ("h_mean_persistence", "centroid_separation", "h_mean_alignment
 
 
 def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: bool = False,
-                *, block: int | None = None) -> str:
+                *, block: int | None = None, plots: bool = True) -> str:
     """Analyse RUN_DIR's committed steps into OUT_DIR (default RUN_DIR/analysis).
 
     Writes OUT_DIR/analysis.json and the PNG plots, returns the text to print (the answers table and
     what was written). Raises CrucibleError (one line) for a path that is not a run, a run with fewer
     than 2 committed steps, or an OUT_DIR that already holds files (unless ``force``, which
-    overwrites this command's files and leaves others alone).
+    overwrites this command's files and leaves others alone). ``plots=False`` writes only the JSON;
+    ``block`` is the number of W steps read at a time (default: one stored chunk).
     """
     run_dir = Path(run_dir)
     traj = Trajectory(run_dir)
@@ -58,10 +59,10 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
         json_path = write_analysis_json(result, out / JSON_NAME)
     except OSError as e:
         raise CrucibleError(f"cannot write to {out}: {e.strerror or e}") from None
-    plots, note = write_plots(result, out)
+    written, note = write_plots(result, out) if plots else ([], "plots not requested")
     lines = [format_table(result), ""]
-    if plots:
-        lines.append(f"Wrote {json_path} and {len(plots)} plots in {out}: {', '.join(p.name for p in plots)}")
+    if written:
+        lines.append(f"Wrote {json_path} and {len(written)} plots in {out}: {', '.join(p.name for p in written)}")
     else:
         lines.append(f"Wrote {json_path}; {note}")
     return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""Shared helpers for the benchmarks: machine facts, load, results files, RSS, timing, presets.
+
+Every benchmark writes benchmarks/results/<name>.json (full mode) or
+benchmarks/results/quick/<name>.json (--quick), holding the machine, the load seen at start and
+end, the target rows (target | measured | met) and the raw details behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_RUN = Path(os.environ.get("CRUCIBLE_BENCH_RUN", "/work/runs/default500"))
+# Where scratch stores go; deleted after each benchmark.
+SCRATCH = Path(os.environ.get("CRUCIBLE_BENCH_TMP", tempfile.gettempdir()))
+
+
+# ----- command line --------------------------------------------------------------------------
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, about a minute or less")
+    p.add_argument("--run", type=Path, default=DEFAULT_RUN,
+                   help=f"recorded run to read real trajectories from [default: {DEFAULT_RUN}]")
+    return p
+
+
+# ----- machine and load ----------------------------------------------------------------------
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def busy_processes(limit: int = 6) -> list[str]:
+    """Other processes using CPU right now (ps, sorted by %CPU), this benchmark excluded."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,ni,pcpu,rss,args", "--sort=-pcpu"],
+                             capture_output=True, text=True, timeout=10).stdout.splitlines()[1:]
+    except Exception:
+        return []
+    mine = {os.getpid(), os.getppid()}
+    rows = []
+    for line in out:
+        parts = line.split(None, 4)
+        if len(parts) < 5 or int(parts[0]) in mine or float(parts[2]) < 5.0:
+            continue
+        args = parts[4]
+        if args.startswith("ps "):
+            continue
+        rows.append(f"pid {parts[0]} nice {parts[1]} cpu {parts[2]}% rss {int(parts[3]) // 1024} MB: {args[:110]}")
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"nproc": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    info["python"] = platform.python_version()
+    info["platform"] = platform.platform()
+    versions = {}
+    for mod in ("torch", "zarr", "numcodecs", "numpy", "safetensors"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = None
+    info["versions"] = versions
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:
+        pass
+    info["blas_env"] = {k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")}
+    return info
+
+
+class Result:
+    """Collects target rows and details; `save()` writes the JSON file."""
+
+    def __init__(self, name: str, quick: bool, argv: list[str] | None = None):
+        self.name = name
+        self.quick = quick
+        self.started = time.time()
+        self.data: dict[str, Any] = {
+            "name": name,
+            "mode": "quick" if quick else "full",
+            "command": "python benchmarks/" + Path(sys.argv[0]).name + " " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": machine(),
+            "load": {"start": load_average(), "busy_processes_start": busy_processes()},
+            "targets": [],
+            "details": {},
+        }
+
+    def target(self, id: str, target: str, measured: Any, met: bool | None, note: str = "", unit: str = "") -> None:
+        """One row of the README table. met None = not measured / skipped."""
+        self.data["targets"].append(
+            {"id": id, "target": target, "measured": measured, "unit": unit, "met": met, "note": note}
+        )
+        status = {True: "MET", False: "MISSED", None: "n/a"}[met]
+        print(f"[{self.name}] {id}: {target}: {measured}{unit} -> {status} {note}", flush=True)
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.data["details"]
+
+    def save(self) -> Path:
+        self.data["load"]["end"] = load_average()
+        self.data["load"]["busy_processes_end"] = busy_processes()
+        self.data["seconds"] = round(time.time() - self.started, 1)
+        folder = RESULTS / "quick" if self.quick else RESULTS
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{self.name}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=_jsonable) + "\n")
+        os.replace(tmp, path)
+        print(f"[{self.name}] wrote {path} ({self.data['seconds']} s)", flush=True)
+        return path
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except Exception:
+        pass
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+# ----- numbers -------------------------------------------------------------------------------
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def r(x: float, digits: int = 3) -> float:
+    return float(round(x, digits))
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, MB."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class RssSampler:
+    """Samples this process's RSS in a thread; `.peak` and `.samples` [(t, MB)]."""
+
+    def __init__(self, every_s: float = 0.05):
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter() - self._t0, rss_mb()))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> float:
+        return max((m for _, m in self.samples), default=rss_mb())
+
+    def peak_between(self, t0: float, t1: float) -> float:
+        vals = [m for t, m in self.samples if t0 <= t <= t1]
+        return max(vals) if vals else float("nan")
+
+
+def run_child(cmd: list[str], *, timeout: float = 900, env: dict | None = None, cwd=None) -> dict[str, Any]:
+    """Run a subprocess; return its wall time, exit code, output tail and its own peak RSS (wait4)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                p.kill()
+                pid, status, usage = os.wait4(p.pid, 0)
+                break
+            time.sleep(0.05)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        text = out.read().decode("utf-8", "replace")
+    return {
+        "cmd": " ".join(map(str, cmd)),
+        "rc": p.returncode,
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+        "user_s": usage.ru_utime,
+        "sys_s": usage.ru_stime,
+        "output_tail": text[-1500:],
+    }
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str):
+    path = Path(tempfile.mkdtemp(prefix=f"crucible-bench-{prefix}-", dir=SCRATCH))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# ----- the recorded run ----------------------------------------------------------------------
+def wait_for_run(run: Path, want: int, max_wait_s: float, log=print):
+    """Open `run` once it has `want` committed steps, waiting at most max_wait_s; else what exists."""
+    import crucible_record as cr
+
+    deadline = time.time() + max_wait_s
+    t = cr.open(run)
+    while t.steps < want and time.time() < deadline:
+        log(f"waiting for {run}: {t.steps} of {want} steps committed")
+        time.sleep(min(30.0, max(1.0, deadline - time.time())))
+        t = cr.open(run)
+    return t
+
+
+# ----- extra codec presets for experiments (benchmarks only; src keeps its own) ---------------
+def bench_codecs(name: str, time_chunk: int) -> dict[str, Any]:
+    """Codec configurations tried by the benchmarks, by name. The src presets are reused as-is."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
+
+    if name in ("default", "max", "zstd", "raw"):
+        return _SRC_W_CODECS(name, time_chunk)
+    crc = Crc32cCodec()
+    T = [TransposeCodec(order=(1, 2, 0))]
+
+    def blosc(cname, shuffle, clevel=3):
+        return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=2)
+
+    def delta():
+        from zarr.codecs.numcodecs import Delta
+
+        return [Delta(dtype="<u2")]
+
+    table = {
+        "blosc-zstd3-byteshuffle": ([], [blosc("zstd", "shuffle"), crc]),
+        "blosc-zstd3-bitshuffle": ([], [blosc("zstd", "bitshuffle"), crc]),
+        "T+zstd3": (T, [ZstdCodec(level=3), crc]),
+        "T+zstd1": (T, [ZstdCodec(level=1), crc]),
+        "T+gzip5": (T, [GzipCodec(level=5), crc]),
+        "T+blosc-zstd3-bitshuffle": (T, [blosc("zstd", "bitshuffle"), crc]),  # = src default
+        "T+blosc-zstd1-bitshuffle": (T, [blosc("zstd", "bitshuffle", 1), crc]),
+        "T+blosc-zstd5-bitshuffle": (T, [blosc("zstd", "bitshuffle", 5), crc]),
+        "T+blosc-zstd3-byteshuffle": (T, [blosc("zstd", "shuffle"), crc]),
+        "T+blosc-lz4-bitshuffle": (T, [blosc("lz4", "bitshuffle", 5), crc]),
+        "T+blosc-lz4-byteshuffle": (T, [blosc("lz4", "shuffle", 5), crc]),
+        "T+delta+zstd3": (T + delta(), [ZstdCodec(level=3), crc]),
+        "T+delta+zstd9": (T + delta(), [ZstdCodec(level=9), crc]),  # = src max
+        "T+delta+blosc-zstd3-bitshuffle": (T + delta(), [blosc("zstd", "bitshuffle"), crc]),
+        "T+delta+blosc-zstd3-byteshuffle": (T + delta(), [blosc("zstd", "shuffle"), crc]),
+        "T+delta+blosc-zstd5-bitshuffle": (T + delta(), [blosc("zstd", "bitshuffle", 5), crc]),
+        "T+delta+blosc-lz4-bitshuffle": (T + delta(), [blosc("lz4", "bitshuffle", 5), crc]),
+    }
+    if name not in table:
+        raise KeyError(f"unknown benchmark codec {name!r}")
+    filters, compressors = table[name]
+    return {"filters": filters, "compressors": compressors}
+
+
+from crucible_record.store import _w_codecs as _SRC_W_CODECS  # noqa: E402  (the src presets, unpatched)
+
+
+@contextlib.contextmanager
+def extra_presets():
+    """Let store.create_store / Layout accept the benchmark codec names (monkeypatch, this process)."""
+    from crucible_record import store
+
+    saved = store._w_codecs, store.CODEC_PRESETS
+    store._w_codecs = bench_codecs
+
+    class _Any(tuple):
+        def __contains__(self, item):  # every name passes validate(); bench_codecs rejects unknowns
+            return True
+
+    store.CODEC_PRESETS = _Any(saved[1])
+    try:
+        yield
+    finally:
+        store._w_codecs, store.CODEC_PRESETS = saved
+
+
+def make_store(run_dir: Path, *, steps: int, vocab: int, hidden: int, time_chunk: int = 32,
+               token_chunk: int = 500, codec: str = "default", dead_mask=None):
+    """A fresh run store (crucible_record.store.create_store) with any benchmark codec."""
+    import numpy as np
+
+    from crucible_record.store import Layout, create_store
+
+    if dead_mask is None:
+        dead_mask = np.zeros(vocab, dtype=bool)
+    with extra_presets():
+        return create_store(run_dir, steps=steps, vocab_size=vocab, hidden_dim=hidden, dead_mask=dead_mask,
+                            attributes={"config": {}, "provenance": {"note": "benchmark"}},
+                            layout=Layout(time_chunk=time_chunk, token_chunk=token_chunk, codec=codec))
