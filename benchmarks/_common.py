@@ -287,21 +287,26 @@ def bench_codecs(name: str, time_chunk: int) -> dict[str, Any]:
     table = {
         "blosc-zstd3-byteshuffle": ([], [blosc("zstd", "shuffle"), crc]),
         "blosc-zstd3-bitshuffle": ([], [blosc("zstd", "bitshuffle"), crc]),
-        "T+zstd3": (T, [ZstdCodec(level=3), crc]),
         "T+zstd1": (T, [ZstdCodec(level=1), crc]),
+        "T+zstd3": (T, [ZstdCodec(level=3), crc]),
+        "T+zstd5": (T, [ZstdCodec(level=5), crc]),
         "T+gzip5": (T, [GzipCodec(level=5), crc]),
         "T+blosc-zstd3-bitshuffle": (T, [blosc("zstd", "bitshuffle"), crc]),  # = src default
-        "T+blosc-zstd1-bitshuffle": (T, [blosc("zstd", "bitshuffle", 1), crc]),
-        "T+blosc-zstd5-bitshuffle": (T, [blosc("zstd", "bitshuffle", 5), crc]),
         "T+blosc-zstd3-byteshuffle": (T, [blosc("zstd", "shuffle"), crc]),
+        # c-blosc runs zstd at level 2*clevel-1: blosc clevel 2 = zstd level 3, clevel 1 = level 1
+        "T+blosc-zstd2-byteshuffle": (T, [blosc("zstd", "shuffle", 2), crc]),
+        "T+blosc-zstd1-byteshuffle": (T, [blosc("zstd", "shuffle", 1), crc]),
         "T+blosc-lz4-bitshuffle": (T, [blosc("lz4", "bitshuffle", 5), crc]),
         "T+blosc-lz4-byteshuffle": (T, [blosc("lz4", "shuffle", 5), crc]),
         "T+delta+zstd3": (T + delta(), [ZstdCodec(level=3), crc]),
         "T+delta+zstd9": (T + delta(), [ZstdCodec(level=9), crc]),  # = src max
+        "T+delta+zstd19": (T + delta(), [ZstdCodec(level=19), crc]),
         "T+delta+blosc-zstd3-bitshuffle": (T + delta(), [blosc("zstd", "bitshuffle"), crc]),
         "T+delta+blosc-zstd3-byteshuffle": (T + delta(), [blosc("zstd", "shuffle"), crc]),
-        "T+delta+blosc-zstd5-bitshuffle": (T + delta(), [blosc("zstd", "bitshuffle", 5), crc]),
-        "T+delta+blosc-lz4-bitshuffle": (T + delta(), [blosc("lz4", "bitshuffle", 5), crc]),
+        "T+delta+blosc-zstd5-byteshuffle": (T + delta(), [blosc("zstd", "shuffle", 5), crc]),
+        "T+delta+blosc-zstd2-byteshuffle": (T + delta(), [blosc("zstd", "shuffle", 2), crc]),
+        "T+delta+blosc-lz4-byteshuffle": (T + delta(), [blosc("lz4", "shuffle", 5), crc]),
+        "delta+blosc-lz4-byteshuffle": (delta(), [blosc("lz4", "shuffle", 5), crc]),
     }
     if name not in table:
         raise KeyError(f"unknown benchmark codec {name!r}")

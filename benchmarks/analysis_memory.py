@@ -1,18 +1,20 @@
 """Peak memory of `crucible-record analyze` for two run lengths: it must stay flat as runs grow.
 
-    python benchmarks/analysis_memory.py [--steps 40 160] [--out benchmarks/results/analysis_memory.json]
+    python benchmarks/analysis_memory.py [--steps 64 256] [--out benchmarks/results/analysis_memory.json]
 
 What it does:
 1. Records two runs with crucible_record.run.start_run on a small config: the notebook's model
    (vocab 10,000, hidden 64, 2 layers, 2 heads) on the shipped corpus, but batch 4 x seq 16 so that a
    CPU step is fast, CPU device, default layout (chunks of 32 steps x 500 tokens). Only the number of
-   steps differs (40 vs 160 by default: 4x apart, W of 41 vs 161 steps).
+   steps differs: 64 vs 256 by default (4x apart; W of 65 vs 257 steps, i.e. 2 vs 8 whole chunks of
+   32 steps plus one 1-step chunk, so both runs hold several full chunks and compare like with like).
 2. For each run, a fresh subprocess imports everything and opens the run; its RSS then is the
    baseline (interpreter + torch + zarr + matplotlib). It resets the kernel's peak-RSS mark
    (/proc/self/clear_refs), runs the whole analysis (report.analyze_run: the streaming pass over W,
    analysis.json and the PNG plots) and reads the peak RSS (VmHWM in /proc/self/status). The
    difference is what the analysis itself needed. (getrusage's ru_maxrss is only a fallback: on
-   Linux it survives exec, so a child may report its parent's peak.)
+   Linux it survives exec, so a child may report its parent's peak.) It also records the peak after
+   each block of W (``peak_after_block_mb``): it should level off after the first blocks.
 3. For contrast, another subprocess does what the notebook does: load W whole (t.W[:]) and compute
    the centroids with .float() on the full tensor. Its peak grows with the run.
 
@@ -80,8 +82,20 @@ def child(mode: str, run_dir: str, out_dir: str) -> None:
     _ = traj.dead_mask, traj.h_mean, traj.loss
     reset = _reset_peak()
     baseline = _status_mb("VmRSS") if reset else _peak_mb()
+    trace: list[float] = []
     start = time.perf_counter()
     if mode == "analyze":
+        from crucible_record import analysis
+
+        original = analysis.iter_blocks
+
+        def traced(traj, block=None):  # peak so far, after each block has been processed
+            for item in original(traj, block):
+                yield item
+                del item
+                trace.append(round(_peak_mb() - baseline, 1))
+
+        analysis.iter_blocks = traced
         analyze_run(run_dir, out_dir)
     elif mode == "naive":  # the notebook's way: the whole W in memory, then float32 centroids
         W_history = traj.W[:]
@@ -94,6 +108,7 @@ def child(mode: str, run_dir: str, out_dir: str) -> None:
     peak = _peak_mb()
     print(json.dumps({"baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
                       "analysis_mb": round(peak - baseline, 1), "seconds": round(seconds, 2),
+                      **({"peak_after_block_mb": trace} if trace else {}),
                       "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}))
 
 
@@ -107,7 +122,7 @@ def measure(mode: str, run_dir: Path, out_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[40, 160])
+    parser.add_argument("--steps", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "analysis_memory.json")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "RUN_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,7 +166,7 @@ def main() -> None:
                     f"codec {layout.codec})",
         "measure": "each mode in a fresh subprocess: RSS after imports + cr.open (baseline), then the peak-RSS "
                    "mark is reset (/proc/self/clear_refs) and VmHWM read after the work (peak); "
-                   "analysis_mb = peak - baseline",
+                   "analysis_mb = peak - baseline; peak_after_block_mb = peak - baseline after each block of W",
         "modes": {
             "analyze": "the full analysis: streaming pass over W, analysis.json and the PNG plots",
             "naive_whole_W": "for contrast, the notebook's way: W loaded whole, then .float() centroids",

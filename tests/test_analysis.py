@@ -415,6 +415,8 @@ def test_to_xarray_lazy_float32(traj, full):
     assert np.array_equal(ds.dead_mask.values, full["dead"].numpy())
     c = ds.W.isel(token=np.flatnonzero(ds.dead_mask.values)).mean("token").values
     close(c, full["Wf"][:, full["dead"], :].mean(1), rtol=1e-5, atol=1e-8)
+    if hasattr(traj, "to_xarray"):  # Trajectory.to_xarray delegates here
+        assert np.array_equal(traj.to_xarray().W.isel(step=-1).values, full["Wf"][-1].numpy())
 
 
 # ----------------------------------------------------------------------------------------------

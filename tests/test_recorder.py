@@ -81,6 +81,21 @@ def test_commits_whole_blocks_while_running(tmp_path):
     assert cr.open(tmp_path).steps == 6
 
 
+def test_all_zero_chunks_and_no_dead_tokens_are_stored(tmp_path):
+    """Chunks equal to the fill value are written too, so 'missing' always means damage."""
+    group = create_store(tmp_path, steps=3, vocab_size=V, hidden_dim=H, dead_mask=np.zeros(V, dtype=bool),
+                         attributes={"config": {}}, layout=Layout(time_chunk=2, token_chunk=100))
+    with Recorder(group) as rec:
+        for step in range(4):
+            rec.record(step, W=torch.zeros(V, H), h_mean=torch.zeros(H) if step else None, loss=0.0)
+    t = cr.open(tmp_path)
+    assert t.steps == 3 and not t.dead_mask.any() and len(t.dead_indices) == 0
+    assert not t.W[:].float().any()
+    from crucible_record.verify import verify_run
+
+    assert verify_run(tmp_path).ok
+
+
 def test_steps_out_of_order_are_refused(tmp_path):
     rec = Recorder(new_store(tmp_path))
     rec.record(0, W=fake_step(0)[0])
@@ -100,6 +115,10 @@ class FailingArray:
 
     def __getitem__(self, key):
         return self._array[key]
+
+    def with_config(self, config):
+        self._array = self._array.with_config(config)
+        return self
 
     def __setitem__(self, key, value):
         time.sleep(self.delay)

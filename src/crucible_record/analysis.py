@@ -8,6 +8,11 @@ Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored
 (:func:`iter_blocks`), carrying the previous block's last step across block boundaries for the
 step-to-step differences, and works inside a block a few steps at a time. Peak memory is bounded by
 one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
+On glibc, :func:`scan_W` also makes allocations of 1 MiB and more use mmap (``mallopt``, once per
+process, unless ``MALLOC_MMAP_THRESHOLD_`` is set): by default glibc raises that threshold to 32 MiB
+after the first large free, the per-block temporaries then come from the heap and fragment it, and
+the process's RSS grows with every block even though nothing is kept
+(benchmarks/analysis_memory.py measures it).
 
 Indexing (also written into analysis.json under ``indexing``). With ``n`` committed steps:
 
@@ -32,6 +37,8 @@ A cosine with a zero vector (e.g. a centroid that did not move in bf16) is NaN.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -164,8 +171,32 @@ class WScan:
     net_displacement: torch.Tensor
 
 
+_MMAP_THRESHOLD = 1 << 20
+_heap_limited = False
+
+
+def _limit_heap_growth() -> None:
+    """glibc: serve allocations >= 1 MiB with mmap, so freed temporaries go back to the OS at once.
+
+    Process-wide, done once; skipped off Linux/glibc or when MALLOC_MMAP_THRESHOLD_ is set.
+    """
+    global _heap_limited
+    if _heap_limited or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _heap_limited = True
+    try:
+        import ctypes
+        import platform
+
+        if platform.libc_ver()[0] == "glibc":
+            ctypes.CDLL(None).mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
+    _limit_heap_growth()
     dead = traj.dead_mask.bool()
     live = ~dead
     n_dead, n_live = int(dead.sum()), int(live.sum())
@@ -176,20 +207,9 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     for _, W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
-        for s in range(0, W.shape[0], _SUB_STEPS):
-            part = W[s:s + _SUB_STEPS]
-            c_dead.append(_masked_mean(part, dead, n_dead))
-            c_live.append(_masked_mean(part, live, n_live))
-            # transitions a[j] -> b[j] that end in `part`; the previous block's last step is carried
-            if s > 0:
-                a, b = W[s - 1:s - 1 + part.shape[0]], part
-            elif prev is not None:
-                a, b = torch.cat([prev[None], part[:-1]]), part
-            else:  # global step 0 has no step before it
-                a, b = part[:-1], part[1:]
-            if a.shape[0]:
-                _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path)
+        _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path)
         prev = W[-1].clone()
+        del W  # drop this block before the next one is read: one block in memory at a time
     if prev is None:
         raise CrucibleError(f"{traj.run_dir} has no committed step of W")
     net = torch.norm(prev.float() - first.float(), dim=1)
@@ -202,6 +222,23 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
         path_length=path,
         net_displacement=net,
     )
+
+
+def _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path) -> None:
+    """One block of steps, a few steps at a time; ``prev`` is the step before the block (or None)."""
+    for s in range(0, W.shape[0], _SUB_STEPS):
+        part = W[s:s + _SUB_STEPS]
+        c_dead.append(_masked_mean(part, dead, n_dead))
+        c_live.append(_masked_mean(part, live, n_live))
+        # transitions a[j] -> b[j] that end in `part`; the previous block's last step is carried
+        if s > 0:
+            a, b = W[s - 1:s - 1 + part.shape[0]], part
+        elif prev is not None:
+            a, b = torch.cat([prev[None], part[:-1]]), part
+        else:  # global step 0 has no step before it
+            a, b = part[:-1], part[1:]
+        if a.shape[0]:
+            _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path)
 
 
 def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -450,7 +487,8 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
         "path_straightness_live": s_live,
     }
     q2["evidence"] = (
-        f"separation {_fmt(sep_first)} -> {_fmt(sep_last)} ({_fmt(growth, '.2f')}x); path straightness median "
+        f"separation {_fmt(sep_first)} -> {_fmt(sep_last)} ({_fmt(growth, '.2f')}{'x' if growth else ''}); "
+        f"path straightness median "
         f"dead {_fmt(s_dead['median'], '.2f')}, live {_fmt(s_live['median'], '.2f')} (1 = straight)"
     )
 

@@ -141,6 +141,18 @@ def info(run_dir):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="output directory [default: RUN_DIR/analysis]")
+@click.option("--force", is_flag=True, help="overwrite an earlier analysis in --out")
+def analyze(run_dir, out, force):
+    """Answer the experiment's questions: analysis.json, PNG plots and a short table."""
+    from .report import analyze_run
+
+    click.echo(analyze_run(run_dir, out, force=force))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
 def verify(run_dir):
     """Read every committed chunk; report corruption by array and step range."""
     from .verify import verify_run

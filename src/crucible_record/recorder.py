@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .errors import RecorderError
-from .store import committed_steps, group_path, write_commit
+from .store import WRITE_ALL, committed_steps, group_path, write_commit
 
 _POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
 
@@ -40,7 +40,7 @@ class _Block:
     """The rows of one array's current chunk block; written to zarr as one region."""
 
     def __init__(self, array):
-        self.array = array
+        self.array = array.with_config(WRITE_ALL)
         self.rows = array.chunks[0]
         self.buf = np.empty((self.rows,) + tuple(array.shape[1:]), dtype=array.dtype)
         self.start: int | None = None

@@ -70,9 +70,9 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
 
 def _check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise CrucibleError(f"--out {out} exists and is not a directory")
+        raise CrucibleError(f"output folder {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise CrucibleError(f"--out {out} already exists and is not empty; pass --force to overwrite it")
+        raise CrucibleError(f"output folder {out} already exists and is not empty; pass --force to overwrite it")
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,6 +91,11 @@ def provenance(device: str) -> dict[str, str]:
     }
 
 
+# zarr skips chunks equal to the fill value; we write every chunk so that an absent chunk file
+# always means damage (readers check for it) and never "all zeros".
+WRITE_ALL = {"write_empty_chunks": True}
+
+
 def create_store(
     run_dir: str | Path,
     *,
@@ -118,11 +123,12 @@ def create_store(
         shards=(time_chunk, -(-vocab_size // token_chunk) * token_chunk, hidden_dim),
         serializer="auto",
         fill_value=0,
+        config=WRITE_ALL,
         dimension_names=("step", "token", "hidden"),
         attributes={"encoding": "bfloat16 bits stored as uint16"},
         **_w_codecs(layout.codec, time_chunk),
     )
-    small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "filters": []}
+    small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "filters": [], "config": WRITE_ALL}
     group.create_array(
         "h_mean",
         shape=(steps, hidden_dim),
@@ -156,7 +162,7 @@ def create_store(
         **small,
     )
     if len(dead_indices):
-        group["dead_indices"][:] = dead_indices
+        group["dead_indices"].with_config(WRITE_ALL)[:] = dead_indices
     group.attrs.update(
         {
             "format": FORMAT_NAME,

@@ -139,6 +139,12 @@ class Trajectory:
     def epochs(self) -> int:
         return int(self.attrs.get("commit", {}).get("epoch", 0))
 
+    def to_xarray(self):
+        """An xarray.Dataset over the committed steps, W decoded to float32 lazily (dask)."""
+        from .xarray_view import to_xarray
+
+        return to_xarray(self)
+
     def bytes_on_disk(self) -> int:
         return store_bytes(self.run_dir)
 
