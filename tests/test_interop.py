@@ -1,0 +1,19 @@
+"""Other Zarr v3 readers open a store written with the default preset, unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import crucible_record as cr
+
+
+def test_tensorstore_reads_default_store(tiny_run):
+    ts = pytest.importorskip("tensorstore")
+    t = cr.open(tiny_run)
+    path = str(tiny_run / "trajectory.zarr")
+    W = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path + "/W"}}, read=True).result()
+    assert W.domain.labels == ("step", "token", "hidden")
+    assert np.array_equal(W[: t.steps + 1].read().result(), t.W.numpy_bits(slice(None)))
+    loss = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path + "/loss"}}, read=True).result()
+    assert np.array_equal(loss[1 : t.steps + 1].read().result(), t.loss[1:].numpy())
