@@ -124,7 +124,7 @@ def _not_runs(tmp_path):
     return {"missing": tmp_path / "missing", "empty": empty, "foreign zarr": bogus}
 
 
-@pytest.mark.parametrize("command", ["info", "export", "resume"])
+@pytest.mark.parametrize("command", ["info", "export", "resume", "verify", "analyze"])
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign zarr"])
 def test_commands_refuse_non_runs(capsys, tmp_path, command, kind):
     path = _not_runs(tmp_path)[kind]
@@ -139,7 +139,7 @@ def test_newer_format_is_refused(capsys, tmp_path, tiny_run):
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
-    for args in (["info", copy], ["export", copy], ["train", "--resume", copy]):
+    for args in (["info", copy], ["export", copy], ["train", "--resume", copy], ["verify", copy], ["analyze", copy]):
         assert_one_line_error(run_cli(capsys, *args), "newer")
 
 
