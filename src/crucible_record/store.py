@@ -28,33 +28,35 @@ _STEP_FASTEST = (1, 2, 0)
 
 
 def _w_codecs(preset: str, time_chunk: int) -> dict[str, Any]:
-    """Filters/serializer/compressors for W (uint16 bf16 bits) for one named preset."""
+    """Filters/compressors for W (uint16 bf16 bits) for one named preset; all lossless.
+
+    Chosen by benchmarks/bench_compression.py on a real trajectory: after the transpose, plain
+    zstd beats blosc's bit-shuffle + zstd in both ratio and speed, and a delta along steps adds
+    the most (it is not a v3 spec codec, hence opt-in).
+    """
     from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
     crc = Crc32cCodec()
-    if preset == "raw":
-        return {"filters": [], "compressors": [crc]}
-    if preset == "zstd":
-        return {"filters": [], "compressors": [ZstdCodec(level=3), crc]}
-    if preset == "default":
-        return {
-            "filters": [TransposeCodec(order=_STEP_FASTEST)],
-            "compressors": [
-                BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=2),
-                crc,
-            ],
-        }
-    if preset == "max":
+    step_fastest = TransposeCodec(order=_STEP_FASTEST)
+    if preset == "default":  # v3 spec codecs only: any Zarr v3 reader opens it
+        return {"filters": [step_fastest], "compressors": [ZstdCodec(level=3), crc]}
+    if preset == "max":  # smallest files; numcodecs Delta is not in the v3 spec
         from zarr.codecs.numcodecs import Delta
 
+        return {"filters": [step_fastest, Delta(dtype="<u2")], "compressors": [ZstdCodec(level=9), crc]}
+    if preset == "fast":  # for fast (GPU) training or huge embeddings: spec codecs, cheap to write
         return {
-            "filters": [TransposeCodec(order=_STEP_FASTEST), Delta(dtype="<u2")],
-            "compressors": [ZstdCodec(level=9), crc],
+            "filters": [step_fastest],
+            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2), crc],
         }
+    if preset == "zstd":
+        return {"filters": [], "compressors": [ZstdCodec(level=3), crc]}
+    if preset == "raw":
+        return {"filters": [], "compressors": [crc]}
     raise CrucibleError(f"unknown codec preset {preset!r}; choose one of {', '.join(CODEC_PRESETS)}")
 
 
-CODEC_PRESETS = ("default", "max", "zstd", "raw")
+CODEC_PRESETS = ("default", "max", "fast", "zstd", "raw")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Layout:
     """How W is cut into chunks and compressed. Saved with the run."""
 
     time_chunk: int = 32  # steps per chunk: the writer buffers this many steps, writes once
-    token_chunk: int = 500  # tokens per inner chunk: small = fast single-token reads
+    token_chunk: int = 100  # tokens per inner chunk: small = fast single-token reads
     codec: str = "default"
 
     def validate(self) -> None:
