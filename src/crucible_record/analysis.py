@@ -8,11 +8,7 @@ Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored
 (:func:`iter_blocks`), carrying the previous block's last step across block boundaries for the
 step-to-step differences, and works inside a block a few steps at a time. Peak memory is bounded by
 one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
-On glibc, :func:`scan_W` also makes allocations of 1 MiB and more use mmap (``mallopt``, once per
-process, unless ``MALLOC_MMAP_THRESHOLD_`` is set): by default glibc raises that threshold to 32 MiB
-after the first large free, the per-block temporaries then come from the heap and fragment it, and
-the process's RSS grows with every block even though nothing is kept
-(benchmarks/analysis_memory.py measures it).
+:func:`scan_W` also calls :func:`crucible_record.heap.limit_heap_growth` (see there why).
 
 Indexing (also written into analysis.json under ``indexing``). With ``n`` committed steps:
 
@@ -37,8 +33,6 @@ A cosine with a zero vector (e.g. a centroid that did not move in bf16) is NaN.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +41,7 @@ import numpy as np
 import torch
 
 from .errors import CrucibleError
+from .heap import limit_heap_growth
 from .trajectory import Trajectory
 
 # Thresholds behind the plain answers of the summary (also written into it).
@@ -171,32 +166,9 @@ class WScan:
     net_displacement: torch.Tensor
 
 
-_MMAP_THRESHOLD = 1 << 20
-_heap_limited = False
-
-
-def _limit_heap_growth() -> None:
-    """glibc: serve allocations >= 1 MiB with mmap, so freed temporaries go back to the OS at once.
-
-    Process-wide, done once; skipped off Linux/glibc or when MALLOC_MMAP_THRESHOLD_ is set.
-    """
-    global _heap_limited
-    if _heap_limited or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    _heap_limited = True
-    try:
-        import ctypes
-        import platform
-
-        if platform.libc_ver()[0] == "glibc":
-            ctypes.CDLL(None).mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError, ValueError):
-        pass
-
-
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
-    _limit_heap_growth()
+    limit_heap_growth()
     dead = traj.dead_mask.bool()
     live = ~dead
     n_dead, n_live = int(dead.sum()), int(live.sum())

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CrucibleError
+from .heap import limit_heap_growth
 from .store import write_json
 from .trajectory import Trajectory
 
@@ -90,6 +91,7 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
 
 def _write_w(traj: Trajectory, f) -> None:
     """W in blocks of whole stored chunks, so memory stays one block whatever the run length."""
+    limit_heap_growth()
     block = traj.group["W"].chunks[0]
     for start in range(0, traj.steps + 1, block):
         stop = min(start + block, traj.steps + 1)

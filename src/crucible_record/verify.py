@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .heap import limit_heap_growth
 from .store import committed_steps, missing_blocks, open_store
 
 ARRAYS = ("W", "h_mean", "loss", "dead_mask", "dead_indices")
@@ -22,6 +23,7 @@ class VerifyReport:
 
 def verify_run(run_dir) -> VerifyReport:
     """Decode every chunk that holds committed rows; checksums (crc32c) catch flipped bits."""
+    limit_heap_growth()
     group = open_store(run_dir)
     steps = committed_steps(group)
     report = VerifyReport(steps=steps)
