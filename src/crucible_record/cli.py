@@ -59,7 +59,7 @@ def cli() -> None:
               help="JSON or TOML file of the same keys; flags override it")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
               help="continue a stopped run (its own config is used)")
-@click.option("--checkpoint-every", type=int, default=32, show_default=True,
+@click.option("--checkpoint-every", type=int, default=64, show_default=True,
               help="save model/optimizer/RNG state every K steps for exact resume (0 = never)")
 @click.option("--time-chunk", type=int, default=Layout.time_chunk, show_default=True,
               help="steps per stored chunk (buffered in RAM, written once)")

@@ -24,7 +24,7 @@ from .store import Layout, committed_steps, create_store, open_store, provenance
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOCK_FILE = ".lock"
-DEFAULT_CHECKPOINT_EVERY = 32
+DEFAULT_CHECKPOINT_EVERY = 64
 
 
 @dataclass

@@ -27,7 +27,7 @@ STORE_NAME = "trajectory.zarr"
 _STEP_FASTEST = (1, 2, 0)
 
 
-def _w_codecs(preset: str, time_chunk: int) -> dict[str, Any]:
+def _w_codecs(preset: str) -> dict[str, Any]:
     """Filters/compressors for W (uint16 bf16 bits) for one named preset; all lossless.
 
     Chosen by benchmarks/bench_compression.py on a real trajectory: after the transpose, plain
@@ -63,7 +63,7 @@ CODEC_PRESETS = ("default", "max", "fast", "zstd", "raw")
 class Layout:
     """How W is cut into chunks and compressed. Saved with the run."""
 
-    time_chunk: int = 32  # steps per chunk: the writer buffers this many steps, writes once
+    time_chunk: int = 64  # steps per chunk: the writer buffers this many steps, writes once
     token_chunk: int = 100  # tokens per inner chunk: small = fast single-token reads
     codec: str = "default"
 
@@ -128,7 +128,7 @@ def create_store(
         config=WRITE_ALL,
         dimension_names=("step", "token", "hidden"),
         attributes={"encoding": "bfloat16 bits stored as uint16"},
-        **_w_codecs(layout.codec, time_chunk),
+        **_w_codecs(layout.codec),
     )
     small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "filters": [], "config": WRITE_ALL}
     group.create_array(
