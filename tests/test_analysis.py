@@ -116,7 +116,14 @@ def test_h_mean_persistence(result, full):
     q1 = result["summary"]["h_mean_persistence"]
     assert q1["lag1_min"] == pytest.approx(lag1.min().item())
     assert q1["lag1_stays_at_or_above_0.95"] == bool((lag1 >= 0.95).all())
-    assert q1["answer"] == ("yes" if (lag1 >= 0.95).all() else "no")
+    # the first step from which lag-1 stays >= 0.95 (lag1[t] pairs training steps t+1, t+2)
+    settled = next((t + 2 for t in range(n - 1) if (lag1[t:] >= 0.95).all()), None)
+    assert q1["lag1_at_or_above_0.95_from_step"] == settled
+    assert q1["lag1_share_at_or_above_0.95"] == pytest.approx((lag1 >= 0.95).double().mean().item())
+    if (lag1 >= 0.95).all():
+        assert q1["answer"] == "yes"
+    else:
+        assert q1["answer"] == (f"no (yes from step {settled} on)" if settled else "no")
     below = [k for k in range(1, n) if autocorr[k] < 0.5]
     assert q1["autocorr_first_lag_below_0.5"] == (below[0] if below else None)
     assert len(result["lag1_step"]) == n - 1 and result["lag1_step"][0] == 2  # h_mean[0], h_mean[1]: steps 1, 2

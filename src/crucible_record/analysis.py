@@ -412,12 +412,17 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
     lag1_min = float(lag1[finite].min()) if finite.any() else None
     lag1_min_at = int(torch.where(finite, lag1, torch.inf).argmin()) + 2 if finite.any() else None
     stays = lag1_min is not None and lag1_min >= LAG1_THRESHOLD
+    # the first step from which lag-1 never drops below the threshold again (early steps often do)
+    dips = torch.nonzero(~(lag1 >= LAG1_THRESHOLD)).flatten()
+    settled_from = 2 if len(dips) == 0 else (int(dips[-1]) + 3 if int(dips[-1]) + 1 < len(lag1) else None)
     below = [k for k in range(1, len(auto)) if torch.isfinite(auto[k]) and auto[k] < AUTOCORR_THRESHOLD]
     first_below = below[0] if below else None
     q1 = {
         "question": "Does h_mean keep its direction?",
-        "answer": "yes" if stays else "no",
+        "answer": "yes" if stays else (f"no (yes from step {settled_from} on)" if settled_from else "no"),
         "lag1_stays_at_or_above_0.95": stays,
+        "lag1_at_or_above_0.95_from_step": settled_from,
+        "lag1_share_at_or_above_0.95": _num((lag1 >= LAG1_THRESHOLD).double().mean()) if len(lag1) else None,
         "lag1_min": lag1_min,
         "lag1_min_at_step": lag1_min_at,
         "lag1_mean": _nanmean(lag1),
