@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import RecorderError
+from .heap import limit_heap_growth
 from .store import WRITE_ALL, committed_steps, group_path, write_commit
 
 _POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
@@ -87,6 +88,7 @@ class Recorder:
     def __init__(self, group, *, slots: int = 4, device: str | torch.device = "cpu"):
         if slots < 1:
             raise ValueError("slots must be >= 1")
+        limit_heap_growth()  # the writer's per-block encode buffers must not fragment the heap
         self.group = group
         self.steps = group["h_mean"].shape[0]
         vocab, hidden = group["W"].shape[1:]
