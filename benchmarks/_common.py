@@ -94,7 +94,21 @@ def machine() -> dict[str, Any]:
     except Exception:
         pass
     info["blas_env"] = {k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")}
+    info["source"] = source_state()
     return info
+
+
+def source_state() -> dict[str, Any]:
+    """The commit benchmarked and which src/ files differ from it (read-only git commands)."""
+    repo = HERE.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=repo, capture_output=True,
+                               text=True, timeout=10).stdout.split("\n")
+        return {"commit": head, "src_changes_not_committed": [x.strip() for x in dirty if x.strip()]}
+    except Exception as e:
+        return {"error": str(e)}
 
 
 class Result:
@@ -210,8 +224,47 @@ class RssSampler:
         return max(vals) if vals else float("nan")
 
 
+_VMHWM_WRAPPER = """
+import atexit, os, runpy, sys
+def _peak():
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    with open(os.environ['CRUCIBLE_BENCH_VMHWM'], 'w') as out:
+                        out.write(line.split()[1])
+    except OSError:
+        pass
+atexit.register(_peak)
+module = sys.argv[1]
+sys.argv = [module] + sys.argv[2:]
+runpy.run_module(module, run_name='__main__', alter_sys=True)
+"""
+
+
+def run_module_child(module: str, args: list[str], **kw) -> dict[str, Any]:
+    """`python -m module args` in a subprocess whose own peak RSS is read from VmHWM at exit.
+
+    wait4()'s ru_maxrss is not the child's own peak on Linux: it survives exec, so the child
+    reports at least its parent's RSS at fork time. VmHWM belongs to the exec'd address space."""
+    fd, path = tempfile.mkstemp(prefix="crucible-bench-vmhwm-")
+    os.close(fd)
+    env = dict(kw.pop("env", None) or os.environ)
+    env["CRUCIBLE_BENCH_VMHWM"] = path
+    try:
+        out = run_child([sys.executable, "-c", _VMHWM_WRAPPER, module, *args], env=env, **kw)
+        text = Path(path).read_text().strip()
+        out["ru_maxrss_mb"] = out["peak_rss_mb"]
+        out["peak_rss_mb"] = int(text) / 1024 if text else float("nan")
+        out["cmd"] = f"python -m {module} " + " ".join(map(str, args))
+    finally:
+        os.unlink(path)
+    return out
+
+
 def run_child(cmd: list[str], *, timeout: float = 900, env: dict | None = None, cwd=None) -> dict[str, Any]:
-    """Run a subprocess; return its wall time, exit code, output tail and its own peak RSS (wait4)."""
+    """Run a subprocess; return its wall time, exit code, output tail and ru_maxrss from wait4
+    (an upper bound: see run_module_child for the child's own peak)."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile() as out:
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -267,12 +320,58 @@ def wait_for_run(run: Path, want: int, max_wait_s: float, log=print):
 
 
 # ----- extra codec presets for experiments (benchmarks only; src keeps its own) ---------------
-def bench_codecs(name: str, time_chunk: int) -> dict[str, Any]:
+from crucible_record import store as _store  # noqa: E402
+
+_SRC_W_CODECS = _store._w_codecs  # the src presets, unpatched
+SRC_PRESETS = tuple(_store.CODEC_PRESETS)
+
+
+def src_codecs(preset: str, time_chunk: int) -> dict[str, Any]:
+    """The src preset's codecs, whichever signature _w_codecs has (it changed: (preset[, time_chunk]))."""
+    import inspect
+
+    if len(inspect.signature(_SRC_W_CODECS).parameters) >= 2:
+        return _SRC_W_CODECS(preset, time_chunk)
+    return _SRC_W_CODECS(preset)
+
+
+def describe(codecs: dict[str, Any]) -> str:
+    """'T+zstd3'-style name of a filters/compressors dict (crc32c left out)."""
+    parts = []
+    for c in list(codecs.get("filters", [])) + list(codecs.get("compressors", [])):
+        name = type(c).__name__
+        if name == "TransposeCodec":
+            parts.append("T")
+        elif name == "ZstdCodec":
+            parts.append(f"zstd{c.level}")
+        elif name == "GzipCodec":
+            parts.append(f"gzip{c.level}")
+        elif name == "BloscCodec":
+            shuffle = getattr(c.shuffle, "value", c.shuffle)
+            shuffle = {"shuffle": "byteshuffle", "noshuffle": "noshuffle"}.get(str(shuffle), str(shuffle))
+            cname = getattr(c.cname, "value", c.cname)
+            parts.append(f"blosc-{cname}{c.clevel if cname != 'lz4' else ''}-{shuffle}")
+        elif name == "Delta":
+            parts.append("delta")
+        elif name == "Crc32cCodec":
+            continue
+        else:
+            parts.append(name)
+    return "+".join(parts) or "bytes"
+
+
+def spec_only(codecs: dict[str, Any]) -> bool:
+    """True when every codec is a Zarr v3 spec codec (numcodecs' are not)."""
+    return not any(type(c).__module__.startswith("zarr.codecs.numcodecs")
+                   for c in list(codecs.get("filters", [])) + list(codecs.get("compressors", [])))
+
+
+def bench_codecs(name: str, time_chunk: int = 32) -> dict[str, Any]:
     """Codec configurations tried by the benchmarks, by name. The src presets are reused as-is."""
     from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
 
-    if name in ("default", "max", "zstd", "raw"):
-        return _SRC_W_CODECS(name, time_chunk)
+    if name in SRC_PRESETS:
+        return src_codecs(name, time_chunk)
     crc = Crc32cCodec()
     T = [TransposeCodec(order=(1, 2, 0))]
 
@@ -285,13 +384,15 @@ def bench_codecs(name: str, time_chunk: int) -> dict[str, Any]:
         return [Delta(dtype="<u2")]
 
     table = {
+        "bytes": ([], [crc]),
+        "zstd3": ([], [ZstdCodec(level=3), crc]),
         "blosc-zstd3-byteshuffle": ([], [blosc("zstd", "shuffle"), crc]),
         "blosc-zstd3-bitshuffle": ([], [blosc("zstd", "bitshuffle"), crc]),
         "T+zstd1": (T, [ZstdCodec(level=1), crc]),
         "T+zstd3": (T, [ZstdCodec(level=3), crc]),
         "T+zstd5": (T, [ZstdCodec(level=5), crc]),
         "T+gzip5": (T, [GzipCodec(level=5), crc]),
-        "T+blosc-zstd3-bitshuffle": (T, [blosc("zstd", "bitshuffle"), crc]),  # = src default
+        "T+blosc-zstd3-bitshuffle": (T, [blosc("zstd", "bitshuffle"), crc]),  # the first src default
         "T+blosc-zstd3-byteshuffle": (T, [blosc("zstd", "shuffle"), crc]),
         # c-blosc runs zstd at level 2*clevel-1: blosc clevel 2 = zstd level 3, clevel 1 = level 1
         "T+blosc-zstd2-byteshuffle": (T, [blosc("zstd", "shuffle", 2), crc]),
@@ -299,14 +400,10 @@ def bench_codecs(name: str, time_chunk: int) -> dict[str, Any]:
         "T+blosc-lz4-bitshuffle": (T, [blosc("lz4", "bitshuffle", 5), crc]),
         "T+blosc-lz4-byteshuffle": (T, [blosc("lz4", "shuffle", 5), crc]),
         "T+delta+zstd3": (T + delta(), [ZstdCodec(level=3), crc]),
-        "T+delta+zstd9": (T + delta(), [ZstdCodec(level=9), crc]),  # = src max
-        "T+delta+zstd19": (T + delta(), [ZstdCodec(level=19), crc]),
-        "T+delta+blosc-zstd3-bitshuffle": (T + delta(), [blosc("zstd", "bitshuffle"), crc]),
-        "T+delta+blosc-zstd3-byteshuffle": (T + delta(), [blosc("zstd", "shuffle"), crc]),
-        "T+delta+blosc-zstd5-byteshuffle": (T + delta(), [blosc("zstd", "shuffle", 5), crc]),
+        "T+delta+zstd9": (T + delta(), [ZstdCodec(level=9), crc]),
         "T+delta+blosc-zstd2-byteshuffle": (T + delta(), [blosc("zstd", "shuffle", 2), crc]),
+        "T+delta+blosc-zstd3-byteshuffle": (T + delta(), [blosc("zstd", "shuffle"), crc]),
         "T+delta+blosc-lz4-byteshuffle": (T + delta(), [blosc("lz4", "shuffle", 5), crc]),
-        "delta+blosc-lz4-byteshuffle": (delta(), [blosc("lz4", "shuffle", 5), crc]),
     }
     if name not in table:
         raise KeyError(f"unknown benchmark codec {name!r}")
@@ -314,38 +411,55 @@ def bench_codecs(name: str, time_chunk: int) -> dict[str, Any]:
     return {"filters": filters, "compressors": compressors}
 
 
-from crucible_record.store import _w_codecs as _SRC_W_CODECS  # noqa: E402  (the src presets, unpatched)
+def codec_label(name: str) -> str:
+    """'default preset (T+zstd3)' for src presets, the name itself otherwise."""
+    if name in SRC_PRESETS:
+        return f"{name} preset ({describe(bench_codecs(name))})"
+    return name
 
 
 @contextlib.contextmanager
 def extra_presets():
     """Let store.create_store / Layout accept the benchmark codec names (monkeypatch, this process)."""
-    from crucible_record import store
+    import inspect
 
-    saved = store._w_codecs, store.CODEC_PRESETS
-    store._w_codecs = bench_codecs
+    saved = _store._w_codecs, _store.CODEC_PRESETS
+    if len(inspect.signature(_SRC_W_CODECS).parameters) >= 2:
+        _store._w_codecs = bench_codecs
+    else:
+        _store._w_codecs = lambda preset: bench_codecs(preset)
 
     class _Any(tuple):
         def __contains__(self, item):  # every name passes validate(); bench_codecs rejects unknowns
             return True
 
-    store.CODEC_PRESETS = _Any(saved[1])
+    _store.CODEC_PRESETS = _Any(saved[1])
     try:
         yield
     finally:
-        store._w_codecs, store.CODEC_PRESETS = saved
+        _store._w_codecs, _store.CODEC_PRESETS = saved
 
 
-def make_store(run_dir: Path, *, steps: int, vocab: int, hidden: int, time_chunk: int = 32,
-               token_chunk: int = 500, codec: str = "default", dead_mask=None):
-    """A fresh run store (crucible_record.store.create_store) with any benchmark codec."""
+def src_layout():
+    """The src default Layout (time_chunk, token_chunk, codec) as it is now."""
+    from crucible_record.store import Layout
+
+    return Layout()
+
+
+def make_store(run_dir: Path, *, steps: int, vocab: int, hidden: int, time_chunk: int | None = None,
+               token_chunk: int | None = None, codec: str = "default", dead_mask=None):
+    """A fresh run store (crucible_record.store.create_store) with any benchmark codec; chunk sizes
+    default to the src Layout's."""
     import numpy as np
 
     from crucible_record.store import Layout, create_store
 
+    d = Layout()
     if dead_mask is None:
         dead_mask = np.zeros(vocab, dtype=bool)
     with extra_presets():
         return create_store(run_dir, steps=steps, vocab_size=vocab, hidden_dim=hidden, dead_mask=dead_mask,
                             attributes={"config": {}, "provenance": {"note": "benchmark"}},
-                            layout=Layout(time_chunk=time_chunk, token_chunk=token_chunk, codec=codec))
+                            layout=Layout(time_chunk=time_chunk or d.time_chunk,
+                                          token_chunk=token_chunk or d.token_chunk, codec=codec))

@@ -3,7 +3,7 @@
 export_safetensors(cr.open(run), out_dir) on the recorded run (all committed steps, stated):
 MB/s of raw tensor data written, split into the time spent reading/decoding W (the same block
 reads, timed alone) and the rest (conversion + file writes). Memory: `crucible-record export`
-in subprocesses (peak RSS from wait4) of a prefix of the run (about a tenth of the steps: a
+in subprocesses (peak RSS = VmHWM of the child) of a prefix of the run (about a tenth of the steps: a
 hard-linked copy whose commit marker says fewer steps) and of the whole run.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, parser, r, run_child, scratch_dir, wait_for_run  # noqa: E402
+from _common import Result, parser, r, run_module_child, scratch_dir, wait_for_run  # noqa: E402
 
 
 def prefix_copy(run: Path, dest: Path, steps: int) -> Path:
@@ -85,8 +85,7 @@ def main() -> None:
         rss = {}
         for n in (short, steps):
             run = prefix_copy(args.run, d / f"prefix{n}", n)
-            out = run_child([sys.executable, "-m", "crucible_record", "export", str(run), "--out", str(d / f"e{n}")],
-                            timeout=900)
+            out = run_module_child("crucible_record", ["export", str(run), "--out", str(d / f"e{n}")], timeout=900)
             if out["rc"] != 0:
                 print(out["output_tail"], flush=True)
                 raise SystemExit(f"export of {n} steps failed")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, RssSampler, make_store, parser, r, rss_mb, run_child, scratch_dir  # noqa: E402
+from _common import SRC_PRESETS, Result, RssSampler, codec_label, make_store, parser, r, rss_mb, run_child, scratch_dir  # noqa: E402
 
 VOCAB, HIDDEN = 50257, 768
 
@@ -115,7 +115,7 @@ def label(c: dict) -> str:
         extra.append(f"zarr max_workers {c['zarr_workers']}")
     if c.get("write_empty_chunks"):
         extra.append("write_empty_chunks")
-    return f"{c['codec']} T={c['time_chunk']} tokens={c['token_chunk']}" + (" (" + ", ".join(extra) + ")" if extra else "")
+    return f"{codec_label(c['codec'])} T={c['time_chunk']} tokens={c['token_chunk']}" + (" (" + ", ".join(extra) + ")" if extra else "")
 
 
 def main() -> None:
@@ -127,20 +127,20 @@ def main() -> None:
         return
     res = Result("writer", args.quick)
     L = "T+blosc-lz4-byteshuffle"
-    W = dict(write_empty_chunks=True)
+    fast = "fast" if "fast" in SRC_PRESETS else L
     if args.quick:
-        plan = [dict(codec=L, time_chunk=8, token_chunk=500, steps=8, **W),
+        plan = [dict(codec=L, time_chunk=8, token_chunk=500, steps=8),
                 dict(codec="default", time_chunk=2, token_chunk=500, steps=2)]
     else:
         plan = [
             dict(codec="default", time_chunk=4, token_chunk=500, steps=4),
-            dict(codec="T+zstd1", time_chunk=8, token_chunk=500, steps=8),
-            dict(codec=L, time_chunk=8, token_chunk=500, steps=16),
-            dict(codec=L, time_chunk=8, token_chunk=500, steps=16, **W),
-            dict(codec=L, time_chunk=16, token_chunk=500, steps=16, **W),
-            dict(codec=L, time_chunk=8, token_chunk=2000, steps=16, **W),
-            dict(codec=L, time_chunk=8, token_chunk=500, steps=16, blosc_threads=2, **W),
-            dict(codec="raw", time_chunk=8, token_chunk=500, steps=16, **W),
+            dict(codec=fast, time_chunk=8, token_chunk=500, steps=8),
+            dict(codec=L, time_chunk=8, token_chunk=500, steps=8),
+            dict(codec=L, time_chunk=4, token_chunk=500, steps=16),  # 4 whole blocks: RSS flatness
+            dict(codec=L, time_chunk=8, token_chunk=100, steps=8),
+            dict(codec=L, time_chunk=8, token_chunk=2000, steps=8),
+            dict(codec=L, time_chunk=8, token_chunk=500, steps=8, blosc_threads=2),
+            dict(codec="raw", time_chunk=8, token_chunk=500, steps=8),
         ]
     rows = []
     for cfg in plan:
@@ -160,17 +160,25 @@ def main() -> None:
         rows.append(row)
     res.details["configs"] = rows
     res.details["note"] = ("synthetic GPT-2-sized trajectory: 25 % of entries move one bf16 ulp a step; "
-                           "compression ratios are of this synthetic data, not of a real run")
+                           "compression ratios are of this synthetic data, not of a real run. Every store is made by "
+                           "create_store, which now writes W with write_empty_chunks=True (no per-chunk fill-value scan); "
+                           "before that, the same lz4 configuration ran 97.6 MB/s vs 113.8 MB/s with it (earlier run)")
     ok = [x for x in rows if "error" not in x]
     best = max(ok, key=lambda x: x["sustained_MBps"])
     default = next((x for x in ok if x["codec"] == "default"), None)
     res.target("4a", "writer throughput, GPT-2 embedding (77 MB/step) through the Recorder >= 500 MB/s raw",
                best["sustained_MBps"], best["sustained_MBps"] >= 500, unit=" MB/s",
                note=f"best: {best['label']}; default preset: {default['sustained_MBps'] if default else '?'} MB/s")
-    flat = all(x["rss_peak_above_baseline_mb"] < 77.2 * (x.get("slots", 4) + 2 * x["time_chunk"] + 8) for x in ok)
-    res.target("4b", "writer RSS bounded (slots + block buffer), flat over the run; producer waits reported",
-               f"peak +{best['rss_peak_above_baseline_mb']} MB over baseline, RSS by quarter {best['rss_mb']}", flat,
-               note=f"producer waited {best['producer_wait_s']} s of {best['wall_s']} s")
+    long = next((x for x in ok if x["steps"] >= 4 * x["time_chunk"]), best)
+    q = long["rss_mb"]
+    drift = q.get("after_4_of_4", 0) - q.get("after_2_of_4", 0)
+    block_mb = 77.2 * long["time_chunk"]
+    res.target("4b", "writer RSS bounded by slots + one block and flat over the run (RSS after 2/4 vs 4/4 of the steps)",
+               f"{drift:+.0f} MB", abs(drift) <= block_mb / 2,
+               note=f"{long['label']}, {long['steps']} steps = {long['steps'] // long['time_chunk']} blocks: RSS by quarter "
+                    f"{list(q.values())} MB, peak {long['rss_peak_mb']} MB ({long['rss_peak_above_baseline_mb']} above the "
+                    f"{long['rss_baseline_mb']} MB baseline; 4 slots + one {block_mb:.0f} MB block + zarr's encode buffers); "
+                    f"producer waited {long['producer_wait_s']} s of {long['wall_s']} s")
     res.save()
 
 

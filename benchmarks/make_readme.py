@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["overhead", "overhead_cuda", "compression", "writer", "memory", "reads", "export"]
+ORDER = ["overhead", "overhead_cuda", "compression", "writer", "memory", "memory_time_chunk_32", "reads", "export"]
 
 HEADER = """# crucible-record benchmarks
 
@@ -30,7 +30,7 @@ python benchmarks/bench_overhead.py --device cuda   # on a GPU machine ("skipped
 | `bench_overhead.py` | 1, 2 | step time of `engine.train` with the real `Recorder`, with nothing, and with the notebook's way (`notebook_history.py`), interleaved, medians; writer-compression contention per codec preset; `--device cuda` for the GPU |
 | `bench_compression.py` | 3 | the first 224 rows of W of the recorded run re-written with each codec (+ time chunks 16/64), ratio, write/read MB/s, bit-exact read-back; TensorStore opens a default-preset store |
 | `bench_writer.py` | 4 | a GPT-2-sized embedding (50,257 x 768 bf16, 77 MB/step) through the real `Recorder`: sustained MB/s, producer waits, RSS; chunk shapes, codecs, blosc threads, zarr's empty-chunk check |
-| `bench_memory.py` | 5 | peak RSS (wait4) of `crucible-record train` and `export` for 30 vs 300 steps |
+| `bench_memory.py` | 5 | peak RSS (the child's VmHWM) of `crucible-record train` and `export` for 30 vs 300 steps |
 | `bench_reads.py` | 6 | one step / one token / full scan / dead-token centroid through `cr.open`, current layout and re-encoded alternatives, vs safetensors (`safe_open` and a memory map) |
 | `bench_export.py` | 7 | `export_safetensors` MB/s on the recorded run, and the export's peak RSS for a tenth of the run vs all of it |
 
@@ -87,8 +87,11 @@ def main() -> None:
             d, tag = results[name]
             if not d:
                 continue
-            procs = "; ".join(p.split(": ", 1)[-1][:60] + " (" + p.split(" cpu ")[1].split("%")[0] + "% CPU, nice "
-                              + p.split(" nice ")[1].split(" ")[0] + ")" for p in d["load"].get("busy_processes_start", []))
+            import re
+
+            procs = "; ".join(re.sub(r"/\S*/bin/", "", p.split(": ", 1)[-1])[:90] + " (" + p.split(" cpu ")[1].split("%")[0]
+                              + "% CPU, nice " + p.split(" nice ")[1].split(" ")[0] + ")"
+                              for p in d["load"].get("busy_processes_start", []))
             out.append(f"- {name}{tag}: {d['load']['start']} -> {d['load'].get('end')}, {d.get('seconds')} s, "
                        f"{d['date']}; busy at start: {esc(procs) or 'none'}")
         out.append("")
@@ -99,24 +102,28 @@ def main() -> None:
     for name in ORDER:
         d, tag = results[name]
         if not d:
-            out.append(f"| — | {name} | not run yet | | |")
+            if name != "memory_time_chunk_32":
+                out.append(f"| — | {name} | not run yet | | |")
             continue
         for t in d["targets"]:
             met = {True: "**yes**", False: "**no**", None: "—"}[t["met"]]
+            if name == "memory_time_chunk_32" and not t["id"].endswith("-32"):
+                t["id"] += "-32"
             out.append(f"| {t['id']} | {esc(t['target'])}{tag} | {esc(fmt(t['measured']))}{esc(t.get('unit', ''))} | {met} | {esc(t.get('note', ''))} |")
     out.append("")
 
     d, tag = results["overhead"]
     if d:
         out.append(f"### Overhead details{tag}\n")
-        out.append("| config | variant | median step s | ratio (pooled medians) | ratio (paired rounds) | end-to-end ratio incl. close | record() ms |")
+        out.append("| config | variant | median step s | ratio of median steps | median of paired per-step (per-round) ratios | end-to-end ratio incl. close | record() ms |")
         out.append("| --- | --- | --- | --- | --- | --- | --- |")
         for label, block in d["details"].items():
             if not isinstance(block, dict) or "summary" not in block:
                 continue
             c = block["config"]
             for v, s in block["summary"].items():
-                cfg = f"{label} (batch {c['batch_size']}, seq {c['seq_len']}, {c['rounds']} rounds x {c['measured_steps']} steps)"
+                how = c.get("method") or f"{c['rounds']} rounds"
+                cfg = f"{label} (batch {c['batch_size']}, seq {c['seq_len']}, {how}, {c['measured_steps']} steps)"
                 if v == "none":
                     out.append(f"| {cfg} | none | {s['median_step_s']} | 1 | 1 | 1 | — |")
                 else:
@@ -142,7 +149,8 @@ def main() -> None:
         src = d["details"]["source"]
         out.append(f"### Compression details{tag}\n")
         out.append(f"W rows 0..{src['rows_used'] - 1} of `{src['run']}` ({src['raw_MB']} MB raw; the run had "
-                   f"{src['committed_steps_at_start']} steps committed). Chunks (time_chunk, 500, 64) in shards of "
+                   f"{src['committed_steps_at_start']} steps committed). Chunks (time_chunk, "
+                   f"{d['details'].get('layout', {}).get('token_chunk', 500)}, 64) in shards of "
                    "all tokens; T = transpose (step axis fastest); delta = numcodecs Delta (not a v3 spec codec); "
                    "blosc zstd clevel c runs zstd level 2c-1.\n")
         out.append("| codec | time chunk | v3 spec only | ratio | write MB/s | read MB/s | bit-exact | ratio per time block |")
@@ -190,7 +198,7 @@ def main() -> None:
                    f"{s['memmap_full_scan_GBps']} | |")
         out.append("")
 
-    for name in ("memory", "export"):
+    for name in ("memory", "memory_time_chunk_32", "export"):
         d, tag = results[name]
         if d:
             out.append(f"### {name.capitalize()} details{tag}\n")

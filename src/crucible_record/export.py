@@ -95,8 +95,9 @@ def _write_w(traj: Trajectory, f) -> None:
     block = traj.group["W"].chunks[0]
     for start in range(0, traj.steps + 1, block):
         stop = min(start + block, traj.steps + 1)
-        bits = traj.W.numpy_bits(slice(start, stop))
-        f.write(np.ascontiguousarray(bits).astype("<u2", copy=False).tobytes())
+        bits = np.ascontiguousarray(traj.W.numpy_bits(slice(start, stop))).astype("<u2", copy=False)
+        f.write(memoryview(bits).cast("B"))  # no bytes copy of the block
+        del bits  # freed before the next block is decoded
 
 
 def notebook_metadata(traj: Trajectory) -> dict:

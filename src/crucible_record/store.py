@@ -47,7 +47,7 @@ def _w_codecs(preset: str) -> dict[str, Any]:
     if preset == "fast":  # for fast (GPU) training or huge embeddings: spec codecs, cheap to write
         return {
             "filters": [step_fastest],
-            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=2), crc],
+            "compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2), crc],
         }
     if preset == "zstd":
         return {"filters": [], "compressors": [ZstdCodec(level=3), crc]}
