@@ -125,12 +125,17 @@ def test_second_writer_is_refused(capsys, tmp_path, reference):
         assert_one_line_error(run_cli(capsys, "train", "--resume", reference), "another process")
 
 
-def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corpus, reference):
-    run_dir = tmp_path / "run"
-    proc = start_and_wait(train_cmd(tiny_corpus, run_dir), run_dir, 13)
+def killed_without_checkpoint(corpus, run_dir):
+    """A run SIGKILLed after step 13 whose checkpoint is gone: resume must start from step 0."""
+    proc = start_and_wait(train_cmd(corpus, run_dir), run_dir, 13)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     os.remove(run_dir / "checkpoint.pt")
+    return run_dir
+
+
+def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corpus, reference):
+    run_dir = killed_without_checkpoint(tiny_corpus, tmp_path / "run")
     done = resume(run_dir)
     assert done.returncode == 0, done.stderr
     assert_prefix_equal(run_dir, reference)
@@ -139,13 +144,7 @@ def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corp
 
 def test_resume_detects_a_diverging_recomputation(tmp_path, tiny_corpus, reference):
     """If a recomputed step differs from the recorded one (other threads, other device), say so."""
-    import shutil
-
-    run_dir = tmp_path / "run"
-    proc = start_and_wait(train_cmd(tiny_corpus, run_dir), run_dir, 13)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    os.remove(run_dir / "checkpoint.pt")
+    run_dir = killed_without_checkpoint(tiny_corpus, tmp_path / "run")
     group = open_store(run_dir, mode="r+")
     row = group["loss"][5]
     group["loss"][5] = row + 1.0  # what a different machine would have produced
@@ -153,4 +152,3 @@ def test_resume_detects_a_diverging_recomputation(tmp_path, tiny_corpus, referen
     done = resume(run_dir)
     assert done.returncode != 0 and "diverged at step 5" in done.stderr and "Traceback" not in done.stderr
     assert committed(run_dir) == before
-    shutil.rmtree(run_dir)
