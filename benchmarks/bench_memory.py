@@ -26,7 +26,12 @@ def main() -> None:
     args = p.parse_args()
     res = Result("memory" if args.time_chunk is None else f"memory_time_chunk_{args.time_chunk}", args.quick)
     tc = [] if args.time_chunk is None else ["--time-chunk", str(args.time_chunk)]
-    short = 10 if args.quick else 30
+    # The short run must hold at least one whole block of steps: a run shorter than --time-chunk
+    # gets a smaller block (the chunk is clamped to the run), which would compare block sizes.
+    from crucible_record.store import Layout
+
+    block = args.time_chunk or Layout().time_chunk
+    short = 10 if args.quick else max(30, block + 6)
     lengths = [short, 10 * short]
     rows = {}
     with scratch_dir("memory") as d:
