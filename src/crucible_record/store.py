@@ -8,6 +8,7 @@ file + rename), so the marker and each chunk are either old or new after a crash
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 from dataclasses import asdict, dataclass
@@ -243,29 +244,23 @@ def group_path(group) -> Path:
     return Path(group.store.root) / group.path
 
 
-def missing_blocks(group, name: str, rows: range) -> list[int]:
-    """Time blocks of `name` covering `rows` whose chunk files are absent.
+def missing_blocks(array, directory: Path, rows: range) -> list[int]:
+    """Time blocks of `array` (stored under `directory`) covering `rows` whose chunk files are absent.
 
     zarr reads an absent chunk as fill values without complaint; for committed steps an absent
-    chunk can only mean damage, so readers check for it first.
+    chunk can only mean damage, so readers check for it first. Takes the opened array so that a
+    read does not open the array's metadata a second time.
     """
-    array = group[name]
     unit = array.shards or array.chunks
     if len(rows) == 0 or array.size == 0:
         return []
     others = [range(-(-size // u)) for size, u in zip(array.shape[1:], unit[1:])]
-    root = group_path(group) / name / "c"
+    root = Path(directory) / "c"
     blocks = range(rows.start // unit[0], (rows.stop - 1) // unit[0] + 1)
     missing = []
     for block in blocks:
-        for rest in _product(others):
+        for rest in itertools.product(*others):
             if not (root / "/".join(map(str, (block, *rest)))).is_file():
                 missing.append(block)
                 break
     return missing
-
-
-def _product(ranges):
-    import itertools
-
-    return itertools.product(*ranges)

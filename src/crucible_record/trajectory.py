@@ -12,7 +12,7 @@ import torch
 
 from .config import RunConfig
 from .errors import CrucibleError
-from .store import committed_steps, missing_blocks, open_store, store_bytes
+from .store import committed_steps, group_path, missing_blocks, open_store, store_bytes
 
 
 class LazyW:
@@ -26,6 +26,7 @@ class LazyW:
     def __init__(self, group, n_steps: int):
         self._group = group
         self._array = group["W"]
+        self._dir = group_path(group) / "W"
         self.shape = torch.Size((n_steps + 1,) + tuple(self._array.shape[1:]))
         self.dtype = torch.bfloat16
 
@@ -34,7 +35,7 @@ class LazyW:
 
     def __getitem__(self, key) -> torch.Tensor:
         selection, advanced = _normalize(key, self.shape)
-        _check_present(self._group, "W", _rows(selection[0]))
+        _check_present(self._array, self._dir, "W", _rows(selection[0]))
         try:
             if advanced:
                 data = self._array.oindex[selection]
@@ -155,7 +156,8 @@ class Trajectory:
 
     def _read(self, name: str, rows: int | None) -> torch.Tensor:
         array = self._group[name]
-        _check_present(self._group, name, range(rows if rows is not None else array.shape[0]))
+        rows_read = range(rows if rows is not None else array.shape[0])
+        _check_present(array, group_path(self._group) / name, name, rows_read)
         try:
             data = array[:rows] if rows is not None else array[...]
         except Exception as e:
@@ -185,10 +187,10 @@ def _rows(selection) -> range:
     return range(int(selection.min()), int(selection.max()) + 1)
 
 
-def _check_present(group, name: str, rows: range) -> None:
-    missing = missing_blocks(group, name, rows)
+def _check_present(array, directory: Path, name: str, rows: range) -> None:
+    missing = missing_blocks(array, directory, rows)
     if missing:
-        unit = (group[name].shards or group[name].chunks)[0]
+        unit = (array.shards or array.chunks)[0]
         first = missing[0] * unit
         raise CrucibleError(
             f"{name} is damaged: the chunk holding rows {first}-{first + unit - 1} is missing "

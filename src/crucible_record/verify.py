@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .heap import limit_heap_growth
-from .store import committed_steps, missing_blocks, open_store
+from .store import committed_steps, group_path, missing_blocks, open_store
 
 ARRAYS = ("W", "h_mean", "loss", "dead_mask", "dead_indices")
 
@@ -33,7 +33,7 @@ def verify_run(run_dir) -> VerifyReport:
         rows = rows_of.get(name, array.shape[0])
         unit = (array.shards or array.chunks)[0]
         label = "steps" if name in ("W", "loss") else ("h_mean rows" if name == "h_mean" else "rows")
-        missing = set(missing_blocks(group, name, range(rows)))
+        missing = set(missing_blocks(array, group_path(group) / name, range(rows)))
         for start in range(0, rows, unit):
             stop = min(start + unit, rows)
             where = f"{name} {label} {start}-{stop - 1}"
