@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild the default training data shipped in ``crucible_record/data``.
+"""Rebuild the default training data shipped in ``crucible_record/crucible3/data``.
 
 Writes two files, deterministically (fixed seeds, no network access):
 
@@ -43,7 +43,7 @@ CORPUS_SEED = 20240611
 EXTRA_SEED = 7_331
 SPECIAL_TOKENS = ["<|endoftext|>"]   # in the vocab, never added on encode
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "crucible_record" / "data"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "crucible_record" / "crucible3" / "data"
 
 
 def words(text: str) -> list[str]:

@@ -1,9 +1,32 @@
-"""crucible-record: record every training step of a small LM into a compressed Zarr v3 store."""
+"""crucible-record: record any tensors of a training run, every step, into a Zarr v3 run; read lazily.
 
-__version__ = "0.1.0"
+    import crucible_record as cr
+    with cr.record("runs/x", {"wte": cr.Field((V, H), torch.bfloat16)}) as rec:
+        rec.record(step, wte=model.wte.weight)
+    cr.open("runs/x")["wte"][10:20, 5]
+"""
 
+__version__ = "0.2.0"
+
+from .codecs import Layout  # noqa: E402
 from .errors import CrucibleError, RecorderError  # noqa: E402
-from .recorder import Recorder  # noqa: E402
-from .trajectory import Trajectory, open  # noqa: E402,A004
+from .fields import Field  # noqa: E402
+from .reader import LazyField, Run  # noqa: E402
+from .recorder import Recorder, record  # noqa: E402
 
-__all__ = ["CrucibleError", "Recorder", "RecorderError", "Trajectory", "open", "__version__"]
+
+def open(path):  # noqa: A001 - the public name is cr.open
+    """Open a run for lazy reading (committed steps only).
+
+    A Crucible-3 run opens as :class:`crucible_record.crucible3.trajectory.Trajectory`, which adds
+    the notebook's names (``t.W``, ``t.h_mean``, ``t.loss``, ``t.dead_mask``, ``t.steps`` = training
+    steps) to the generic :class:`Run` interface (``t["W"]``, ``t.fields``).
+    """
+    from .crucible3.trajectory import Trajectory, is_crucible
+
+    run = Run(path)
+    return Trajectory(run) if is_crucible(run) and run.committed_steps > 0 else run
+
+
+__all__ = ["CrucibleError", "Field", "Layout", "LazyField", "Recorder", "RecorderError", "Run", "open",
+           "record", "__version__"]

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import click
 
-from .config import DEVICES, RunConfig, load_config_file
+from .codecs import CODEC_PRESETS, Layout
+from .crucible3.config import DEVICES, RunConfig, load_config_file
 from .errors import CrucibleError, Interrupted
-from .store import CODEC_PRESETS, Layout
+from .recorder import DEFAULT_COMMIT_INTERVAL
+from .storage import DURABILITY
 
 # (flag, RunConfig field, type, help)
 _EXPERIMENT_OPTIONS = [
@@ -59,36 +61,44 @@ def cli() -> None:
               help="JSON or TOML file of the same keys; flags override it")
 @click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
               help="continue a stopped run (its own config is used)")
-@click.option("--checkpoint-every", type=int, default=64, show_default=True,
-              help="save model/optimizer/RNG state every K steps for exact resume (0 = never)")
-@click.option("--time-chunk", type=int, default=Layout.time_chunk, show_default=True,
-              help="steps per stored chunk (buffered in RAM, written once)")
-@click.option("--token-chunk", type=int, default=Layout.token_chunk, show_default=True,
+@click.option("--commit-interval", type=float, default=DEFAULT_COMMIT_INTERVAL, show_default=True,
+              help="seconds of training a crash may lose at most (also bounded by one block)")
+@click.option("--durability", type=click.Choice(DURABILITY), default="fsync", show_default=True,
+              help="fsync: committed steps survive a power loss; none: they survive a process kill")
+@click.option("--checkpoints/--no-checkpoints", default=True, show_default=True,
+              help="save model/optimizer/RNG state at each commit, for exact resume")
+@click.option("--time-chunk", type=int, default=64, show_default=True,
+              help="steps per stored block (buffered in RAM, written once)")
+@click.option("--token-chunk", type=int, default=Layout.row_chunk, show_default=True,
               help="tokens per inner chunk (smaller = faster single-token reads)")
 @click.option("--codec", type=click.Choice(CODEC_PRESETS), default=Layout.codec, show_default=True,
-              help="compression preset for W (all lossless)")
+              help="compression preset (all lossless)")
 @click.option("--progress/--no-progress", default=True, help="show the progress bar")
 @click.pass_context
-def train(ctx, out, config_file, resume, checkpoint_every, time_chunk, token_chunk, codec, progress, **values):
+def train(ctx, out, config_file, resume, commit_interval, durability, checkpoints, time_chunk, token_chunk, codec,
+          progress, **values):
     """Train the notebook's model and record every step into OUT/trajectory.zarr."""
-    from .run import resume_run, start_run
+    from .crucible3.run import resume_run, start_run
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if not commit_interval > 0:
+        raise CrucibleError(f"--commit-interval must be a positive number of seconds, got {commit_interval}")
     if resume is not None:
-        extra = sorted(given - {"resume", "progress"})
+        extra = sorted(given - {"resume", "progress", "commit_interval", "durability"})
         if extra:
             raise CrucibleError(
                 f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
             )
-        summary = resume_run(resume, progress=progress)
+        summary = resume_run(resume, commit_interval=commit_interval, durability=durability, progress=progress)
     else:
         settings = load_config_file(config_file) if config_file else {}
         settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
         config = RunConfig.from_dict(settings)
         if out is None:
             out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        layout = Layout(time_chunk=time_chunk, token_chunk=token_chunk, codec=codec)
-        summary = start_run(config, out, layout=layout, checkpoint_every=checkpoint_every, progress=progress)
+        layout = Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec)
+        summary = start_run(config, out, layout=layout, checkpoints=checkpoints, commit_interval=commit_interval,
+                            durability=durability, progress=progress)
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
         f"steps committed: {summary.steps}, time: {summary.seconds:.1f} s"
@@ -103,40 +113,61 @@ def train(ctx, out, config_file, resume, checkpoint_every, time_chunk, token_chu
               help="output directory [default: RUN_DIR/export]")
 @click.option("--force", is_flag=True, help="overwrite existing files")
 def export(run_dir, fmt, out, force):
-    """Write the notebook's crucible_3_trajectory.safetensors and metadata.json."""
-    from .export import export_safetensors
-    from .trajectory import Trajectory
+    """Write a run's committed steps as safetensors (a Crucible-3 run: the notebook's two files)."""
+    from . import open as open_run
+    from .crucible3.trajectory import Trajectory
 
-    traj = Trajectory(run_dir)
-    target, meta = export_safetensors(traj, out or run_dir / "export", force=force)
-    click.echo(f"Wrote {target} ({_size(target.stat().st_size)}) and {meta} ({traj.steps} steps)")
+    run = open_run(run_dir)
+    out = out or run_dir / "export"
+    if isinstance(run, Trajectory):
+        from .crucible3.export import export_safetensors
+
+        target, meta = export_safetensors(run, out, force=force)
+        click.echo(f"Wrote {target} ({_size(target.stat().st_size)}) and {meta} ({run.steps} steps)")
+    else:
+        from .export import export_run
+
+        target = export_run(run, out, force=force)
+        click.echo(f"Wrote {target} ({_size(target.stat().st_size)}; {run.committed_steps} committed steps, "
+                   f"fields {', '.join(run.fields)})")
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 def info(run_dir):
-    """Config, committed steps, size on disk and the notebook's Quick Stats."""
-    from .analysis import format_quick_stats, quick_stats
-    from .trajectory import Trajectory
+    """Fields, committed steps, size on disk; for a Crucible-3 run its config and Quick Stats."""
+    from . import open as open_run
+    from .crucible3.trajectory import Trajectory
 
-    traj = Trajectory(run_dir)
-    config = traj.config
-    click.echo(f"Run: {run_dir}")
-    click.echo(f"Committed steps: {traj.steps} of {config.steps}  (epochs: {traj.epochs})")
+    run = open_run(run_dir)
+    on_disk, raw = run.bytes_on_disk(), run.raw_bytes()
+    layout = run.info.layout
+    click.echo(f"Run: {run_dir} (format {run.version})")
+    click.echo(f"Committed steps: {run.committed_steps} (steps 0..{run.committed_steps - 1})"
+               + (f" of {run.info.steps}" if run.info.steps else " (open-ended)"))
+    for name, spec in run.fields.items():
+        field = run[name]
+        rows = f", {len(spec.row_indices)} of {spec.shape[0]} rows" if spec.row_indices is not None else ""
+        click.echo(f"  {name}: {tuple(spec.shape)} {str(spec.dtype).replace('torch.', '')}, every {spec.every}{rows}; "
+                   f"{len(field)} rows committed")
+    if run.info.constants:
+        click.echo("Constants: " + ", ".join(run.info.constants))
+    click.echo(f"Size: {_size(on_disk)} on disk, {_size(raw)} raw, compression {raw / max(on_disk, 1):.2f}x "
+               f"(codec {layout.codec}, {layout.row_chunk} rows per inner chunk)")
+    if not isinstance(run, Trajectory):
+        return
+    from .crucible3.analysis import format_quick_stats, quick_stats
+
+    config = run.config
+    click.echo(f"Crucible-3: {run.steps} of {config.steps} training steps (epochs: {run.epochs})")
     click.echo("Config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
-    prov = traj.attrs.get("provenance", {})
+    prov = run.attrs.get("provenance", {})
     click.echo("Recorded with: " + ", ".join(f"{k} {v}" for k, v in prov.items()))
-    layout = traj.attrs.get("layout", {})
-    on_disk, raw = traj.bytes_on_disk(), traj.raw_bytes()
-    click.echo(
-        f"Size: {_size(on_disk)} on disk, {_size(raw)} raw, compression {raw / max(on_disk, 1):.2f}x "
-        f"(codec {layout.get('codec')}, chunks of {layout.get('time_chunk')} steps x {layout.get('token_chunk')} tokens)"
-    )
-    n_dead = int(traj.dead_mask.sum())
+    n_dead = int(run.dead_mask.sum())
     click.echo(f"Tokens: {n_dead} dead, {config.vocab_size - n_dead} live")
-    if traj.steps > 0:
-        click.echo(f"Loss: first {traj.loss[1].item():.4f}, last {traj.loss[-1].item():.4f}")
-    click.echo(format_quick_stats(traj, quick_stats(traj)))
+    if run.steps > 0:
+        click.echo(f"Loss: first {run.loss[1].item():.4f}, last {run.loss[-1].item():.4f}")
+    click.echo(format_quick_stats(run, quick_stats(run)))
 
 
 @cli.command()
@@ -146,22 +177,30 @@ def info(run_dir):
 @click.option("--force", is_flag=True, help="overwrite an earlier analysis in --out")
 def analyze(run_dir, out, force):
     """Answer the experiment's questions: analysis.json, PNG plots and a short table."""
-    from .report import analyze_run
+    from .crucible3.report import analyze_run
 
     click.echo(analyze_run(run_dir, out, force=force))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-def verify(run_dir):
-    """Read every committed chunk; report corruption by array and step range."""
-    from .verify import verify_run
+@click.option("--repair", is_flag=True,
+              help="move the commit marker back to the last step before the first damaged block")
+def verify(run_dir, repair):
+    """Read every committed chunk; report corruption by field and step range."""
+    from .verify import repair_run, verify_run
 
     report = verify_run(run_dir)
     for problem in report.problems:
         click.echo(f"CORRUPT {problem}")
+    if not report.ok and repair:
+        before, after = repair_run(run_dir)
+        click.echo(f"Repaired: commit marker moved from {before} to {after} steps; "
+                   f"continue with `crucible-record train --resume {run_dir}` (Crucible-3 runs) or cr.record(..., resume=True)")
+        return
     if not report.ok:
-        raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s) in {report.steps} committed steps")
+        raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s) in {report.steps} committed steps "
+                            f"(--repair rolls the commit back before them)")
     click.echo(f"OK: {report.steps} committed steps, {report.blocks_read} blocks read, all checksums match")
 
 
@@ -173,7 +212,7 @@ def verify(run_dir):
 @click.option("--force", is_flag=True, help="overwrite an existing file")
 def dead_mask(corpus, tokenizer, vocab_size, out, force):
     """Write the notebook's mask file: tokens that never occur in the tokenized corpus are dead."""
-    from .data import (default_corpus_path, default_tokenizer_path, derive_dead_mask, load_tokenizer,
+    from .crucible3.data import (default_corpus_path, default_tokenizer_path, derive_dead_mask, load_tokenizer,
                        save_dead_mask, tokenize_corpus)
 
     if vocab_size <= 0:

@@ -1,10 +1,11 @@
-"""Store -> the notebook's crucible_3_trajectory.safetensors + metadata.json, streamed.
+"""Any run -> one safetensors file, streamed: one tensor per field (its committed rows) and constant.
 
 The safetensors library needs every tensor in memory at once, so the file is written here
 directly: an 8-byte little-endian header length, the JSON header (padded with spaces to a
-multiple of 8), then the tensors' bytes back to back, W one block of steps at a time. The
-layout (tensor order, JSON spelling, padding) matches what ``safetensors.torch.save_file``
-writes for the same tensors, byte for byte; tests/test_fidelity.py checks it.
+multiple of 8), then the tensors' bytes back to back, large fields one stored block at a time.
+The layout (tensor order, JSON spelling, padding) matches what ``safetensors.torch.save_file``
+writes for the same tensors, byte for byte (tests check it), so memory stays one block however
+long the run is.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import json
 import os
 import struct
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import CrucibleError
 from .heap import limit_heap_growth
-from .store import write_json
-from .trajectory import Trajectory
-
-TRAJECTORY_FILE = "crucible_3_trajectory.safetensors"
-METADATA_FILE = "metadata.json"
+from .reader import LazyField, Run
 
 # safetensors orders tensors by dtype (its enum order, largest first), then by name.
 _DTYPE_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "I16": 9, "U16": 10, "F16": 11, "BF16": 12,
                "I32": 13, "U32": 14, "F32": 15, "F64": 17, "I64": 18, "U64": 19}
+SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
+                      torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
+                      torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+
+# name -> (safetensors dtype, shape, a function yielding the tensor's little-endian bytes in order)
+Chunks = Callable[[], Iterator[memoryview | bytes]]
 
 
 def safetensors_header(tensors: dict[str, tuple[str, list[int], int]]) -> tuple[bytes, list[str]]:
@@ -46,38 +51,21 @@ def safetensors_header(tensors: dict[str, tuple[str, list[int], int]]) -> tuple[
     return struct.pack("<Q", len(text)) + text, order
 
 
-def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
-    """Write the notebook's two files for the committed steps of a run."""
-    out_dir = Path(out_dir)
-    target, meta_path = out_dir / TRAJECTORY_FILE, out_dir / METADATA_FILE
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrucibleError(f"--out {out_dir} exists and is not a directory")
-    for path in (target, meta_path):
-        if path.exists() and not force:
-            raise CrucibleError(f"{path} already exists; pass --force to overwrite it")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    steps, vocab, hidden = traj.steps, traj.W.shape[1], traj.W.shape[2]
-    small = {
-        "h_mean": traj.h_mean.numpy().astype("<f4"),
-        "loss": traj.loss.numpy().astype("<f4"),
-        "dead_mask": traj.dead_mask.numpy().astype(bool),
-        "dead_indices": traj.dead_indices.numpy().astype("<i8"),
-    }
-    dtypes = {"h_mean": "F32", "loss": "F32", "dead_mask": "BOOL", "dead_indices": "I64"}
-    spec = {name: (dtypes[name], list(a.shape), a.nbytes) for name, a in small.items()}
-    spec["W"] = ("U16", [steps + 1, vocab, hidden], (steps + 1) * vocab * hidden * 2)
-    header, order = safetensors_header(spec)
-
+def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int, Chunks]]) -> None:
+    """Stream tensors into `target` (temporary file, fsync, rename: never a torn file)."""
+    header, order = safetensors_header({name: spec[:3] for name, spec in tensors.items()})
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as f:
             f.write(header)
             for name in order:
-                if name == "W":
-                    _write_w(traj, f)
-                else:
-                    f.write(small[name].tobytes())
+                written = 0
+                for chunk in tensors[name][3]():
+                    f.write(chunk)
+                    written += memoryview(chunk).nbytes
+                if written != tensors[name][2]:
+                    raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -85,52 +73,65 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
         raise CrucibleError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    write_json(meta_path, notebook_metadata(traj))
-    return target, meta_path
 
 
-def _write_w(traj: Trajectory, f) -> None:
-    """W in blocks of whole stored chunks, so memory stays one block whatever the run length."""
-    limit_heap_growth()
-    block = traj.group["W"].chunks[0]
-    for start in range(0, traj.steps + 1, block):
-        stop = min(start + block, traj.steps + 1)
-        bits = np.ascontiguousarray(traj.W.numpy_bits(slice(start, stop))).astype("<u2", copy=False)
-        f.write(memoryview(bits).cast("B"))  # no bytes copy of the block
-        del bits  # freed before the next block is decoded
+def field_blocks(field: LazyField, start: int = 0, stop: int | None = None) -> Chunks:
+    """A field's rows [start, stop) as little-endian bytes, one stored block of steps at a time."""
+    stop = len(field) if stop is None else stop
+
+    def chunks():
+        limit_heap_growth()
+        block, first = field.array.chunks[0], start
+        while first < stop:
+            end = min(first - first % block + block, stop)  # whole stored blocks: each decoded once
+            data = field.numpy(slice(first, end))
+            data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+            yield memoryview(data).cast("B")  # no bytes copy of the block
+            del data  # freed before the next block is decoded
+            first = end
+
+    return chunks
 
 
-def notebook_metadata(traj: Trajectory) -> dict:
-    """The notebook's metadata.json, with the run's values, in the notebook's key order."""
-    c = traj.config
-    n_dead = int(traj.dead_mask.sum())
-    final_loss = float(traj.loss[-1]) if traj.steps > 0 else float("nan")
-    return {
-        "experiment": "Crucible 3",
-        "series": "Crucible",
-        "date": traj.attrs.get("date", ""),
-        "total_steps": traj.steps,
-        "batch_size": c.batch_size,
-        "seq_len": c.seq_len,
-        "learning_rate": c.lr,
-        "weight_decay": c.weight_decay,
-        "beta1": c.beta1,
-        "beta2": c.beta2,
-        "epsilon": c.eps,
-        "vocab_size": c.vocab_size,
-        "hidden_dim": c.hidden_dim,
-        "num_layers": c.num_layers,
-        "num_heads": c.num_heads,
-        "random_seed": c.seed,
-        "n_dead_tokens": n_dead,
-        "n_live_tokens": c.vocab_size - n_dead,
-        "final_loss": final_loss,
-        "total_epochs": traj.epochs,
-        "device": traj.attrs.get("provenance", {}).get("device", ""),
-        "data_shapes": {
-            "W": list(traj.W.shape),
-            "h_mean": [traj.steps, c.hidden_dim],
-            "loss": [traj.steps + 1],
-        },
-        "notes": "h_mean persistence and live/dead separation study. Records all tokens + h_mean[t]. Same seed as Crucible 1 & 2.",
-    }
+def whole(array: np.ndarray) -> Chunks:
+    data = np.ascontiguousarray(array)
+    data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    return lambda: iter([data.tobytes()])
+
+
+def tensor_spec(tensor: torch.Tensor) -> tuple[str, list[int], int, Chunks]:
+    bits = tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor
+    return SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), bits.numel() * bits.element_size(), whole(bits.numpy())
+
+
+def check_targets(out_dir: Path, names: list[str], force: bool) -> list[Path]:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CrucibleError(f"--out {out_dir} exists and is not a directory")
+    paths = [out_dir / name for name in names]
+    for path in paths:
+        if path.exists() and not force:
+            raise CrucibleError(f"{path} already exists; pass --force to overwrite it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrucibleError(f"cannot create {out_dir}: {e.strerror or e}") from None
+    return paths
+
+
+def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Every field's committed rows (recorded dtype, bf16 as BF16), every constant, and the row
+    indices of row-subset fields (``<name>.rows``), in ``RUN_NAME.safetensors``. The file's
+    metadata holds each field's step numbers (start, every) as JSON."""
+    (target,) = check_targets(Path(out_dir), [f"{run.run_dir.name or 'run'}.safetensors"], force)
+    tensors = {}
+    for name, spec in run.fields.items():
+        field = run[name]
+        itemsize = spec.dtype.itemsize
+        nbytes = len(field) * int(np.prod(spec.stored_shape, dtype=np.int64)) * itemsize
+        tensors[name] = (SAFETENSORS_DTYPES[spec.dtype], list(field.shape), nbytes, field_blocks(field))
+        if field.rows is not None:
+            tensors[f"{name}.rows"] = tensor_spec(field.rows)
+    for name in run.info.constants:
+        tensors[name] = tensor_spec(run.constant(name))
+    write_safetensors(target, tensors)
+    return target

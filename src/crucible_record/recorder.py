@@ -1,155 +1,246 @@
-"""Recorder: stage each step off the device, write it from one background thread.
+"""Record any training loop: stage each step off the device, write whole blocks from one thread.
 
-The training thread only copies W, h_mean and the loss into a free staging slot (pinned memory
-and a non-blocking copy on CUDA, so it never waits for the GPU) and queues the slot. One writer
-thread waits for the copy, gathers whole blocks of steps in RAM and writes each chunk once
-(a partial-chunk write in zarr is a read-modify-write, and two writers of one chunk lose data).
-After the data it moves the commit marker. Memory is bounded by the slots and one block per
-array, never by the number of steps. A writer failure is raised in the training thread at the
-next call, with its cause chained.
+Call order (training thread unless marked):
+
+1. ``cr.record(path, fields)`` creates the run (or, with ``resume=True``, reopens it at its
+   committed step), takes the run's lock and starts the writer thread.
+2. ``rec.record(step, **tensors)`` checks every tensor against its Field (exact shape and dtype),
+   copies it into a free staging slot (pinned memory and a non-blocking copy for CUDA tensors: no
+   host sync) and queues the slot. It returns True when this step is a *commit point*: a block of
+   some field is full, or ``commit_interval`` seconds passed since the last commit point.
+3. Writer thread: waits for the copy (a CUDA event), puts each row into its field's block buffer,
+   writes a block when it is full (one shard per block: a partial-chunk write would be a
+   read-modify-write) and, at each commit point, writes every field's partial block whole, fsyncs
+   the files and their directories, then moves the commit marker. A crash loses at most the steps
+   after the last commit point.
+4. ``rec.after_commit(step, fn)`` runs ``fn`` on the writer thread once ``step`` is committed
+   (checkpoints: never ahead of the data).
+5. ``rec.close()`` (or leaving the ``with`` block) commits what is staged, stops the writer and
+   raises the writer's error, if any, with its cause chained.
+
+Memory is bounded by the staging slots and one block per field, never by the number of steps.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import RecorderError
-from .heap import limit_heap_growth
-from .store import WRITE_ALL, committed_steps, group_path, write_commit
+from .codecs import Layout
+from .errors import CrucibleError, RecorderError
+from .fields import Field, as_tensor
+from .format import (WRITE_ALL, block_keys, create_run, fill_value, open_group, read_commit,
+                     write_commit)
+from .storage import RunStore, run_lock
 
+DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
 _POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
 
 
-class _Slot:
-    """One step's staging buffers; reused round-robin."""
+def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = None,
+           attributes: Mapping[str, Any] | None = None, *, constants: Mapping[str, Any] | None = None,
+           resume: bool = False, layout: Layout | None = None,
+           commit_interval: float = DEFAULT_COMMIT_INTERVAL, durability: str = "fsync",
+           slots: int = 3) -> "Recorder":
+    """Create a run at `path` (refusing an existing one) and return its Recorder.
 
-    def __init__(self, vocab: int, hidden: int, device: torch.device):
-        pin = device.type == "cuda"
-        self.W = torch.empty((vocab, hidden), dtype=torch.bfloat16, pin_memory=pin)
-        self.h_mean = torch.empty((hidden,), dtype=torch.float32, pin_memory=pin)
-        self.loss = torch.empty((), dtype=torch.float32, pin_memory=pin)
-        self.event: torch.cuda.Event | None = None
+    steps: None = open-ended (arrays grow as the run goes); N = steps 0..N-1, arrays sized up front.
+    constants: tensors stored once beside the fields (e.g. a token mask).
+    resume=True: reopen an existing run with the same fields; recording continues at
+    ``rec.next_step``, its committed step count. `steps`, `attributes`, `constants` and `layout`
+    are then the run's own and must not be given.
+    """
+    if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or not commit_interval > 0:
+        raise CrucibleError(f"commit_interval must be a positive number of seconds, got {commit_interval!r}")
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise CrucibleError(f"slots must be an integer >= 1, got {slots!r}")
+    run_dir = Path(path)
+    store = RunStore(run_dir, read_only=False, durability=durability)
+    with ExitStack() as stack:
+        if not resume:
+            if store.root.exists():
+                raise CrucibleError(f"{run_dir} already holds a run; choose a new path (or resume it)")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CrucibleError(f"cannot create {run_dir}: {e.strerror or e}") from None
+            stack.enter_context(run_lock(run_dir))
+            create_run(store, fields, steps=steps, layout=layout or Layout(time_chunk=None),
+                       attributes=attributes, constants=constants)
+        else:
+            if steps is not None or attributes is not None or constants is not None or layout is not None:
+                raise CrucibleError("resume=True continues a run with its own steps, attributes, constants and layout; drop them")
+            open_group(store)  # a clear error if this is not a run, before taking the lock
+            stack.enter_context(run_lock(run_dir))
+            store.sweep_partial_files()
+        group, info = open_group(store, mode="r+")
+        if info.version < 2:
+            raise CrucibleError(f"{run_dir} is a format-{info.version} run: it can be read, not continued")
+        if resume:
+            _check_same_fields(run_dir, fields, info.fields)
+        recorder = Recorder(store, group, info.fields, info.steps, read_commit(store, group)["steps"],
+                            commit_interval=float(commit_interval), slots=slots, release=stack.pop_all())
+    return recorder
+
+
+def _check_same_fields(run_dir: Path, given: Mapping[str, Field], stored: Mapping[str, Field]) -> None:
+    if set(given) != set(stored):
+        raise CrucibleError(f"{run_dir} records fields {sorted(stored)}, not {sorted(given)}")
+    for name, spec in given.items():
+        if not isinstance(spec, Field) or not spec.same_as(stored[name]):
+            raise CrucibleError(f"field {name!r} of {run_dir} was recorded as {stored[name]}, not {spec}")
 
 
 class _Block:
-    """The rows of one array's current chunk block; written to zarr as one region."""
+    """The rows of one field's current block of steps; written to its array as one region."""
 
-    def __init__(self, array):
+    def __init__(self, array, key: str, spec: Field, sized: bool, committed_rows: int):
         self.array = array.with_config(WRITE_ALL)
-        self.rows = array.chunks[0]
-        self.buf = np.empty((self.rows,) + tuple(array.shape[1:]), dtype=array.dtype)
-        self.start: int | None = None
-        self.filled = 0
+        self.key = key
+        self.sized = sized
+        self.rows = self.array.chunks[0]
+        self.fill = fill_value(spec.dtype)
+        self.buf = np.full((self.rows,) + tuple(self.array.shape[1:]), self.fill, dtype=self.array.dtype)
+        self.start = committed_rows - committed_rows % self.rows
+        self.filled = committed_rows - self.start
+        self.dirty = False
+        if self.filled:  # resuming inside a block: keep its committed rows
+            self.buf[: self.filled] = self.array[self.start:committed_rows]
+        if not sized and self.array.shape[0] != committed_rows:
+            self.array.resize((committed_rows,) + self.buf.shape[1:])  # drop uncommitted rows
 
-    def put(self, index: int, value: np.ndarray) -> bool:
-        """Place row `index`; True when the block is complete (or holds the array's last row)."""
-        if self.start is None:
-            self.start = index - index % self.rows
-            self.filled = index - self.start
-            if self.filled:  # resuming inside a block: keep the rows already on disk
-                self.buf[: self.filled] = self.array[self.start:index]
-        if self.filled == self.rows:  # complete but not yet written (it does not drive commits)
-            self.flush()
-        if index != self.start + self.filled:
-            raise RecorderError(f"rows out of order: got {index}, expected {self.start + self.filled}")
-        self.buf[index - self.start] = value
-        self.filled = index - self.start + 1
-        return self.filled == self.rows or self.start + self.filled == self.array.shape[0]
+    @property
+    def full(self) -> bool:
+        return self.filled == self.rows
 
-    def flush(self) -> None:
-        """Write the rows held so far; move to the next block once this one is complete."""
-        if self.start is None or self.filled == 0:
-            return
-        self.array[self.start:self.start + self.filled] = self.buf[: self.filled]
-        if self.filled == self.rows:
-            self.start += self.rows
-            self.filled = 0
+    def put(self, value: np.ndarray) -> None:
+        self.buf[self.filled] = value
+        self.filled += 1
+        self.dirty = True
+
+    def write(self) -> list[str]:
+        """Write the block's rows whole (fill after the last row); return the keys written."""
+        keys = []
+        stop = self.start + self.filled
+        if not self.sized and self.array.shape[0] != stop:
+            self.array.resize((stop,) + self.buf.shape[1:])
+            keys.append(f"{self.key}/zarr.json")
+        end = min(self.start + self.rows, self.array.shape[0])
+        self.array[self.start:end] = self.buf[: end - self.start]
+        keys += block_keys(self.array, self.key, self.start // self.rows)
+        self.dirty = False
+        if self.full:
+            self.start, self.filled = stop, 0
+            self.buf[...] = self.fill
+        return keys
+
+
+class _Slot:
+    """One step's staging buffers, one per field, allocated on first use (pinned for CUDA)."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.names: list[str] = []
+        self.events: list = []
+
+    def buffer(self, name: str, spec: Field, pin: bool) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.is_pinned() != pin:
+            buf = torch.empty(spec.stored_shape, dtype=spec.dtype, pin_memory=pin)
+            self.buffers[name] = buf
+        return buf
 
 
 class Recorder:
-    """Records steps of a training run into a store created by `store.create_store`.
+    """Records the fields of one run; see the module docstring for the call order."""
 
-    Usage from any training loop::
-
-        rec = Recorder(group)
-        rec.record(0, W=model.embedding.weight)                 # initial state
-        for step in range(1, n + 1):
-            ...
-            rec.record(step, W=model.embedding.weight, h_mean=h.mean((0, 1)), loss=loss)
-        rec.close()                                            # flush + commit; raises writer errors
-    """
-
-    def __init__(self, group, *, slots: int = 4, device: str | torch.device = "cpu"):
-        if slots < 1:
-            raise ValueError("slots must be >= 1")
-        limit_heap_growth()  # the writer's per-block encode buffers must not fragment the heap
-        self.group = group
-        self.steps = group["h_mean"].shape[0]
-        vocab, hidden = group["W"].shape[1:]
-        self.device = torch.device(device)
-        self._slots = [_Slot(vocab, hidden, self.device) for _ in range(slots)]
+    def __init__(self, store: RunStore, group, fields: dict[str, Field], steps: int | None, committed: int, *,
+                 commit_interval: float, slots: int, release: ExitStack):
+        self.store, self.fields, self.steps = store, fields, steps
+        self.run_dir = store.run_dir
+        self.commit_interval = commit_interval
+        self._release = release  # the run lock, released at close
+        self._blocks = {name: _Block(group[name], name, spec, steps is not None, spec.rows_at(committed))
+                        for name, spec in fields.items()}
+        self._rows_on: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._slots = [_Slot() for _ in range(slots)]
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(slots):
             self._free.put(i)
-        self._work: queue.Queue[tuple] = queue.Queue()
+        self._work: queue.Queue[tuple] = queue.Queue()  # items hold slots: bounded by them
         self._error: BaseException | None = None
         self._closed = False
-        self.committed = committed_steps(group)
-        self._next_step = self.committed + 1
-        self.latest_loss = float("nan")
-        self.epoch = int(group.attrs.get("commit", {}).get("epoch", 0))
-        self._thread = threading.Thread(target=self._run_writer, name="crucible-writer", daemon=True)
+        self._latest: dict[str, float] = {}
+        self._written: list[str] = []  # keys written since the last commit: fsynced before it
+        self.committed = committed  # steps 0 .. committed-1 are durable (writer thread updates it)
+        self.next_step = committed
+        self._last_commit_point = time.monotonic()
+        self._thread = threading.Thread(target=self._run_writer, name="crucible-record-writer", daemon=True)
         self._thread.start()
 
     # ----- training thread -------------------------------------------------------------------
-    def record(self, step: int, W, h_mean=None, loss=None, *, epoch: int | None = None) -> None:
-        """Stage one step. Step 0 is the initial W (no h_mean, loss NaN)."""
+    def record(self, step: int, **tensors) -> bool:
+        """Stage one step's tensors; True when this step is a commit point (a place to checkpoint)."""
         self._raise_if_failed()
         if self._closed:
             raise RecorderError("record() after close()")
-        if step != self._next_step:
-            raise RecorderError(f"expected step {self._next_step}, got {step}")
-        if step > self.steps:
-            raise RecorderError(f"step {step} is past the store's {self.steps} steps")
-        if step > 0 and h_mean is None:
-            raise RecorderError(f"step {step} needs h_mean")
+        self._check_step(step)
+        due = [name for name, spec in self.fields.items() if spec.due(step)]
+        unknown = sorted(set(tensors) - set(self.fields))
+        if unknown:
+            raise CrucibleError(f"step {step}: {', '.join(map(repr, unknown))} is not a field of this run "
+                                f"(fields: {', '.join(self.fields)})")
+        missing = [name for name in due if name not in tensors]
+        if missing:
+            raise CrucibleError(f"step {step}: field(s) {', '.join(map(repr, missing))} are due and were not given")
+        early = sorted(set(tensors) - set(due))
+        if early:
+            everies = ", ".join(f"{n!r} every {self.fields[n].every}" for n in early)
+            raise CrucibleError(f"step {step}: {everies} is not due at this step; pass it only at its steps")
+        checked = {name: as_tensor(name, tensors[name], self.fields[name]) for name in due}
         index = self._take_slot()
         slot = self._slots[index]
-        cuda = self.device.type == "cuda"
-        slot.W.copy_(_as_tensor(W).detach(), non_blocking=cuda)
-        if h_mean is not None:
-            slot.h_mean.copy_(_as_tensor(h_mean).detach(), non_blocking=cuda)
-        if loss is None or step == 0:
-            slot.loss.fill_(float("nan"))
-        else:
-            slot.loss.copy_(_as_tensor(loss).detach(), non_blocking=cuda)
-        if cuda:
-            slot.event = torch.cuda.Event()
-            slot.event.record()
-        self._put(("step", step, index, epoch))
-        self._next_step = step + 1
+        devices = set()
+        for name, tensor in checked.items():
+            on_cuda = tensor.is_cuda
+            source = tensor if self.fields[name].row_indices is None else tensor.index_select(0, self._rows(name, tensor.device))
+            slot.buffer(name, self.fields[name], on_cuda).copy_(source, non_blocking=on_cuda)
+            if on_cuda:
+                devices.add(tensor.device)
+        slot.names = due
+        slot.events = [torch.cuda.Event() for _ in devices]
+        for event, device in zip(slot.events, devices):
+            event.record(torch.cuda.current_stream(device))
+        commit = self._is_commit_point(step)
+        self._work.put(("step", step, index, commit))
+        self.next_step = step + 1
+        return commit
 
-    def checkpoint(self, step: int, save: Callable[[], Any]) -> None:
-        """Run `save()` on the writer thread once step `step` is committed.
-
-        A checkpoint on disk therefore never gets ahead of the recorded trajectory.
-        """
+    def after_commit(self, step: int, fn: Callable[[], Any]) -> None:
+        """Run `fn()` on the writer thread once `step` is committed (e.g. save a checkpoint)."""
         self._raise_if_failed()
-        self._put(("checkpoint", step, save))
+        self._work.put(("after_commit", step, fn))
+
+    def latest(self, name: str) -> float | None:
+        """The last value of a scalar field the writer has seen (no device sync), or None."""
+        return self._latest.get(name)
 
     def close(self) -> None:
-        """Write what is buffered, commit it, stop the writer. Raises the writer's error, if any."""
+        """Commit what is staged, stop the writer, release the run. Raises the writer's error."""
         if not self._closed:
             self._closed = True
             if self._thread.is_alive():
-                self._put(("close",))
+                self._work.put(("close",))
             self._thread.join()
+            self._release.close()
         self._raise_if_failed()
 
     def __enter__(self) -> "Recorder":
@@ -157,6 +248,33 @@ class Recorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _check_step(self, step: int) -> None:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise CrucibleError(f"step must be an int, got {step!r}")
+        if step != self.next_step:
+            if step < self.committed:
+                raise CrucibleError(f"step {step} is already committed; this run continues at step {self.next_step}")
+            raise CrucibleError(f"steps go in order: expected step {self.next_step}, got {step}")
+        if self.steps is not None and step >= self.steps:
+            raise CrucibleError(f"step {step} is past the run's {self.steps} steps (0..{self.steps - 1})")
+
+    def _rows(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._rows_on:
+            self._rows_on[key] = torch.from_numpy(self.fields[name].row_indices).to(device)
+        return self._rows_on[key]
+
+    def _is_commit_point(self, step: int) -> bool:
+        """A block fills, the run's last step, or commit_interval seconds since the last point."""
+        done = step + 1
+        block_full = any(spec.due(step) and spec.rows_at(done) % self._blocks[name].rows == 0
+                         for name, spec in self.fields.items())
+        now = time.monotonic()
+        if block_full or done == self.steps or now - self._last_commit_point >= self.commit_interval:
+            self._last_commit_point = now
+            return True
+        return False
 
     def _take_slot(self) -> int:
         while True:
@@ -167,12 +285,9 @@ class Recorder:
                 if not self._thread.is_alive():
                     raise RecorderError("the writer thread stopped")
 
-    def _put(self, item: tuple) -> None:
-        self._work.put(item)  # unbounded only in items; memory is bounded by the slots
-
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RecorderError(f"writing the trajectory failed: {_describe(self._error)}") from self._error
+            raise RecorderError(f"writing {self.run_dir} failed: {_describe(self._error)}") from self._error
 
     # ----- writer thread ---------------------------------------------------------------------
     def _run_writer(self) -> None:
@@ -182,60 +297,62 @@ class Recorder:
             self._error = e
 
     def _write_loop(self) -> None:
-        g = self.group
-        w, h, l = _Block(g["W"]), _Block(g["h_mean"]), _Block(g["loss"])
         pending: list[tuple[int, Callable]] = []
-        last = self.committed
+        received = self.committed
         while True:
             item = self._work.get()
-            kind = item[0]
-            if kind == "close":
-                if last > self.committed:
-                    self._commit(last, (w, h, l))
-                self._run_checkpoints(pending)
+            if item[0] == "close":
+                if received > self.committed:
+                    self._commit(received)
+                self._run_after_commit(pending)
                 return
-            if kind == "checkpoint":
-                pending.append((item[1], item[2]))
-                self._run_checkpoints(pending)
+            if item[0] == "after_commit":
+                pending.append(item[1:])
+                self._run_after_commit(pending)
                 continue
-            _, step, index, epoch = item
-            slot = self._slots[index]
-            if slot.event is not None:
-                slot.event.synchronize()
-            full = w.put(step, slot.W.view(torch.uint16).numpy())
-            l.put(step, slot.loss.numpy())
-            if step > 0:
-                h.put(step - 1, slot.h_mean.numpy())
-            self.latest_loss = float(slot.loss)
-            if epoch is not None:
-                self.epoch = epoch
+            _, step, index, commit = item
+            self._place(self._slots[index])
             self._free.put(index)
-            last = step
-            if full:
-                self._commit(last, (w, h, l))
-                self._run_checkpoints(pending)
+            received = step + 1
+            if commit:
+                self._commit(received)
+                self._run_after_commit(pending)
 
-    def _commit(self, step: int, blocks: tuple[_Block, ...]) -> None:
-        # zarr would silently recreate a deleted store's folders; refuse to write into nothing.
-        root = group_path(self.group)
-        if not (root / "zarr.json").is_file() or not (root / "W" / "zarr.json").is_file():
-            raise FileNotFoundError(f"the store {root} disappeared during the run")
-        for block in blocks:
-            block.flush()
-        write_commit(self.group, step, self.epoch)
-        self.committed = step
+    def _place(self, slot: _Slot) -> None:
+        for event in slot.events:
+            event.synchronize()
+        for name in slot.names:
+            buf = slot.buffers[name]
+            value = buf.view(torch.uint16).numpy() if buf.dtype == torch.bfloat16 else buf.numpy()
+            block = self._blocks[name]
+            block.put(value)
+            if buf.dim() == 0 and buf.dtype.is_floating_point:
+                self._latest[name] = float(value)
+            if block.full:  # the buffer is needed for the next rows: write it now, commit soon
+                self._written.extend(block.write())
 
-    def _run_checkpoints(self, pending: list) -> None:
-        while pending and pending[0][0] <= self.committed:
+    def _commit(self, steps: int) -> None:
+        """Write every partial block whole, make the files durable, then move the marker."""
+        for name, block in self._blocks.items():
+            if block.dirty:
+                self._written.extend(block.write())
+        for key in ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]:
+            # zarr would silently recreate a deleted store's folders; refuse to commit into nothing.
+            if not self.store.exists(key):
+                raise FileNotFoundError(f"the run {self.run_dir} disappeared during the run ({key} is gone)")
+        self.store.sync(dict.fromkeys(self._written))
+        self._written.clear()
+        write_commit(self.store, steps)
+        self.committed = steps
+
+    def _run_after_commit(self, pending: list) -> None:
+        while pending and pending[0][0] < self.committed:
             pending.pop(0)[1]()
 
 
-def _as_tensor(value) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    return torch.as_tensor(np.asarray(value))
-
 
 def _describe(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if not isinstance(error, RecorderError) else text
+    if isinstance(error, CrucibleError):
+        return str(error)
+    text = str(error).splitlines()[0] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,49 +1,87 @@
-"""Read every committed chunk of a run and report damage by array and step range."""
+"""Read every committed chunk of a run, report damage by field and step range, repair the marker."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .errors import CrucibleError
+from .format import missing_blocks, open_group, read_commit, write_commit
 from .heap import limit_heap_growth
-from .store import committed_steps, group_path, missing_blocks, open_store
-
-ARRAYS = ("W", "h_mean", "loss", "dead_mask", "dead_indices")
+from .storage import RunStore, run_lock
 
 
 @dataclass
 class VerifyReport:
-    steps: int
+    steps: int  # committed steps (0 .. steps-1)
     blocks_read: int = 0
     problems: list[str] = field(default_factory=list)
+    # per field: the first step whose block is damaged (what a repair rolls the marker back to)
+    first_bad_step: dict[str, int] = field(default_factory=dict)
+    constants_damaged: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def verify_run(run_dir) -> VerifyReport:
-    """Decode every chunk that holds committed rows; checksums (crc32c) catch flipped bits."""
+def verify_run(run_dir: str | Path) -> VerifyReport:
+    """Decode every chunk holding committed rows; crc32c checksums catch flipped bits."""
     limit_heap_growth()
-    group = open_store(run_dir)
-    steps = committed_steps(group)
+    store = RunStore(run_dir)
+    group, info = open_group(store)
+    steps = read_commit(store, group)["steps"]
     report = VerifyReport(steps=steps)
-    rows_of = {"W": steps + 1, "h_mean": steps, "loss": steps + 1}
-    for name in ARRAYS:
+    for name, spec in info.fields.items():
+        first = info.first_step.get(name, 0)
+        _check_array(store, group[name], name, spec.rows_at(steps - first), report,
+                     lambda row, s=spec, f=first: f + row * s.every)
+    for name in info.constants:
         array = group[name]
-        rows = rows_of.get(name, array.shape[0])
-        unit = (array.shards or array.chunks)[0]
-        label = "steps" if name in ("W", "loss") else ("h_mean rows" if name == "h_mean" else "rows")
-        missing = set(missing_blocks(array, group_path(group) / name, range(rows)))
-        for start in range(0, rows, unit):
-            stop = min(start + unit, rows)
-            where = f"{name} {label} {start}-{stop - 1}"
-            if start // unit in missing:
-                report.problems.append(f"{where}: chunk file missing")
-                continue
+        bad_before = len(report.problems)
+        _check_array(store, array, name, array.shape[0] if array.ndim else 1, report, None)
+        report.constants_damaged |= len(report.problems) > bad_before
+    return report
+
+
+def _check_array(store: RunStore, array, name: str, rows: int, report: VerifyReport, step_of) -> None:
+    unit = (array.shards or array.chunks)[0] if array.ndim else 1
+    missing = set(missing_blocks(store, array, array.path, range(rows))) if array.size else set()
+    for start in range(0, rows, unit):
+        stop = min(start + unit, rows)
+        where = f"{name} rows {start}-{stop - 1}" if step_of is None else \
+            f"{name} steps {step_of(start)}-{step_of(stop - 1)}"
+        problem = None
+        if start // unit in missing:
+            problem = "chunk file missing"
+        else:
             try:
-                array[start:stop]
+                array[start:stop] if array.ndim else array[...]
                 report.blocks_read += 1
             except Exception as e:  # codec errors: checksum mismatch, truncated data
                 text = str(e).splitlines()[0] if str(e) else type(e).__name__
-                report.problems.append(f"{where}: {type(e).__name__}: {text}")
-    return report
+                problem = f"{type(e).__name__}: {text}"
+        if problem:
+            report.problems.append(f"{where}: {problem}")
+            if step_of is not None and name not in report.first_bad_step:
+                report.first_bad_step[name] = step_of(start)
+
+
+def repair_run(run_dir: str | Path) -> tuple[int, int]:
+    """Move the commit marker back to the last step before the first damaged block of any field,
+    so the run can be resumed from there. Returns (steps before, steps after)."""
+    report = verify_run(run_dir)
+    if report.ok:
+        return report.steps, report.steps
+    if report.constants_damaged:
+        raise CrucibleError(f"{run_dir}: a constant or row-index array is damaged; the marker cannot repair that")
+    store = RunStore(run_dir, read_only=False)
+    group, info = open_group(store)
+    if info.version < 2:
+        raise CrucibleError(f"{run_dir} is a format-1 run: repair needs format 2")
+    with run_lock(store.run_dir):
+        steps = min(report.first_bad_step.values())
+        write_commit(store, steps)
+    return report.steps, steps
+
+

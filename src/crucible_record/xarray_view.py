@@ -1,26 +1,20 @@
-"""A run as an ``xarray.Dataset`` backed by dask: named axes, W decoded to float32 lazily.
+"""A run as an ``xarray.Dataset`` backed by dask: named axes, committed steps only.
 
 Two ways in:
 
-* ``to_xarray(cr.open(run_dir))`` (this module): committed steps only, W as float32, and every
-  variable on one ``step`` axis (see below).
-* ``xarray.open_zarr(run_dir / "trajectory.zarr", consolidated=False)``: the raw store with its own
-  dimension names (W ``(step, token, hidden)`` uint16 bf16 bits, h_mean ``(step_minus_one, hidden)``,
-  loss ``(step,)``, dead_mask ``(token,)``, dead_indices ``(dead_token,)``). Pass ``consolidated=False``
-  (the store has no consolidated metadata; without it xarray warns and falls back). The arrays are
-  pre-sized to the configured run: only the first ``ds.attrs["commit"]["steps"] + 1`` steps of W and
-  loss (and ``commit.steps`` rows of h_mean) are data; the rest is fill value. W stays uint16: decode
-  with :func:`bf16_bits_to_float32`.
-
-Axis choice of to_xarray: ``h_mean`` is put on the ``step`` axis of W, with ``h_mean.sel(step=s)``
-(s >= 1) being the h_mean from the forward pass of training step s, i.e. the stored ``h_mean[s-1]``,
-recorded together with ``W.sel(step=s)`` and ``loss.sel(step=s)``; ``h_mean.sel(step=0)`` is NaN,
-like ``loss.sel(step=0)``. So ``ds.sel(step=s)`` is everything recorded after training step s.
+* ``cr.open(run).to_xarray()`` (this module): every field clipped to its committed rows, bf16
+  decoded exactly to float32, step numbers and kept rows as coordinates, dask chunks = whole shards
+  (one stored block of steps; a partial-shard read would be one request per inner chunk).
+* ``xarray.open_zarr("RUN/trajectory.zarr", consolidated=False)``: the raw arrays with their own
+  dimension names (``step`` for fields recorded every step, ``step_every_K`` otherwise). The arrays
+  may hold rows past the commit marker while a run is written (and fill values in a run sized with
+  ``steps=N``): trust only the first ``rows_at(commit.json["steps"])`` rows (FORMAT.md). bf16 fields
+  stay uint16 there: decode them with :func:`bf16_bits_to_float32`. xarray's default dask chunks
+  are the small inner chunks; pass whole shards instead, e.g. ``chunks={"step": 64}`` for fields
+  stored in blocks of 64 steps (the array's ``shards`` in its zarr.json).
 """
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 
@@ -32,48 +26,76 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
-def to_xarray(traj):
-    """``xarray.Dataset`` of a Trajectory's committed steps, lazy (dask) wherever it reads W.
-
-    Variables: ``W`` (step, token, hidden) float32, decoded chunk by chunk from the stored bf16 bits
-    (dask chunks = the store's chunks); ``h_mean`` (step, hidden) float32 with NaN at step 0 (see the
-    module docstring for why it sits on ``step``); ``loss`` (step,) float32, NaN at step 0;
-    ``dead_mask`` and ``live_mask`` (token,) bool. Coordinates ``step`` = 0..n and ``token`` = 0..vocab-1.
-    """
+def _imports():
     try:
         import dask.array as da
         import xarray as xr
     except ImportError:
         raise CrucibleError("to_xarray needs xarray and dask: pip install xarray dask") from None
+    return da, xr
 
+
+def field_dask(field):
+    """A LazyField as a dask array over its committed rows, chunks = whole shards, bf16 -> float32.
+    Checks first that no chunk holding committed rows is missing (zarr would read fill values)."""
+    import torch
+
+    da, _ = _imports()
+    field.check_present(range(len(field)))
+    array = field.array
+    data = da.from_zarr(array, chunks=array.shards or array.chunks)[: len(field)]
+    if field.dtype == torch.bfloat16:
+        data = data.map_blocks(bf16_bits_to_float32, dtype=np.float32)
+    return data
+
+
+def run_to_xarray(run):
+    """``xarray.Dataset`` of a Run: one variable per field and constant, lazy where it reads fields."""
+    _, xr = _imports()
+    variables, coords = {}, {}
+    for name in run.fields:
+        field = run[name]
+        dims = tuple(field.array.metadata.dimension_names or ())
+        variables[name] = (dims, field_dask(field), {"every": field.every})
+        coords[dims[0]] = np.asarray(field.steps, dtype=np.int64)
+        if field.rows is not None:
+            coords[dims[1]] = field.rows.numpy()
+    for name in run.info.constants:
+        array = run.group[name]
+        value = run.constant(name)
+        variables[name] = (tuple(array.metadata.dimension_names or ()), value.float().numpy()
+                           if value.dtype.is_floating_point else value.numpy())
+    return xr.Dataset(variables, coords=coords,
+                      attrs={"run_dir": str(run.run_dir), "committed_steps": run.committed_steps})
+
+
+def crucible_to_xarray(traj):
+    """Crucible-3 view: W (step, token, hidden) float32; h_mean (step, hidden) with NaN at step 0
+    (h_mean.sel(step=s) is from the forward pass of training step s, recorded with W.sel(step=s));
+    loss (step,) NaN at step 0; dead_mask and live_mask (token,). ``ds.sel(step=s)`` is everything
+    recorded after training step s."""
+    import json
+
+    da, xr = _imports()
     n = traj.steps
-    group = traj.group
-    hidden = group["W"].shape[2]
-    vocab = group["W"].shape[1]
-    bits = da.from_zarr(group["W"])[: n + 1]
-    W = bits.map_blocks(bf16_bits_to_float32, dtype=np.float32)
-    h_rows = da.from_zarr(group["h_mean"])[:n]
-    h_mean = da.concatenate([da.full((1, hidden), np.nan, dtype=np.float32, chunks=(1, hidden)), h_rows], axis=0)
-    loss = da.from_zarr(group["loss"])[: n + 1]
+    hidden, vocab = traj.W.shape[2], traj.W.shape[1]
+    h_mean = field_dask(traj["h_mean"])
+    if traj["h_mean"].steps.start == 1:  # format 1 stored h_mean from step 1
+        h_mean = da.concatenate([da.full((1, hidden), np.nan, dtype=np.float32, chunks=(1, hidden)), h_mean])
     dead = traj.dead_mask.numpy().astype(bool)
-    config = traj.attrs.get("config", {})
     return xr.Dataset(
         {
-            "W": (("step", "token", "hidden"), W,
+            "W": (("step", "token", "hidden"), field_dask(traj.W),
                   {"description": "token embedding after step t (t = 0: initialisation)",
                    "encoding": "bfloat16 values decoded exactly to float32"}),
             "h_mean": (("step", "hidden"), h_mean,
-                       {"description": "mean final hidden state of the forward pass of training step t "
-                                       "(stored h_mean[t-1]); NaN at step 0"}),
-            "loss": (("step",), loss, {"description": "training loss of step t; NaN at step 0"}),
+                       {"description": "mean final hidden state of the forward pass of training step t; NaN at step 0"}),
+            "loss": (("step",), field_dask(traj["loss"]), {"description": "training loss of step t; NaN at step 0"}),
             "dead_mask": (("token",), dead, {"description": "tokens that never occur in the corpus"}),
             "live_mask": (("token",), ~dead, {"description": "tokens that occur in the corpus"}),
         },
         coords={"step": np.arange(n + 1), "token": np.arange(vocab)},
-        attrs={
-            "run_dir": str(traj.run_dir),
-            "committed_steps": n,
-            "configured_steps": int(config.get("steps", n)),
-            "config": json.dumps(config),
-        },
+        attrs={"run_dir": str(traj.run_dir), "committed_steps": n,
+               "configured_steps": int(traj.attrs.get("config", {}).get("steps", n)),
+               "config": json.dumps(traj.attrs.get("config", {}))},
     )

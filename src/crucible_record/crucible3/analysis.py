@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CrucibleError
-from .heap import limit_heap_growth
+from ..errors import CrucibleError
+from ..heap import limit_heap_growth
 from .trajectory import Trajectory
 
 # Thresholds behind the plain answers of the summary (also written into it).

@@ -8,7 +8,6 @@ resume exactly: model, optimizer, RNG states, and the position in the current ep
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,9 @@ from .data import (
     load_tokenizer,
     tokenize_corpus,
 )
-from .errors import CrucibleError
+from ..errors import CrucibleError
+from ..fields import Field
+from . import checkpoint
 from .model import TinyLM
 
 
@@ -91,25 +92,18 @@ class TrainResult:
         return float(self.last_loss.float()) if self.last_loss is not None else float("nan")
 
 
-@dataclass
-class Checkpoint:
-    """Everything needed to continue after `step` exactly as if never stopped."""
-
-    step: int
-    epoch: int
-    batches_done: int  # batches of `epoch` already used
-    epoch_rng_state: torch.Tensor  # torch CPU RNG before the epoch's DataLoader iterator was made
-    model: dict
-    optimizer: dict
-    python_rng: tuple
-    numpy_rng: tuple
-    cuda_rng: list | None
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+def fields(config: RunConfig) -> dict[str, Field]:
+    """What a Crucible-3 run records at every step (h_mean and loss are NaN at step 0)."""
+    return {
+        "W": Field((config.vocab_size, config.hidden_dim), torch.bfloat16, dims=("token", "hidden")),
+        "h_mean": Field((config.hidden_dim,), torch.float32, dims=("hidden",)),
+        "loss": Field((), torch.float32),
+        "epoch": Field((), torch.int64),
+    }
 
 
-StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+# Called with (step, tensors) for steps already on disk: a resume recomputes them and checks them.
+StepHook = Callable[[int, dict], None]
 
 
 def train(
@@ -118,28 +112,18 @@ def train(
     recorder=None,
     *,
     progress: bool = True,
-    checkpoint_every: int = 0,
-    save_checkpoint: Callable[[dict], None] | None = None,
+    checkpoints_to: Path | None = None,
     resume_from: dict | None = None,
     replay: StepHook | None = None,
-    replay_until: int = -1,
 ) -> TrainResult:
-    """Run the notebook's experiment.
+    """Run the notebook's experiment, handing every step to `recorder` (None: train unrecorded).
 
-    recorder: None trains without recording (for overhead measurements).
-    checkpoint_every/save_checkpoint: every K steps a snapshot is handed to
-        ``recorder.checkpoint`` so it is saved only once that step is committed.
-    resume_from: a checkpoint dict; training continues after its step.
-    replay/replay_until: steps up to `replay_until` are already recorded; instead of being
-        recorded again they are passed to `replay` (which checks them against the store).
+    checkpoints_to: at each commit point of the recorder, a snapshot is saved there once that step
+        is committed (never ahead of the data).
+    resume_from: a checkpoint (crucible3.checkpoint.load); training continues after its step.
+    replay: steps before ``recorder.next_step`` are already recorded; they are recomputed and
+        passed to `replay` (which checks them against the store) instead of being recorded again.
     """
-
-    def emit(step: int, W, h_mean, loss, epoch: int) -> None:
-        if step <= replay_until and replay is not None:
-            replay(step, W, h_mean, loss)
-        elif recorder is not None:
-            recorder.record(step, W=W, h_mean=h_mean, loss=loss, epoch=epoch)
-
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -160,20 +144,25 @@ def train(
     dataloader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True)
     loss_fn = nn.CrossEntropyLoss()
     autocast_device = device if device != "mps" else "cpu"
+    recorded_from = recorder.next_step if recorder is not None else 0
+
+    def emit(step: int, epoch: int, h_mean: torch.Tensor, loss: torch.Tensor) -> bool:
+        """Hand one step to the recorder (or to the replay check); True at a commit point."""
+        tensors = {"W": model.embedding.weight.detach(), "h_mean": h_mean, "loss": loss,
+                   "epoch": torch.tensor(epoch, dtype=torch.int64)}
+        if step < recorded_from:
+            if replay is not None:
+                replay(step, tensors)
+            return False
+        return recorder is not None and recorder.record(step, **tensors)
 
     step, epoch, skip = 0, 0, 0
     if resume_from is not None:
-        ckpt = resume_from
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        random.setstate(ckpt["python_rng"])
-        np.random.set_state(ckpt["numpy_rng"])
-        if ckpt["cuda_rng"] is not None and device == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        torch.set_rng_state(ckpt["epoch_rng_state"])
-        step, epoch, skip = ckpt["step"], ckpt["epoch"] - 1, ckpt["batches_done"]
+        step, epoch, skip = checkpoint.restore(resume_from, model, optimizer, device)
+        epoch -= 1  # the loop below begins the checkpoint's epoch again and skips its used batches
     else:
-        emit(0, model.embedding.weight.detach(), None, None, 0)
+        nan = torch.full((), float("nan"), device=device)
+        emit(0, 0, nan.expand(config.hidden_dim).clone(), nan)  # the initial embedding: no forward pass yet
 
     bar = _progress_bar(config.steps, step, progress)
     model.train()
@@ -208,32 +197,17 @@ def train(
                 batches_done += 1
                 # The notebook never detaches h_mean; detaching keeps the values, drops the graph.
                 h_mean = h.detach().mean(dim=(0, 1)).float()
-                emit(step, model.embedding.weight.detach(), h_mean, loss.detach(), epoch)
-                if recorder is not None and checkpoint_every and step % checkpoint_every == 0 and save_checkpoint:
-                    snapshot = _snapshot(step, epoch, batches_done, epoch_rng_state, model, optimizer, device)
-                    recorder.checkpoint(step, lambda s=snapshot: save_checkpoint(s))
-                if bar is not None:
-                    shown = recorder.latest_loss if recorder is not None and step > replay_until else float(loss)
-                    bar.set_postfix({"loss": f"{shown:.4f}", "epoch": epoch})
+                if emit(step, epoch, h_mean, loss.detach().float()) and checkpoints_to is not None:
+                    snap = checkpoint.snapshot(step, epoch, batches_done, epoch_rng_state, model, optimizer)
+                    recorder.after_commit(step, lambda s=snap: checkpoint.save(checkpoints_to, s))
+                if bar is not None:  # the writer's copy of the loss: no device sync here
+                    shown = recorder.latest("loss") if recorder is not None else None
+                    bar.set_postfix({"loss": f"{shown if shown is not None else float('nan'):.4f}", "epoch": epoch})
                     bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     return TrainResult(last_loss=loss.detach() if loss is not None else None, epochs=epoch, steps=step)
-
-
-def _snapshot(step, epoch, batches_done, epoch_rng_state, model, optimizer, device) -> dict:
-    return Checkpoint(
-        step=step,
-        epoch=epoch,
-        batches_done=batches_done,
-        epoch_rng_state=epoch_rng_state.clone(),
-        model={k: v.detach().clone() for k, v in model.state_dict().items()},
-        optimizer=copy.deepcopy(optimizer.state_dict()),
-        python_rng=random.getstate(),
-        numpy_rng=np.random.get_state(),
-        cuda_rng=torch.cuda.get_rng_state_all() if device == "cuda" else None,
-    ).to_dict()
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -9,17 +9,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .errors import CrucibleError
+from ..errors import CrucibleError
 
 MASK_KEYS = ("dead_mask", "dead_indices")
 
 
 def default_corpus_path() -> Path:
-    return Path(str(resources.files("crucible_record") / "data" / "corpus.txt"))
+    return Path(str(resources.files("crucible_record.crucible3") / "data" / "corpus.txt"))
 
 
 def default_tokenizer_path() -> Path:
-    return Path(str(resources.files("crucible_record") / "data" / "tokenizer.json"))
+    return Path(str(resources.files("crucible_record.crucible3") / "data" / "tokenizer.json"))
 
 
 def load_tokenizer(path: str | Path, vocab_size: int):

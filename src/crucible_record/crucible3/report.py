@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from .. import __version__
 from .analysis import analyze
-from .errors import CrucibleError
-from .store import atomic_write_text
+from ..errors import CrucibleError
+from ..storage import atomic_write_text
 from .trajectory import Trajectory
 
 JSON_NAME = "analysis.json"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import CrucibleError
+from ..errors import CrucibleError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 

@@ -1,0 +1,116 @@
+"""Checkpoints for exact resume, with nothing executable in them: one safetensors file.
+
+Tensors (model, optimizer state, RNG states) are safetensors tensors; everything else (step, epoch,
+position in the epoch, optimizer hyper-parameters, Python's and NumPy's RNG counters) is JSON in the
+file's metadata. Loading parses JSON and tensors only, so a crafted file can at worst be refused;
+it can never run code (torch.load of a pickle could). Written atomically and fsynced.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CrucibleError
+from ..storage import atomic_write_bytes
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+_META_KEY = "crucible_checkpoint"
+_VERSION = 1
+
+
+def snapshot(step: int, epoch: int, batches_done: int, epoch_rng_state: torch.Tensor,
+             model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything needed to continue after `step` exactly as if never stopped (copied now)."""
+    tensors: dict[str, torch.Tensor] = {"rng.torch_epoch": epoch_rng_state.clone()}
+    for key, value in model.state_dict().items():
+        tensors[f"model.{key}"] = value.detach().clone()
+    optim = optimizer.state_dict()
+    state_scalars: dict[str, dict[str, Any]] = {}
+    for param_id, state in optim["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{param_id}.{name}"] = value.detach().clone()
+            else:
+                state_scalars.setdefault(str(param_id), {})[name] = value
+    np_state = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state.clone()
+    python_state = random.getstate()
+    meta = {
+        "version": _VERSION,
+        "step": step,
+        "epoch": epoch,
+        "batches_done": batches_done,
+        "param_groups": optim["param_groups"],
+        "optimizer_state_scalars": state_scalars,
+        "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return {"tensors": tensors, "meta": meta}
+
+
+def save(run_dir: str | Path, snap: dict[str, Any]) -> None:
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in snap["tensors"].items()}
+    data = save(tensors, metadata={_META_KEY: json.dumps(snap["meta"])})
+    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, data)
+
+
+def load(run_dir: str | Path) -> dict[str, Any] | None:
+    """The checkpoint, or None if there is none. A malformed file gets a one-line refusal."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise CrucibleError(f"checkpoint {path} is not a regular file; refusing it (delete it to resume from step 0)")
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[_META_KEY])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if not isinstance(meta, dict) or meta.get("version") != _VERSION:
+            raise ValueError("unknown checkpoint version")
+        for key in ("step", "epoch", "batches_done"):
+            if isinstance(meta.get(key), bool) or not isinstance(meta.get(key), int) or meta[key] < 0:
+                raise ValueError(f"bad {key}")
+    except Exception as e:  # anything malformed: refuse in one line, never execute
+        raise CrucibleError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            f"delete it to resume from step 0") from None
+    return {"tensors": tensors, "meta": meta}
+
+
+def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            device: str) -> tuple[int, int, int]:
+    """Load model, optimizer and RNG states; returns (step, epoch, batches_done)."""
+    tensors, meta = ckpt["tensors"], ckpt["meta"]
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, param_id, key = name.split(".", 2)
+                state.setdefault(int(param_id), {})[key] = value
+        for param_id, scalars in meta["optimizer_state_scalars"].items():
+            state.setdefault(int(param_id), {}).update(scalars)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        version, internal, gauss = meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        name, pos, has_gauss, cached = meta["numpy_rng"]
+        np.random.set_state((name, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+        if cuda and device == "cuda":
+            torch.cuda.set_rng_state_all(cuda)
+        torch.set_rng_state(tensors["rng.torch_epoch"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CrucibleError(f"checkpoint does not fit this run ({type(e).__name__}: {e}); delete it to resume from step 0") from None
+    return meta["step"], meta["epoch"], meta["batches_done"]

@@ -1,0 +1,64 @@
+"""A Crucible-3 run -> the notebook's crucible_3_trajectory.safetensors + metadata.json, streamed.
+
+Byte for byte what the notebook saves for the same steps (tests/test_fidelity.py checks it):
+W as uint16 bf16 bits (steps+1, vocab, hidden), h_mean (steps, hidden) without the run's NaN row of
+step 0, loss, dead_mask, dead_indices; the streamed writer is crucible_record.export's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..export import check_targets, field_blocks, tensor_spec, write_safetensors
+from ..storage import write_json
+from .trajectory import Trajectory
+
+TRAJECTORY_FILE = "crucible_3_trajectory.safetensors"
+METADATA_FILE = "metadata.json"
+
+
+def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write the notebook's two files for the committed steps of a run."""
+    target, meta_path = check_targets(Path(out_dir), [TRAJECTORY_FILE, METADATA_FILE], force)
+    steps, vocab, hidden = traj.steps, traj.W.shape[1], traj.W.shape[2]
+    tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
+    tensors["W"] = ("U16", [steps + 1, vocab, hidden], (steps + 1) * vocab * hidden * 2, field_blocks(traj.W))
+    write_safetensors(target, tensors)
+    write_json(meta_path, notebook_metadata(traj))
+    return target, meta_path
+
+
+def notebook_metadata(traj: Trajectory) -> dict:
+    """The notebook's metadata.json, with the run's values, in the notebook's key order."""
+    c = traj.config
+    n_dead = int(traj.dead_mask.sum())
+    final_loss = float(traj.loss[-1]) if traj.steps > 0 else float("nan")
+    return {
+        "experiment": "Crucible 3",
+        "series": "Crucible",
+        "date": traj.attrs.get("date", ""),
+        "total_steps": traj.steps,
+        "batch_size": c.batch_size,
+        "seq_len": c.seq_len,
+        "learning_rate": c.lr,
+        "weight_decay": c.weight_decay,
+        "beta1": c.beta1,
+        "beta2": c.beta2,
+        "epsilon": c.eps,
+        "vocab_size": c.vocab_size,
+        "hidden_dim": c.hidden_dim,
+        "num_layers": c.num_layers,
+        "num_heads": c.num_heads,
+        "random_seed": c.seed,
+        "n_dead_tokens": n_dead,
+        "n_live_tokens": c.vocab_size - n_dead,
+        "final_loss": final_loss,
+        "total_epochs": traj.epochs,
+        "device": traj.attrs.get("provenance", {}).get("device", ""),
+        "data_shapes": {
+            "W": list(traj.W.shape),
+            "h_mean": [traj.steps, c.hidden_dim],
+            "loss": [traj.steps + 1],
+        },
+        "notes": "h_mean persistence and live/dead separation study. Records all tokens + h_mean[t]. Same seed as Crucible 1 & 2.",
+    }

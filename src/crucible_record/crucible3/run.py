@@ -1,0 +1,223 @@
+"""A recorded Crucible-3 run: create or resume RUN_DIR, train, stop cleanly on signals.
+
+The run is a generic one (``cr.record``) whose fields are :func:`engine.fields`; its attributes
+say ``experiment: crucible-3`` and hold the config, provenance and hashes of the inputs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import platform
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..codecs import Layout
+from ..errors import CrucibleError, Interrupted, RecorderError
+from ..format import open_group, read_commit
+from ..recorder import DEFAULT_COMMIT_INTERVAL, Recorder, record
+from ..storage import RunStore
+from . import checkpoint
+from .config import RunConfig
+from .engine import Inputs, fields, load_inputs, resolve_device, train
+from .trajectory import EXPERIMENT
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    epochs: int
+    bytes_on_disk: int
+    seconds: float
+
+
+def start_run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    layout: Layout = Layout(),
+    checkpoints: bool = True,
+    commit_interval: float = DEFAULT_COMMIT_INTERVAL,
+    durability: str = "fsync",
+    progress: bool = True,
+) -> RunSummary:
+    """Train a new run into RUN_DIR (which must not exist, or be empty)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise CrucibleError(f"--out {run_dir} already exists and is not empty; choose a new directory")
+    layout.validate()
+    inputs = load_inputs(config)  # every input is checked before anything is written
+    device = resolve_device(config.device)
+    recorder = record(
+        run_dir,
+        fields(config),
+        steps=config.steps + 1,  # W[0] is the initial embedding, W[s] the one after step s
+        attributes={
+            "experiment": EXPERIMENT,
+            "config": config.to_dict(),
+            "provenance": provenance(device),
+            "inputs": _input_hashes(inputs),
+            "date": dt.date.today().isoformat(),
+            "checkpoints": checkpoints,
+        },
+        constants={"dead_mask": inputs.masks.dead_mask, "dead_indices": inputs.masks.dead_indices},
+        layout=layout,
+        commit_interval=commit_interval,
+        durability=durability,
+    )
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress)
+
+
+def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
+               durability: str = "fsync", progress: bool = True) -> RunSummary:
+    """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run."""
+    run_dir = Path(run_dir)
+    store = RunStore(run_dir)
+    group, info = open_group(store)  # a clear error if this is not a run
+    if info.version < 2:
+        raise CrucibleError(f"{run_dir} was recorded by crucible-record 0.1 (format 1): it can be read and exported, not resumed")
+    if info.attributes.get("experiment") != EXPERIMENT:
+        raise CrucibleError(f"{run_dir} is not a Crucible-3 run; `train --resume` continues only those")
+    config = RunConfig.from_dict(info.attributes["config"])
+    done = read_commit(store, group)["steps"] - 1
+    if done >= config.steps:
+        raise CrucibleError(f"{run_dir} is already complete ({done} of {config.steps} steps)")
+    inputs = load_inputs(config)
+    if _input_hashes(inputs) != info.attributes.get("inputs"):
+        raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
+    resolve_device(config.device)
+    recorder = record(run_dir, fields(config), resume=True, commit_interval=commit_interval, durability=durability)
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
+        ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
+    checkpoints = bool(info.attributes.get("checkpoints", True))
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt)
+
+
+def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir: Path, checkpoints: bool,
+                    progress: bool, ckpt: dict | None = None) -> RunSummary:
+    started = time.perf_counter()
+    try:
+        with _signals_raise_interrupted():
+            result = train(
+                config,
+                inputs,
+                recorder,
+                progress=progress,
+                checkpoints_to=run_dir if checkpoints else None,
+                resume_from=ckpt,
+                replay=_ReplayCheck(run_dir) if recorder.next_step > 0 else None,
+            )
+        recorder.close()
+    except (KeyboardInterrupt, Interrupted):
+        try:
+            recorder.close()
+        except RecorderError as e:
+            raise e from None
+        raise Interrupted(
+            f"stopped: {max(recorder.committed - 1, 0)} of {config.steps} steps committed in {run_dir}; "
+            f"continue with: crucible-record train --resume {run_dir}"
+        ) from None
+    except BaseException:
+        try:
+            recorder.close()  # commit what is safe to commit; its own error is secondary
+        except RecorderError:
+            pass
+        raise
+    return RunSummary(
+        run_dir=run_dir,
+        steps=recorder.committed - 1,
+        final_loss=result.final_loss,
+        epochs=result.epochs,
+        bytes_on_disk=recorder.store.bytes_on_disk(),
+        seconds=time.perf_counter() - started,
+    )
+
+
+class _ReplayCheck:
+    """On resume, steps already on disk are recomputed and must equal what was written, bit for bit.
+
+    Each stored block is decoded once (the recomputed steps of a block are checked against it).
+    """
+
+    def __init__(self, run_dir: Path):
+        from ..reader import Run
+
+        self.run = Run(run_dir)
+        self.block: dict[str, tuple[int, np.ndarray]] = {}
+
+    def __call__(self, step: int, tensors: dict) -> None:
+        for name, value in tensors.items():
+            stored = self._row(name, step)
+            given = value.detach().cpu()
+            given = given.view(torch.uint16) if given.dtype == torch.bfloat16 else given
+            if given.numpy().tobytes() != stored.tobytes():
+                raise CrucibleError(
+                    f"resume diverged at step {step} ({name}): the recomputed step differs from the recorded one "
+                    f"(was the run recorded with another torch thread count "
+                    f"({self.run.attributes['provenance']['torch_threads']}) or device?)"
+                )
+
+    def _row(self, name: str, step: int) -> np.ndarray:
+        field = self.run[name]
+        rows = field.array.chunks[0]
+        start = step - step % rows
+        if self.block.get(name, (None,))[0] != start:
+            self.block[name] = (start, field.numpy(slice(start, min(start + rows, len(field)))))
+        return self.block[name][1][step - start]
+
+
+def provenance(device: str) -> dict[str, str]:
+    import zarr
+
+    from .. import __version__
+
+    return {
+        "package": f"crucible-record {__version__}",
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+@contextmanager
+def _signals_raise_interrupted():
+    """SIGTERM behaves like Ctrl-C: raise in the training thread so the writer can drain."""
+    def handler(signum, frame):
+        raise Interrupted(f"received signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _input_hashes(inputs: Inputs) -> dict[str, str]:
+    return {
+        "corpus_sha256": _sha256(inputs.corpus_path),
+        "tokenizer_sha256": _sha256(inputs.tokenizer_path),
+        "dead_mask_sha256": hashlib.sha256(inputs.masks.dead_mask.numpy().tobytes()).hexdigest(),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,224 @@
+"""What a run records: named fields, each a tensor of fixed shape and dtype, validated up front.
+
+A :class:`Field` describes the tensor handed to ``rec.record(step, name=tensor)``: its shape and
+dtype, how often it is recorded (``every``) and, optionally, which rows of its first axis are kept
+(``rows``). Refusals name the field and the fix, like safetensors' errors do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CrucibleError
+
+# torch dtype -> (name in the format, numpy dtype stored on disk). bf16 has no numpy/zarr dtype:
+# its bits are stored as uint16 and the field's "encoding" says so.
+DTYPES: dict[torch.dtype, tuple[str, str]] = {
+    torch.bfloat16: ("bfloat16", "uint16"),
+    torch.float16: ("float16", "float16"),
+    torch.float32: ("float32", "float32"),
+    torch.float64: ("float64", "float64"),
+    torch.int8: ("int8", "int8"),
+    torch.int16: ("int16", "int16"),
+    torch.int32: ("int32", "int32"),
+    torch.int64: ("int64", "int64"),
+    torch.uint8: ("uint8", "uint8"),
+    torch.bool: ("bool", "bool"),
+}
+_BY_NAME = {name: dtype for dtype, (name, _) in DTYPES.items()}
+BF16_NAN_BITS = 0x7FC0  # the fill value of bf16 fields: unwritten rows read as NaN, never as 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPES[dtype][0]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    if name not in _BY_NAME:
+        raise CrucibleError(f"unknown field dtype {name!r} (this crucible-record knows {', '.join(_BY_NAME)})")
+    return _BY_NAME[name]
+
+
+@dataclass(frozen=True, eq=False)
+class Field:
+    """One recorded tensor.
+
+    shape, dtype: those of the tensor passed to ``record()`` (checked exactly, never cast).
+    every: record steps 0, every, 2*every, ...
+    rows: keep only these rows of the first axis (selected on the tensor's device before the copy).
+    dims: names of the tensor's axes (default ``<name>_0``, ``<name>_1``, ...), for xarray.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    every: int = 1
+    rows: Any = None
+    dims: tuple[str, ...] | None = None
+    _rows: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            shape = tuple(int(s) for s in self.shape)
+        except (TypeError, ValueError):
+            raise CrucibleError(f"Field shape must be a tuple of ints, got {self.shape!r}") from None
+        if any(s < 0 for s in shape):
+            raise CrucibleError(f"Field shape must not be negative, got {shape}")
+        object.__setattr__(self, "shape", shape)
+        if self.dtype not in DTYPES:
+            known = ", ".join(str(d) for d in DTYPES)
+            raise CrucibleError(f"Field dtype {self.dtype!r} is not supported; use one of {known}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise CrucibleError(f"Field every must be an integer >= 1, got {self.every!r}")
+        if self.rows is not None:
+            object.__setattr__(self, "_rows", _check_rows(self.rows, shape))
+        if self.dims is not None:
+            dims = tuple(self.dims)
+            if len(dims) != len(shape) or not all(isinstance(d, str) and d for d in dims):
+                raise CrucibleError(f"Field dims must name each of the {len(shape)} axes, got {self.dims!r}")
+            object.__setattr__(self, "dims", dims)
+
+    @property
+    def row_indices(self) -> np.ndarray | None:
+        """The kept rows (int64, increasing), or None when every row is stored."""
+        return self._rows
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of one recorded step on disk (the kept rows only)."""
+        if self._rows is None:
+            return self.shape
+        return (len(self._rows),) + self.shape[1:]
+
+    @property
+    def storage_dtype(self) -> str:
+        return DTYPES[self.dtype][1]
+
+    def rows_at(self, steps: int) -> int:
+        """Rows of this field recorded among steps 0 .. steps-1."""
+        return 0 if steps <= 0 else (steps - 1) // self.every + 1
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form (FORMAT.md, "Field attributes"); row indices are stored apart, as an array."""
+        return {
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "every": self.every,
+            "rows": None if self._rows is None else len(self._rows),
+            "dims": list(self.dims) if self.dims else None,
+        }
+
+    def same_as(self, other: "Field") -> bool:
+        rows_equal = (self._rows is None and other._rows is None) or (
+            self._rows is not None and other._rows is not None and np.array_equal(self._rows, other._rows)
+        )
+        return (self.shape, self.dtype, self.every, self.dims) == (other.shape, other.dtype, other.every, other.dims) and rows_equal
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Field) and self.same_as(other)
+
+    def __hash__(self) -> int:
+        return hash((self.shape, self.dtype, self.every))
+
+
+def _check_rows(rows: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if not shape:
+        raise CrucibleError("Field rows needs a tensor with at least one axis")
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().numpy()
+    array = np.asarray(rows)
+    if array.dtype == bool:
+        if array.shape != (shape[0],):
+            raise CrucibleError(f"Field rows mask has shape {array.shape}, expected ({shape[0]},)")
+        array = np.flatnonzero(array)
+    if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise CrucibleError("Field rows must be a 1-D list of row indices (or a boolean mask)")
+    array = array.astype(np.int64)
+    if array.size == 0:
+        raise CrucibleError("Field rows is empty: keep at least one row")
+    if array.min() < 0 or array.max() >= shape[0]:
+        raise CrucibleError(f"Field rows must lie in [0, {shape[0]}), got {array.min()}..{array.max()}")
+    if np.any(np.diff(array) <= 0):
+        raise CrucibleError("Field rows must be increasing and without repeats (sort them: np.unique(rows))")
+    return array
+
+
+def check_name(name: Any) -> str:
+    """Field names become array names in the store: plain, unique, not reserved."""
+    if not isinstance(name, str) or not name:
+        raise CrucibleError(f"field name must be a non-empty string, got {name!r}")
+    if "/" in name or "\\" in name:
+        raise CrucibleError(f"field name {name!r} must not contain '/'")
+    if name.startswith(".") or name.startswith("__"):
+        raise CrucibleError(f"field name {name!r} must not start with '.' or '__' (reserved by the format)")
+    if name == "commit.json" or any(ord(c) < 32 for c in name):
+        raise CrucibleError(f"field name {name!r} is reserved or has control characters")
+    return name
+
+
+def check_fields(fields: Mapping[str, Field]) -> dict[str, Field]:
+    if not isinstance(fields, Mapping) or not fields:
+        raise CrucibleError("fields must be a non-empty dict of name -> cr.Field(...)")
+    checked: dict[str, Field] = {}
+    for name, spec in fields.items():
+        check_name(name)
+        if not isinstance(spec, Field):
+            raise CrucibleError(f"field {name!r} must be a cr.Field(shape, dtype), got {type(spec).__name__}")
+        if name.lower() in {n.lower() for n in checked}:
+            raise CrucibleError(f"field name {name!r} is given twice (names are case-insensitive on some disks)")
+        checked[name] = spec
+    return checked
+
+
+def field_from_description(description: Mapping[str, Any], rows: np.ndarray | None) -> Field:
+    """The inverse of :meth:`Field.describe` (rows read from the run's row array)."""
+    try:
+        dims = description.get("dims")
+        return Field(tuple(description["shape"]), dtype_from_name(description["dtype"]),
+                     every=int(description["every"]), rows=rows, dims=tuple(dims) if dims else None)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CrucibleError(f"malformed field description {dict(description)!r}: {e}") from None
+
+
+def as_tensor(name: str, value: Any, spec: Field) -> torch.Tensor:
+    """The tensor given for `name`, checked against its Field: exact shape and dtype, no cast."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise CrucibleError(
+            f"field {name!r}: pass a tensor, got {type(value).__name__} "
+            f"(e.g. torch.tensor(x, dtype={spec.dtype}))"
+        )
+    if value.dtype != spec.dtype:
+        raise CrucibleError(f"field {name!r}: dtype {value.dtype} given, the field records {spec.dtype} (cast it yourself: .to({spec.dtype}))")
+    if tuple(value.shape) != spec.shape:
+        raise CrucibleError(f"field {name!r}: shape {tuple(value.shape)} given, the field records {spec.shape}")
+    return value.detach()
+
+
+def default_dims(name: str, spec: Field) -> tuple[str, ...]:
+    return spec.dims if spec.dims else tuple(f"{name}_{i}" for i in range(len(spec.shape)))
+
+
+def step_dim(spec: Field) -> str:
+    """Name of the step axis: 'step' for fields recorded every step, 'step_every_K' otherwise (so
+    that xarray.open_zarr can put fields of different cadences in one Dataset)."""
+    return "step" if spec.every == 1 else f"step_every_{spec.every}"
+
+
+def stored_dims(name: str, spec: Field) -> tuple[str, ...]:
+    dims = default_dims(name, spec)
+    if spec.row_indices is not None:
+        dims = (f"{name}_row",) + dims[1:]
+    return (step_dim(spec),) + dims
+
+
+def as_sequence(value: Sequence[int] | None) -> list[int] | None:
+    return None if value is None else [int(v) for v in value]

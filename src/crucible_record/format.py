@@ -1,0 +1,237 @@
+"""The run format (FORMAT.md is its specification): group layout, field attributes, commit marker.
+
+A run is a Zarr v3 group. Each field is an array at the group's root with the step axis first;
+constants (tensors recorded once) sit beside them; row indices of row-subset fields live in the
+``.rows`` subgroup; ``commit.json`` says how many steps every field holds durably. This module
+creates and opens that layout; it knows nothing of any experiment.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codecs import Layout, chunking, codecs_for, time_chunk_for
+from .errors import CrucibleError
+from .fields import (BF16_NAN_BITS, DTYPES, Field, check_fields, check_name, dtype_name,
+                     field_from_description, stored_dims)
+from .storage import STORE_NAME, RunStore
+
+FORMAT_NAME = "crucible-record"
+FORMAT_VERSION = 2
+COMMIT_KEY = "commit.json"
+ROWS_GROUP = ".rows"
+# zarr skips chunks equal to the fill value; every chunk is written so that an absent chunk always
+# means damage (readers check for it) and never "all fill".
+WRITE_ALL = {"write_empty_chunks": True}
+
+
+@dataclass
+class RunInfo:
+    """What a run's metadata says (read once when it is opened)."""
+
+    version: int
+    fields: dict[str, Field]
+    constants: list[str]
+    attributes: dict[str, Any]
+    layout: Layout
+    steps: int | None  # steps the run was sized for; None = open-ended
+    first_step: dict[str, int] = field(default_factory=dict)  # format 1 only: h_mean starts at step 1
+
+
+def fill_value(dtype: torch.dtype) -> Any:
+    """What an unwritten row reads as: NaN for floats (bf16 NaN bits for bf16), else 0/False."""
+    if dtype == torch.bfloat16:
+        return BF16_NAN_BITS
+    if dtype.is_floating_point:
+        return float("nan")
+    return False if dtype == torch.bool else 0
+
+
+def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | None, layout: Layout,
+               attributes: Mapping[str, Any] | None = None,
+               constants: Mapping[str, Any] | None = None):
+    """Create the group, one array per field, the constants and the row indices; commit 0 steps.
+
+    Refuses an existing run (zarr's ``mode="w-"``). Everything is fsynced before it returns.
+    """
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    fields = check_fields(fields)
+    layout.validate()
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise CrucibleError(f"steps must be a positive integer or None (open-ended), got {steps!r}")
+    constants = _check_constants(constants or {}, fields)
+    attributes = dict(attributes or {})
+    try:
+        group = zarr.open_group(store.store, mode="w-", zarr_format=3)
+    except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+        raise CrucibleError(f"{store.run_dir} already holds a run; choose a new path (or resume it)") from None
+    written = ["zarr.json"]
+    for name, spec in fields.items():
+        step_bytes = int(np.prod(spec.stored_shape, dtype=np.int64)) * np.dtype(spec.storage_dtype).itemsize
+        time_chunk = time_chunk_for(layout, step_bytes)
+        meta = {**spec.describe(), "time_chunk": time_chunk}
+        if spec.dtype == torch.bfloat16:
+            meta["encoding"] = "bfloat16 bits stored as uint16"
+        group.create_array(
+            name,
+            shape=(spec.rows_at(steps) if steps else 0,) + spec.stored_shape,
+            dtype=spec.storage_dtype,
+            fill_value=fill_value(spec.dtype),
+            dimension_names=stored_dims(name, spec),
+            attributes={"crucible_record": meta},
+            config=WRITE_ALL,
+            **chunking(spec.stored_shape, time_chunk, layout.row_chunk),
+            **codecs_for(layout.codec, 1 + len(spec.stored_shape), spec.storage_dtype),
+        )
+        written.append(f"{name}/zarr.json")
+        if spec.row_indices is not None:
+            key = f"{ROWS_GROUP}/{name}"
+            _write_whole(group, key, spec.row_indices, (f"{name}_row",), {"crucible_record": {"rows_of": name}})
+            written += [f"{ROWS_GROUP}/zarr.json", f"{key}/zarr.json", f"{key}/c/0"]
+    small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "filters": []}
+    for name, tensor in constants.items():
+        dims = tuple(f"{name}_{i}" for i in range(tensor.dim()))
+        meta = {"constant": True, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+        if tensor.dtype == torch.bfloat16:
+            meta["encoding"] = "bfloat16 bits stored as uint16"
+            tensor = tensor.view(torch.uint16)
+        _write_whole(group, name, tensor.numpy(), dims, {"crucible_record": meta}, **small)
+        written += [f"{name}/zarr.json"] + ([f"{name}/c" + "/0" * max(tensor.dim(), 1)] if tensor.numel() else [])
+    group.attrs.update({
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "fields": {name: spec.describe() for name, spec in fields.items()},
+        "constants": list(constants),
+        "layout": layout.to_dict(),
+        "steps": steps,
+        "attributes": attributes,
+    })
+    store.sync(written)
+    write_commit(store, 0)
+    return group
+
+
+def _write_whole(group, name: str, data: np.ndarray, dims, attributes, **codecs) -> None:
+    array = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=tuple(max(1, s) for s in data.shape) or None,
+                               dimension_names=dims, attributes=attributes, config=WRITE_ALL, **codecs)
+    if data.size:
+        array[...] = data
+
+
+def _check_constants(constants: Mapping[str, Any], fields: Mapping[str, Field]) -> dict[str, torch.Tensor]:
+    checked = {}
+    for name, value in constants.items():
+        check_name(name)
+        if name in fields or name.lower() in {n.lower() for n in checked}:
+            raise CrucibleError(f"constant {name!r} has the name of a field or of another constant")
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor) or value.dtype not in DTYPES:
+            raise CrucibleError(f"constant {name!r} must be a tensor of a supported dtype")
+        checked[name] = value.detach().cpu().contiguous()
+    return checked
+
+
+def open_group(store: RunStore, mode: str = "r"):
+    """Open a run's group and read its metadata, refusing what is not a run of a known version."""
+    import zarr
+
+    if not store.run_dir.exists():
+        raise CrucibleError(f"run directory not found: {store.run_dir}")
+    if not store.exists("zarr.json"):
+        raise CrucibleError(f"{store.run_dir} is not a crucible-record run (no {STORE_NAME})")
+    try:
+        group = zarr.open_group(store.store, mode=mode, zarr_format=3)
+        attrs = dict(group.attrs)
+    except Exception as e:
+        raise CrucibleError(f"{store.run_dir}: cannot open {STORE_NAME}: {type(e).__name__}: {e}") from None
+    if attrs.get("format") != FORMAT_NAME:
+        raise CrucibleError(f"{store.run_dir} is not a crucible-record run (no format marker)")
+    version = attrs.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CrucibleError(f"{store.run_dir}: unreadable format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CrucibleError(
+            f"{store.run_dir} was written by a newer crucible-record (format {version}, this one reads "
+            f"{FORMAT_VERSION}); upgrade crucible-record"
+        )
+    info = _info_v1(attrs) if version == 1 else _info_v2(group, attrs, store)
+    for name in list(info.fields) + info.constants:
+        if name not in group:
+            raise CrucibleError(f"{store.run_dir} is damaged: array {name} is missing")
+    return group, info
+
+
+def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
+    described = attrs.get("fields")
+    if not isinstance(described, dict) or not described:
+        raise CrucibleError(f"{store.run_dir} is damaged: no field descriptions")
+    fields = {}
+    for name, description in described.items():
+        rows = None
+        if isinstance(description, dict) and description.get("rows") is not None:
+            try:
+                rows = np.asarray(group[f"{ROWS_GROUP}/{name}"][...])
+            except Exception as e:
+                raise CrucibleError(f"{store.run_dir} is damaged: row indices of {name}: {type(e).__name__}") from None
+        fields[check_name(name)] = field_from_description(description, rows)
+    return RunInfo(version=2, fields=fields, constants=list(attrs.get("constants", [])),
+                   attributes=dict(attrs.get("attributes") or {}), layout=Layout.from_dict(attrs.get("layout", {})),
+                   steps=attrs.get("steps"))
+
+
+def _info_v1(attrs: dict) -> RunInfo:
+    """Format 1 (crucible-record 0.1): the Crucible-3 arrays, h_mean stored from step 1."""
+    config = attrs.get("config", {})
+    vocab, hidden = int(config.get("vocab_size", 0)), int(config.get("hidden_dim", 0))
+    fields = {
+        "W": Field((vocab, hidden), torch.bfloat16, dims=("token", "hidden")),
+        "h_mean": Field((hidden,), torch.float32, dims=("hidden",)),
+        "loss": Field((), torch.float32),
+    }
+    attributes = {k: v for k, v in attrs.items() if k not in ("format", "format_version", "commit", "layout")}
+    steps = config.get("steps")
+    return RunInfo(version=1, fields=fields, constants=["dead_mask", "dead_indices"], attributes=attributes,
+                   layout=Layout.from_dict(attrs.get("layout", {})), steps=steps + 1 if steps else None,
+                   first_step={"h_mean": 1})
+
+
+def read_commit(store: RunStore, group) -> dict[str, Any]:
+    """The commit marker: ``steps`` = how many steps (0 .. steps-1) every field holds durably."""
+    if int(group.attrs.get("format_version", 0)) == 1:
+        commit = dict(group.attrs.get("commit", {}))
+        return {"steps": int(commit.get("steps", -1)) + 1, "epoch": int(commit.get("epoch", 0))}
+    commit = store.read_json(COMMIT_KEY)
+    if not isinstance(commit, dict) or not isinstance(commit.get("steps"), int) or commit["steps"] < 0:
+        raise CrucibleError(f"{store.run_dir} is damaged: {COMMIT_KEY} is missing or malformed")
+    return commit
+
+
+def write_commit(store: RunStore, steps: int) -> None:
+    """Move the marker: written atomically after the data it vouches for is durable."""
+    store.write_json(COMMIT_KEY, {"steps": int(steps)})
+
+
+def block_keys(array, array_key: str, block: int) -> list[str]:
+    """Store keys of every chunk (or shard) file holding rows of time block `block`."""
+    unit = array.shards or array.chunks
+    grid = [range(-(-size // u)) for size, u in zip(array.shape[1:], unit[1:])]
+    return [f"{array_key}/{array.metadata.encode_chunk_key((block, *rest))}" for rest in itertools.product(*grid)]
+
+
+def missing_blocks(store: RunStore, array, array_key: str, rows: range) -> list[int]:
+    """Time blocks covering `rows` with an absent chunk file: zarr would read them as fill values
+    without complaint; for committed rows an absent chunk can only mean damage."""
+    if len(rows) == 0 or array.size == 0:
+        return []
+    unit = (array.shards or array.chunks)[0]
+    return [block for block in range(rows.start // unit, (rows.stop - 1) // unit + 1)
+            if not all(store.exists(key) for key in block_keys(array, array_key, block))]
