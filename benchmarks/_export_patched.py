@@ -4,7 +4,7 @@ read. Used by bench_memory.py to measure a proposed src change without editing s
 
 import numpy as np
 
-import crucible_record.export as export
+import crucible_record.crucible3.export as export
 
 
 def _write_w(traj, f) -> None:
@@ -13,7 +13,7 @@ def _write_w(traj, f) -> None:
     block = traj.group["W"].chunks[0]
     for start in range(0, traj.steps + 1, block):
         stop = min(start + block, traj.steps + 1)
-        bits = np.ascontiguousarray(traj.W.numpy_bits(slice(start, stop))).astype("<u2", copy=False)
+        bits = np.ascontiguousarray(traj.W.numpy(slice(start, stop))).astype("<u2", copy=False)
         f.write(memoryview(bits).cast("B"))
         del bits
 

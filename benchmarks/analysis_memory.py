@@ -3,7 +3,7 @@
     python benchmarks/analysis_memory.py [--steps 64 256] [--out benchmarks/results/analysis_memory.json]
 
 What it does:
-1. Records two runs with crucible_record.run.start_run on a small config: the notebook's model
+1. Records two runs with crucible_record.crucible3.run.start_run on a small config: the notebook's model
    (vocab 10,000, hidden 64, 2 layers, 2 heads) on the shipped corpus, but batch 4 x seq 16 so that a
    CPU step is fast, CPU device, default layout (chunks of 32 steps x 500 tokens). Only the number of
    steps differs: 64 vs 256 by default (4x apart; W of 65 vs 257 steps, i.e. 2 vs 8 whole chunks of
@@ -76,7 +76,7 @@ def child(mode: str, run_dir: str, out_dir: str) -> None:
     from matplotlib.figure import Figure  # noqa: F401
 
     import crucible_record as cr
-    from crucible_record.report import analyze_run
+    from crucible_record.crucible3.report import analyze_run
 
     traj = cr.open(run_dir)
     _ = traj.dead_mask, traj.h_mean, traj.loss
@@ -133,8 +133,8 @@ def main() -> None:
     import torch
 
     import crucible_record
-    from crucible_record.config import RunConfig
-    from crucible_record.run import start_run
+    from crucible_record.crucible3.config import RunConfig
+    from crucible_record.crucible3.run import start_run
     from crucible_record.store import Layout
 
     layout = Layout()
@@ -160,7 +160,7 @@ def main() -> None:
 
     doc = {
         "benchmark": "peak RSS of `crucible-record analyze` (report.analyze_run) vs run length",
-        "runs_are": "crucible_record.run.start_run on RunConfig(steps=N, batch_size=4, seq_len=16, device='cpu'): "
+        "runs_are": "crucible_record.crucible3.run.start_run on RunConfig(steps=N, batch_size=4, seq_len=16, device='cpu'): "
                     "the notebook's model (vocab 10000, hidden 64, 2 layers, 2 heads), shipped corpus, "
                     f"default layout (chunks of {layout.time_chunk} steps x {layout.token_chunk} tokens, "
                     f"codec {layout.codec})",

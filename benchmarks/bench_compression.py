@@ -144,7 +144,7 @@ def main() -> None:
     t = wait_for_run(args.run, minimum, 0 if args.quick else args.max_wait)
     n = min(want, t.steps + 1)
     t0 = time.perf_counter()
-    bits = np.ascontiguousarray(t.W.numpy_bits(slice(0, n)))
+    bits = np.ascontiguousarray(t.W.numpy(slice(0, n)))
     res.details["source"] = {"run": str(args.run), "committed_steps_at_start": t.steps, "rows_used": n,
                              "note": "rows 0..n-1 of W (row 0 = initial weights)", "raw_MB": r(bits.nbytes / 2**20, 1),
                              "read_s": r(time.perf_counter() - t0, 2)}
@@ -187,7 +187,7 @@ def main() -> None:
         t = cr.open(args.run)  # the run has grown meanwhile
         n_all = t.steps + 1
         del bits
-        bits = np.ascontiguousarray(t.W.numpy_bits(slice(0, n_all)))
+        bits = np.ascontiguousarray(t.W.numpy(slice(0, n_all)))
         for codec in WHOLE_RUN_FULL:
             m = measure(bits, codec, T0, K0)
             whole.append(m)

@@ -46,7 +46,7 @@ def main() -> None:
     args = p.parse_args()
     res = Result("export", args.quick)
     import crucible_record as cr
-    from crucible_record.export import export_safetensors
+    from crucible_record.crucible3.export import export_safetensors
 
     t = wait_for_run(args.run, 500, args.max_wait)
     steps = t.steps
@@ -65,13 +65,13 @@ def main() -> None:
 
         with safe_open(str(target), framework="np") as f:
             sl = f.get_slice("W")
-            exact = all(np.array_equal(sl[s:s + 1][0], t.W.numpy_bits(s)) for s in (0, steps // 2, steps))
+            exact = all(np.array_equal(sl[s:s + 1][0], t.W.numpy(s)) for s in (0, steps // 2, steps))
         (d / "out" / target.name).unlink()
         # 2. the same W block reads alone
         block = t.group["W"].chunks[0]
         t0 = time.perf_counter()
         for a in range(0, steps + 1, block):
-            t.W.numpy_bits(slice(a, min(a + block, steps + 1)))
+            t.W.numpy(slice(a, min(a + block, steps + 1)))
         read_s = time.perf_counter() - t0
         mbps = raw_w / 2**20 / export_s
         res.details["throughput"] = {"steps": steps, "raw_W_MB": r(raw_w / 2**20, 1), "file_MB": r(size / 2**20, 1),

@@ -1,6 +1,6 @@
 """Targets 1 and 2: what recording costs a training step.
 
-Same engine (crucible_record.engine.train), three variants:
+Same engine (crucible_record.crucible3.engine.train), three variants:
   none      engine.train with no recording (a timing shim that only stamps the clock)
   recorder  the real crucible_record.recorder.Recorder into a real store (src default layout)
   notebook  the notebook's way: preallocated in-RAM history, .cpu() and .item() every step
@@ -71,7 +71,7 @@ class Timed:
 def one_run(config, inputs, variant: str, warm: int, measured: int, device: str) -> dict:
     import torch
 
-    from crucible_record.engine import train
+    from crucible_record.crucible3.engine import train
     from crucible_record.recorder import Recorder
 
     steps = warm + measured
@@ -202,8 +202,8 @@ class TurnTimed(Timed):
 def _lockstep_child(index, variant, cfg_dict, steps, sched, folder, results) -> None:
     warnings.filterwarnings("ignore", message="enable_nested_tensor")
     try:
-        from crucible_record.config import RunConfig
-        from crucible_record.engine import load_inputs, train
+        from crucible_record.crucible3.config import RunConfig
+        from crucible_record.crucible3.engine import load_inputs, train
         from crucible_record.recorder import Recorder
 
         cfg = RunConfig.from_dict(cfg_dict)
@@ -327,7 +327,7 @@ def contention(config, inputs, codec: str, blocks: int, chunk: np.ndarray, log) 
     """Alternate blocks of 2 steps with the load on / off. Before an idle block the trainer waits
     (untimed) until the writer has finished its chunk; a step counts as loaded when the writer was
     busy >= 95 % of it and as idle when the writer was idle all of it."""
-    from crucible_record.engine import train
+    from crucible_record.crucible3.engine import train
 
     warm = 2
     steps = warm + 2 * 2 * blocks
@@ -394,9 +394,9 @@ def real_chunk(run: Path, T: int, log) -> np.ndarray:
 
         t = cr.open(run)
         if t.steps + 1 >= 2 * T:
-            return np.ascontiguousarray(t.W.numpy_bits(slice(T, 2 * T)))
+            return np.ascontiguousarray(t.W.numpy(slice(T, 2 * T)))
         if t.steps + 1 >= T:
-            return np.ascontiguousarray(t.W.numpy_bits(slice(0, T)))
+            return np.ascontiguousarray(t.W.numpy(slice(0, T)))
     except Exception as e:  # no run: a synthetic walk of the same shape
         log(f"  no recorded run at {run} ({e}); using a synthetic chunk")
     rng = np.random.default_rng(0)
@@ -427,8 +427,8 @@ def main() -> None:
         res.save()
         return
 
-    from crucible_record.config import RunConfig
-    from crucible_record.engine import load_inputs
+    from crucible_record.crucible3.config import RunConfig
+    from crucible_record.crucible3.engine import load_inputs
 
     default = RunConfig()
     small = RunConfig(batch_size=16, seq_len=64)

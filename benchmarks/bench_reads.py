@@ -133,7 +133,7 @@ def main() -> None:
     args = p.parse_args()
     res = Result("reads", args.quick)
     import crucible_record as cr
-    from crucible_record.export import export_safetensors
+    from crucible_record.crucible3.export import export_safetensors
 
     t = wait_for_run(args.run, 500, args.max_wait)
     rows = min(t.steps + 1, 65 if args.quick else 10**9)
@@ -162,7 +162,7 @@ def main() -> None:
     alts = list(dict.fromkeys(alts))
 
     def reader(a, b):
-        return np.ascontiguousarray(t.W.numpy_bits(slice(a, b)))
+        return np.ascontiguousarray(t.W.numpy(slice(a, b)))
 
     with scratch_dir("reads") as d:
         for T, tokens, codec in alts:

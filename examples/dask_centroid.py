@@ -49,7 +49,7 @@ print(f"  total displacement: {np.linalg.norm(result.values[-1] - result.values[
 
 # 2. Cross-check against crucible-record's own streaming computation (torch, float32).
 import crucible_record as cr  # noqa: E402
-from crucible_record.analysis import centroids  # noqa: E402
+from crucible_record.crucible3.analysis import centroids  # noqa: E402
 
 ours, _ = centroids(cr.open(run_dir))
-print(f"  max |dask - crucible_record.analysis.centroids| = {np.abs(result.values - ours.numpy()).max():.2e}")
+print(f"  max |dask - crucible_record.crucible3.analysis.centroids| = {np.abs(result.values - ours.numpy()).max():.2e}")

@@ -9,7 +9,7 @@ whole. The same numbers, with plots, come from `crucible-record analyze RUN_DIR`
 import sys
 
 import crucible_record as cr
-from crucible_record.analysis import analyze, format_quick_stats, quick_stats
+from crucible_record.crucible3.analysis import analyze, format_quick_stats, quick_stats
 
 traj = cr.open(sys.argv[1])
 print("=" * 60 + "\nCRUCIBLE 3 STATS\n" + "=" * 60)

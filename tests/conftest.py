@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from crucible_record.config import RunConfig
-from crucible_record.data import default_corpus_path, default_tokenizer_path
+from crucible_record.crucible3.config import RunConfig
+from crucible_record.crucible3.data import default_corpus_path, default_tokenizer_path
 
 TINY = dict(steps=25, batch_size=4, seq_len=16, hidden_dim=16, num_layers=1, num_heads=2)
 
@@ -34,9 +34,9 @@ def tiny_config(tiny_corpus) -> RunConfig:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_config) -> Path:
     """One recorded tiny run, shared by the read-only tests."""
-    from crucible_record.run import start_run
-    from crucible_record.store import Layout
+    from crucible_record.crucible3.run import start_run
+    from crucible_record.codecs import Layout
 
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    start_run(tiny_config, run_dir, layout=Layout(time_chunk=8, token_chunk=1000), checkpoint_every=10, progress=False)
+    start_run(tiny_config, run_dir, layout=Layout(time_chunk=8, row_chunk=1000), progress=False)
     return run_dir

@@ -1,4 +1,4 @@
-"""`crucible-record analyze` and crucible_record.analysis: every quantity against a direct computation.
+"""`crucible-record analyze` and crucible_record.crucible3.analysis: every quantity against a direct computation.
 
 The direct computations below are written independently with plain torch on W loaded whole from the
 tiny run (26 steps x 10,000 tokens x 16), not with the analysis code; a synthetic store whose answers
@@ -20,12 +20,12 @@ import torch
 
 import crucible_record as cr
 from crucible_record import analysis
-from crucible_record.analysis import analyze, quick_stats
-from crucible_record.config import RunConfig
+from crucible_record.crucible3.analysis import analyze, quick_stats
+from crucible_record.crucible3.config import RunConfig
 from crucible_record.errors import CrucibleError
-from crucible_record.report import PLOT_NAMES, analyze_run
+from crucible_record.crucible3.report import PLOT_NAMES, analyze_run
 from crucible_record.store import Layout, create_store, write_commit
-from crucible_record.trajectory import LazyW
+from crucible_record.crucible3.trajectory import LazyW
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -89,7 +89,7 @@ def make_store(run_dir: Path, W, h_mean, dead, committed: int, configured: int, 
     config = RunConfig(steps=configured, vocab_size=vocab, hidden_dim=hidden, num_heads=1, num_layers=1, device="cpu")
     group = create_store(run_dir, steps=configured, vocab_size=vocab, hidden_dim=hidden, dead_mask=np.asarray(dead),
                          attributes={"config": config.to_dict()},
-                         layout=Layout(time_chunk=time_chunk, token_chunk=vocab))
+                         layout=Layout(time_chunk=time_chunk, row_chunk=vocab))
     group["W"][: len(W)] = bf16_bits(W)
     if len(h_mean):
         group["h_mean"][: len(h_mean)] = np.asarray(h_mean, dtype=np.float32)
@@ -453,7 +453,7 @@ def test_example_dask_centroid(tiny_run, monkeypatch):
     pytest.importorskip("dask")
     text = _run_example("dask_centroid.py", tiny_run, monkeypatch)
     assert "dims of W: ('step', 'token', 'hidden')" in text
-    diff = float(text.split("max |dask - crucible_record.analysis.centroids| = ")[1].split()[0])
+    diff = float(text.split("max |dask - crucible_record.crucible3.analysis.centroids| = ")[1].split()[0])
     assert diff < 1e-6
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crucible_record.data import default_tokenizer_path
+from crucible_record.crucible3.data import default_tokenizer_path
 
 from .clirun import assert_one_line_error, run_cli
 from .test_cli import tiny_flags

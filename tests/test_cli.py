@@ -79,7 +79,7 @@ def test_dead_mask_command(capsys, tmp_path, tiny_corpus, tiny_run):
 
 
 def test_default_data_ships_with_a_realistic_dead_share():
-    from crucible_record.data import (default_corpus_path, default_tokenizer_path, derive_dead_mask,
+    from crucible_record.crucible3.data import (default_corpus_path, default_tokenizer_path, derive_dead_mask,
                                       load_tokenizer, tokenize_corpus)
 
     tokens = tokenize_corpus(default_corpus_path(), load_tokenizer(default_tokenizer_path(), 10000))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import crucible_record as cr
-from crucible_record.run import run_lock
+from crucible_record.crucible3.run import run_lock
 from crucible_record.store import committed_steps, open_store
 from crucible_record.verify import verify_run
 
@@ -57,7 +57,7 @@ def resume(run_dir):
 def arrays(run_dir, steps=None):
     t = cr.open(run_dir)
     n = t.steps if steps is None else steps
-    return t.W.numpy_bits(slice(0, n + 1)), t.h_mean.numpy()[:n], t.loss.numpy()[: n + 1].view(np.uint32)
+    return t.W.numpy(slice(0, n + 1)), t.h_mean.numpy()[:n], t.loss.numpy()[: n + 1].view(np.uint32)
 
 
 def assert_prefix_equal(run_dir, reference_dir):

@@ -103,7 +103,7 @@ def test_corrupted_chunk_is_reported(capsys, tmp_path, tiny_run):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_steps_do_not_synchronize(tmp_path, tiny_config):
     """On CUDA the training thread never waits for the device to record a step."""
-    from crucible_record.engine import load_inputs, train
+    from crucible_record.crucible3.engine import load_inputs, train
     from crucible_record.store import Layout, create_store
 
     config = tiny_config.replace(device="cuda", steps=12)

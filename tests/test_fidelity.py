@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from crucible_record.data import derive_dead_mask, load_tokenizer, save_dead_mask, tokenize_corpus
-from crucible_record.export import export_safetensors
-from crucible_record.run import start_run
-from crucible_record.store import Layout
-from crucible_record.trajectory import Trajectory
+from crucible_record.crucible3.data import derive_dead_mask, load_tokenizer, save_dead_mask, tokenize_corpus
+from crucible_record.crucible3.export import export_safetensors
+from crucible_record.crucible3.run import start_run
+from crucible_record.codecs import Layout
+from crucible_record.crucible3.trajectory import Trajectory
 
 from .conftest import TINY
 from .notebook_reference import run_notebook
@@ -41,7 +41,7 @@ def notebook_file(tmp_path_factory, tiny_corpus, tokenizer_path, mask_file):
 def test_export_is_byte_identical_to_notebook(tmp_path, tiny_config, mask_file, notebook_file, codec):
     config = tiny_config.replace(dead_mask=str(mask_file))
     # a time chunk that does not divide the steps: the last chunk is partial
-    start_run(config, tmp_path / "run", layout=Layout(time_chunk=7, token_chunk=3000, codec=codec), progress=False)
+    start_run(config, tmp_path / "run", layout=Layout(time_chunk=7, row_chunk=3000, codec=codec), progress=False)
     traj = Trajectory(tmp_path / "run")
     ours, meta = export_safetensors(traj, tmp_path / "export")
 

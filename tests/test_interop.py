@@ -14,6 +14,6 @@ def test_tensorstore_reads_default_store(tiny_run):
     path = str(tiny_run / "trajectory.zarr")
     W = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path + "/W"}}, read=True).result()
     assert W.domain.labels == ("step", "token", "hidden")
-    assert np.array_equal(W[: t.steps + 1].read().result(), t.W.numpy_bits(slice(None)))
+    assert np.array_equal(W[: t.steps + 1].read().result(), t.W.numpy(slice(None)))
     loss = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path + "/loss"}}, read=True).result()
     assert np.array_equal(loss[1 : t.steps + 1].read().result(), t.loss[1:].numpy())

@@ -19,7 +19,7 @@ from crucible_record.store import CODEC_PRESETS, Layout, committed_steps, create
 V, H = 300, 8
 
 
-def new_store(path, steps=20, codec="default", time_chunk=4, token_chunk=100):
+def new_store(path, steps=20, codec="default", time_chunk=4, row_chunk=100):
     dead = np.zeros(V, dtype=bool)
     dead[::3] = True
     return create_store(path, steps=steps, vocab_size=V, hidden_dim=H, dead_mask=dead,
@@ -84,7 +84,7 @@ def test_commits_whole_blocks_while_running(tmp_path):
 def test_all_zero_chunks_and_no_dead_tokens_are_stored(tmp_path):
     """Chunks equal to the fill value are written too, so 'missing' always means damage."""
     group = create_store(tmp_path, steps=3, vocab_size=V, hidden_dim=H, dead_mask=np.zeros(V, dtype=bool),
-                         attributes={"config": {}}, layout=Layout(time_chunk=2, token_chunk=100))
+                         attributes={"config": {}}, layout=Layout(time_chunk=2, row_chunk=100))
     with Recorder(group) as rec:
         for step in range(4):
             rec.record(step, W=torch.zeros(V, H), h_mean=torch.zeros(H) if step else None, loss=0.0)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import crucible_record as cr
-from crucible_record.export import export_safetensors
+from crucible_record.crucible3.export import export_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_notebook_quick_stats_cell_runs_unchanged(tiny_run, exported):
 
 
 def test_quick_stats_streaming_equals_in_ram(tiny_run, exported):
-    from crucible_record.analysis import quick_stats
+    from crucible_record.crucible3.analysis import quick_stats
 
     stats = quick_stats(cr.open(tiny_run))
     W = exported["W_bf16"]

@@ -66,7 +66,8 @@ def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
     if preset == "max":
         from zarr.codecs.numcodecs import Delta
 
-        delta = [Delta(dtype=np.dtype(storage_dtype).str)] if storage_dtype != "bool" else []
+        # Delta in floating point does not invert exactly; on integers (bf16 bits) it wraps: lossless
+        delta = [Delta(dtype=np.dtype(storage_dtype).str)] if np.dtype(storage_dtype).kind in "iu" else []
         return {"filters": step_last + delta, "compressors": [ZstdCodec(level=9), crc]}
     if preset == "fast":
         blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)
