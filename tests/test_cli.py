@@ -32,7 +32,7 @@ def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
 
     info = run_cli(capsys, "info", run)
     assert info.code == 0, info.err
-    for text in ("Committed steps: 25 of 25", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
+    for text in ("Crucible-3: 25 of 25 training steps", "Committed steps: 26 (steps 0..25) of 26", "W: (10000, 16) bfloat16", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
         assert text in info.out
 
     exported = run_cli(capsys, "export", run, "--format", "safetensors", "--out", tmp_path / "exp")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +13,10 @@ import time
 
 import numpy as np
 import pytest
+import zarr
 
 import crucible_record as cr
-from crucible_record.crucible3.run import run_lock
-from crucible_record.store import committed_steps, open_store
+from crucible_record.storage import run_lock
 from crucible_record.verify import verify_run
 
 from .clirun import assert_one_line_error, run_cli
@@ -27,13 +29,14 @@ def train_cmd(corpus, out, *extra):
     flags = tiny_flags(corpus)
     flags[flags.index("--steps") + 1] = str(STEPS)
     return [sys.executable, "-m", "crucible_record", "train", *flags, "--out", str(out),
-            "--time-chunk", "4", "--checkpoint-every", "6", *extra]
+            "--time-chunk", "4", *extra]
 
 
 def committed(run_dir) -> int:
+    """Training steps committed (commit.json counts step 0 too); -2 before the run exists."""
     try:
-        return committed_steps(open_store(run_dir))
-    except Exception:
+        return json.loads((run_dir / "trajectory.zarr" / "commit.json").read_text())["steps"] - 1
+    except (OSError, ValueError):
         return -2  # not created yet
 
 
@@ -121,8 +124,12 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
 
 
 def test_second_writer_is_refused(capsys, tmp_path, reference):
-    with run_lock(reference):
-        assert_one_line_error(run_cli(capsys, "train", "--resume", reference), "another process")
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "trajectory.zarr" / "commit.json").write_text('{"steps": 11}')  # stopped at step 10
+    with run_lock(run_dir):
+        assert_one_line_error(run_cli(capsys, "train", "--resume", run_dir), "another process")
+    assert committed(run_dir) == 10
 
 
 def killed_without_checkpoint(corpus, run_dir):
@@ -130,7 +137,7 @@ def killed_without_checkpoint(corpus, run_dir):
     proc = start_and_wait(train_cmd(corpus, run_dir), run_dir, 13)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    os.remove(run_dir / "checkpoint.pt")
+    os.remove(run_dir / "checkpoint.safetensors")
     return run_dir
 
 
@@ -145,9 +152,8 @@ def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corp
 def test_resume_detects_a_diverging_recomputation(tmp_path, tiny_corpus, reference):
     """If a recomputed step differs from the recorded one (other threads, other device), say so."""
     run_dir = killed_without_checkpoint(tiny_corpus, tmp_path / "run")
-    group = open_store(run_dir, mode="r+")
-    row = group["loss"][5]
-    group["loss"][5] = row + 1.0  # what a different machine would have produced
+    loss = zarr.open_array(run_dir / "trajectory.zarr" / "loss", mode="r+")
+    loss[5] = loss[5] + 1.0  # what a different machine would have produced
     before = committed(run_dir)
     done = resume(run_dir)
     assert done.returncode != 0 and "diverged at step 5" in done.stderr and "Traceback" not in done.stderr

@@ -65,7 +65,8 @@ class LazyField:
             data = self._array.oindex[selection] if advanced else self._array[selection]
         except Exception as e:  # zarr raises codec errors for damaged chunks
             raise CrucibleError(f"cannot read {self.name}{_show(key)}: {_describe(e)}") from e
-        return np.ascontiguousarray(data)
+        data = np.asarray(data)
+        return data if data.flags.c_contiguous else data.copy()  # (ascontiguousarray makes 0-d 1-d)
 
     def check_present(self, rows: range) -> None:
         missing = missing_blocks(self._store, self._array, self._array.path, rows)
@@ -133,7 +134,7 @@ class Run:
         if array.size and missing_blocks(self.store, array, name, range(array.shape[0] if array.ndim else 1)):
             raise CrucibleError(f"{name} is damaged: its chunk is missing (run `crucible-record verify`)")
         try:
-            data = np.ascontiguousarray(array[...])
+            data = np.asarray(array[...]).copy()
         except Exception as e:
             raise CrucibleError(f"cannot read {name}: {_describe(e)}") from e
         tensor = torch.from_numpy(data)
