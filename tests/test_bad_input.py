@@ -83,7 +83,11 @@ TRAIN_CASES = [
     ("wrong config type", ["--config", "{wrong_type}"], ["lr", "number"]),
     ("unknown codec", ["--codec", "lzma9000"], ["codec"]),
     ("zero time chunk", ["--time-chunk", "0"], ["chunk"]),
-    ("negative checkpoint", ["--checkpoint-every", "-1"], ["checkpoint"]),
+    ("zero token chunk", ["--token-chunk", "0"], ["chunk"]),
+    ("negative commit interval", ["--commit-interval", "-1"], ["--commit-interval"]),
+    ("nan commit interval", ["--commit-interval", "nan"], ["--commit-interval"]),
+    ("unknown durability", ["--durability", "maybe"], ["durability"]),
+    ("URL as out", ["--out", "s3://bucket/run"], ["URL"]),
 ]
 
 

@@ -25,6 +25,7 @@ STORE_NAME = "trajectory.zarr"
 LOCK_FILE = ".lock"
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
 DURABILITY = ("fsync", "none")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 class RunStore:
@@ -36,7 +37,7 @@ class RunStore:
         if durability not in DURABILITY:
             raise CrucibleError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
         text = str(run_dir)
-        if "://" in text:
+        if _URL.match(text):  # (pathlib turns "s3://b/run" into "s3:/b/run")
             raise CrucibleError(f"{text}: URLs are not supported yet; give a local directory")
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / STORE_NAME
