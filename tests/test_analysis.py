@@ -7,27 +7,26 @@ are known by construction pins the h_mean <-> W index pairing.
 
 from __future__ import annotations
 
-import io
 import json
-import runpy
-import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 import crucible_record as cr
-from crucible_record import analysis
+from crucible_record.codecs import Layout
 from crucible_record.crucible3.analysis import analyze, quick_stats
 from crucible_record.crucible3.config import RunConfig
-from crucible_record.errors import CrucibleError
+from crucible_record.crucible3.engine import fields
 from crucible_record.crucible3.report import PLOT_NAMES, analyze_run
-from crucible_record.store import Layout, create_store, write_commit
-from crucible_record.crucible3.trajectory import LazyW
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from crucible_record.crucible3.trajectory import EXPERIMENT
+from crucible_record.errors import CrucibleError
+from crucible_record.format import create_run, write_commit
+from crucible_record.reader import LazyField
+from crucible_record.storage import RunStore
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,18 +82,23 @@ def bf16_bits(values) -> np.ndarray:
 
 
 def make_store(run_dir: Path, W, h_mean, dead, committed: int, configured: int, time_chunk: int = 2) -> Path:
-    """A hand-made run: W (t, vocab, hidden) values (exact in bf16), h_mean rows, commit marker."""
+    """A hand-made Crucible run: W (t, vocab, hidden) values (exact in bf16), h_mean rows for steps
+    1.. (the run's row 0 is NaN, as recorded), commit marker after training step `committed`."""
     W = np.asarray(W, dtype=np.float32)
     vocab, hidden = W.shape[1], W.shape[2]
     config = RunConfig(steps=configured, vocab_size=vocab, hidden_dim=hidden, num_heads=1, num_layers=1, device="cpu")
-    group = create_store(run_dir, steps=configured, vocab_size=vocab, hidden_dim=hidden, dead_mask=np.asarray(dead),
-                         attributes={"config": config.to_dict()},
-                         layout=Layout(time_chunk=time_chunk, row_chunk=vocab))
+    dead = torch.tensor(dead, dtype=torch.bool)
+    store = RunStore(run_dir, read_only=False)
+    group = create_run(store, fields(config), steps=configured + 1,
+                       layout=Layout(time_chunk=time_chunk, row_chunk=vocab),
+                       attributes={"experiment": EXPERIMENT, "config": config.to_dict()},
+                       constants={"dead_mask": dead, "dead_indices": torch.nonzero(dead).flatten()})
     group["W"][: len(W)] = bf16_bits(W)
     if len(h_mean):
-        group["h_mean"][: len(h_mean)] = np.asarray(h_mean, dtype=np.float32)
+        group["h_mean"][1: len(h_mean) + 1] = np.asarray(h_mean, dtype=np.float32)
     group["loss"][1: committed + 1] = np.linspace(2.0, 1.0, committed, dtype=np.float32)
-    write_commit(group, committed, 1)
+    group["epoch"][: committed + 1] = 1
+    write_commit(store, committed + 1)
     return run_dir
 
 
@@ -193,12 +197,6 @@ def test_alignment_pairs_h_mean_i_with_W_i_plus_1(result, full):
     assert q3["mean_cos_hmean_live_centroid"] == pytest.approx(torch.stack(expect["cos_hmean_live_centroid"]).mean().item(), rel=1e-5)
 
 
-def test_pairing_documented():
-    for text in (analysis.__doc__, analysis.alignment.__doc__, analysis.INDEXING["transition"]):
-        assert "h_mean[i]" in text and "c_live[i+1]" in text
-    assert "step i+1" in analysis.INDEXING["h_mean"] and "W[i+1]" in analysis.INDEXING["h_mean"]
-
-
 # ----------------------------------------------------------------------------------------------
 # 4. bf16 stall
 # ----------------------------------------------------------------------------------------------
@@ -228,15 +226,16 @@ def test_block_size_does_not_change_results(traj, result, block):
 
 
 def test_reads_at_most_one_chunk_of_W_at_a_time(traj, monkeypatch):
-    original = LazyW.__getitem__
+    original = LazyField.__getitem__
     spans = []
 
     def spy(self, key):
         out = original(self, key)
-        spans.append(out.shape[0] if out.dim() == 3 else 1)
+        if self.name == "W":
+            spans.append(out.shape[0] if out.dim() == 3 else 1)
         return out
 
-    monkeypatch.setattr(LazyW, "__getitem__", spy)
+    monkeypatch.setattr(LazyField, "__getitem__", spy)
     analyze(cr.open(traj.run_dir))
     chunk = traj.group["W"].chunks[0]
     assert spans and max(spans) <= chunk < traj.steps + 1
@@ -395,21 +394,16 @@ def test_bad_inputs(tmp_path, tiny_run):
 
 
 def test_xarray_open_zarr_named_dims(tiny_run, full):
-    xr = pytest.importorskip("xarray")
-    pytest.importorskip("dask")
     ds = xr.open_zarr(tiny_run / "trajectory.zarr", consolidated=False)
     assert ds.W.dims == ("step", "token", "hidden") and ds.W.dtype == np.uint16
-    assert ds.h_mean.dims == ("step_minus_one", "hidden") and ds.loss.dims == ("step",)
-    assert ds.dead_mask.dims == ("token",)
+    assert ds.h_mean.dims == ("step", "hidden") and ds.loss.dims == ("step",) and ds.epoch.dims == ("step",)
+    assert ds.dead_mask.dims == ("token",) and ds.dead_indices.dims == ("dead_token",)
     assert np.array_equal(ds.W.values, full["W"].view(torch.uint16).numpy())
+    assert np.isnan(ds.h_mean.values[0]).all() and np.array_equal(ds.h_mean.values[1:], full["h"].numpy())
 
 
 def test_to_xarray_lazy_float32(traj, full):
-    pytest.importorskip("xarray")
-    da = pytest.importorskip("dask.array")
-    from crucible_record.xarray_view import to_xarray
-
-    ds = to_xarray(traj)
+    ds = traj.to_xarray()
     assert ds.W.dims == ("step", "token", "hidden") and ds.W.dtype == np.float32
     assert isinstance(ds.W.data, da.Array)  # lazy
     assert ds.W.data.chunksize[0] == traj.group["W"].chunks[0]
@@ -422,8 +416,6 @@ def test_to_xarray_lazy_float32(traj, full):
     assert np.array_equal(ds.dead_mask.values, full["dead"].numpy())
     c = ds.W.isel(token=np.flatnonzero(ds.dead_mask.values)).mean("token").values
     close(c, full["Wf"][:, full["dead"], :].mean(1), rtol=1e-5, atol=1e-8)
-    if hasattr(traj, "to_xarray"):  # Trajectory.to_xarray delegates here
-        assert np.array_equal(traj.to_xarray().W.isel(step=-1).values, full["Wf"][-1].numpy())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,37 +423,7 @@ def test_to_xarray_lazy_float32(traj, full):
 # ----------------------------------------------------------------------------------------------
 
 
-def _run_example(name, run_dir, monkeypatch) -> str:
-    monkeypatch.setattr(sys, "argv", [name, str(run_dir)])
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
-    return buffer.getvalue()
-
-
-def test_example_reproduce_notebook(tiny_run, monkeypatch, traj):
-    text = _run_example("reproduce_notebook.py", tiny_run, monkeypatch)
-    assert "CRUCIBLE 3 STATS" in text and "Live/Dead separation" in text
-    assert f"Distance at t={traj.steps}: {quick_stats(traj)['separation_last']:.6f}" in text
-    for question in ("Does h_mean keep its direction?", "Do live and dead centroids separate?",
-                     "Does h_mean point toward the live centroid?"):
-        assert question in text
-
-
-def test_example_dask_centroid(tiny_run, monkeypatch):
-    pytest.importorskip("xarray")
-    pytest.importorskip("dask")
-    text = _run_example("dask_centroid.py", tiny_run, monkeypatch)
-    assert "dims of W: ('step', 'token', 'hidden')" in text
-    diff = float(text.split("max |dask - crucible_record.crucible3.analysis.centroids| = ")[1].split()[0])
-    assert diff < 1e-6
-
-
 def test_cli_analyze(capsys, tiny_run, tmp_path):
-    from crucible_record.cli import cli
-
-    if "analyze" not in cli.commands:
-        pytest.skip("crucible-record analyze is not wired into cli.py yet")
     from .clirun import assert_one_line_error, run_cli
 
     result = run_cli(capsys, "analyze", tiny_run, "--out", tmp_path / "a")

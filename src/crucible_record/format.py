@@ -97,8 +97,7 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
             _write_whole(group, key, spec.row_indices, (f"{name}_row",), {"crucible_record": {"rows_of": name}})
             written += [f"{ROWS_GROUP}/zarr.json", f"{key}/zarr.json", f"{key}/c/0"]
     small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "filters": []}
-    for name, tensor in constants.items():
-        dims = tuple(f"{name}_{i}" for i in range(tensor.dim()))
+    for name, (tensor, dims) in constants.items():
         meta = {"constant": True, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
         if tensor.dtype == torch.bfloat16:
             meta["encoding"] = "bfloat16 bits stored as uint16"
@@ -126,17 +125,22 @@ def _write_whole(group, name: str, data: np.ndarray, dims, attributes, **codecs)
         array[...] = data
 
 
-def _check_constants(constants: Mapping[str, Any], fields: Mapping[str, Field]) -> dict[str, torch.Tensor]:
+def _check_constants(constants: Mapping[str, Any], fields: Mapping[str, Field]) -> dict[str, tuple]:
+    """name -> tensor, or name -> (tensor, dims): tensors stored once, beside the fields."""
     checked = {}
     for name, value in constants.items():
         check_name(name)
-        if name in fields or name.lower() in {n.lower() for n in checked}:
+        if name.lower() in {n.lower() for n in [*fields, *checked]}:
             raise CrucibleError(f"constant {name!r} has the name of a field or of another constant")
+        value, dims = value if isinstance(value, tuple) and len(value) == 2 else (value, None)
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor) or value.dtype not in DTYPES:
-            raise CrucibleError(f"constant {name!r} must be a tensor of a supported dtype")
-        checked[name] = value.detach().cpu().contiguous()
+            raise CrucibleError(f"constant {name!r} must be a tensor of a supported dtype (or a (tensor, dims) pair)")
+        dims = tuple(dims) if dims is not None else tuple(f"{name}_{i}" for i in range(value.dim()))
+        if len(dims) != value.dim() or not all(isinstance(d, str) and d for d in dims):
+            raise CrucibleError(f"constant {name!r}: dims must name each of its {value.dim()} axes, got {dims!r}")
+        checked[name] = (value.detach().cpu().contiguous(), dims)
     return checked
 
 

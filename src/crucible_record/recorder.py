@@ -53,7 +53,8 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     """Create a run at `path` (refusing an existing one) and return its Recorder.
 
     steps: None = open-ended (arrays grow as the run goes); N = steps 0..N-1, arrays sized up front.
-    constants: tensors stored once beside the fields (e.g. a token mask).
+    constants: tensors stored once beside the fields (e.g. a token mask): name -> tensor, or
+        name -> (tensor, dims) to name its axes.
     resume=True: reopen an existing run with the same fields; recording continues at
     ``rec.next_step``, its committed step count. `steps`, `attributes`, `constants` and `layout`
     are then the run's own and must not be given.
