@@ -122,7 +122,7 @@ def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
     """Every field's committed rows (recorded dtype, bf16 as BF16), every constant, and the row
     indices of row-subset fields (``<name>.rows``), in ``RUN_NAME.safetensors``. The file's
     metadata holds each field's step numbers (start, every) as JSON."""
-    (target,) = check_targets(Path(out_dir), [f"{run.run_dir.name or 'run'}.safetensors"], force)
+    (target,) = check_targets(Path(out_dir), [f"{run.store.name or 'run'}.safetensors"], force)
     tensors = {}
     for name, spec in run.fields.items():
         field = run[name]

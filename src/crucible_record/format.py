@@ -20,11 +20,11 @@ from .codecs import Layout, chunking, codecs_for, time_chunk_for
 from .errors import CrucibleError
 from .fields import (BF16_NAN_BITS, DTYPES, Field, check_fields, check_name, dtype_name,
                      field_from_description, stored_dims)
-from .storage import STORE_NAME, RunStore
+from .storage import MARKER, STORE_NAME, LocalRunStore, RunStore
 
 FORMAT_NAME = "crucible-record"
 FORMAT_VERSION = 2
-COMMIT_KEY = "commit.json"
+COMMIT_KEY = MARKER
 ROWS_GROUP = ".rows"
 # zarr skips chunks equal to the fill value; every chunk is written so that an absent chunk always
 # means damage (readers check for it) and never "all fill".
@@ -69,11 +69,11 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
         raise CrucibleError(f"steps must be a positive integer or None (open-ended), got {steps!r}")
     constants = _check_constants(constants or {}, fields)
     attributes = dict(attributes or {})
-    try:
-        group = zarr.open_group(store.store, mode="w-", zarr_format=3)
+    store.claim_new()  # on an object store: the conditional create that makes this the only writer
+    try:  # (on a disk the caller holds the run's lock, and "w-" refuses an existing group)
+        group = zarr.open_group(store.store, mode="w-" if isinstance(store, LocalRunStore) else "a", zarr_format=3)
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-        raise CrucibleError(f"{store.run_dir} already holds a run; choose a new path (or resume it)") from None
-    written = ["zarr.json"]
+        raise CrucibleError(f"{store.location} already holds a run; choose a new path (or resume it)") from None
     for name, spec in fields.items():
         step_bytes = int(np.prod(spec.stored_shape, dtype=np.int64)) * np.dtype(spec.storage_dtype).itemsize
         time_chunk = time_chunk_for(layout, step_bytes)
@@ -91,11 +91,9 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
             **chunking(spec.stored_shape, time_chunk, layout.row_chunk),
             **codecs_for(layout.codec, 1 + len(spec.stored_shape), spec.storage_dtype),
         )
-        written.append(f"{name}/zarr.json")
         if spec.row_indices is not None:
             key = f"{ROWS_GROUP}/{name}"
             _write_whole(group, key, spec.row_indices, (f"{name}_row",), {"crucible_record": {"rows_of": name}})
-            written += [f"{ROWS_GROUP}/zarr.json", f"{key}/zarr.json", f"{key}/c/0"]
     small = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "filters": []}
     for name, (tensor, dims) in constants.items():
         meta = {"constant": True, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
@@ -103,7 +101,6 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
             meta["encoding"] = "bfloat16 bits stored as uint16"
             tensor = tensor.view(torch.uint16)
         _write_whole(group, name, tensor.numpy(), dims, {"crucible_record": meta}, **small)
-        written += [f"{name}/zarr.json"] + ([f"{name}/c" + "/0" * max(tensor.dim(), 1)] if tensor.numel() else [])
     group.attrs.update({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -113,7 +110,7 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
         "steps": steps,
         "attributes": attributes,
     })
-    store.sync(written)
+    store.sync_all()  # everything written so far is durable before the first marker
     write_commit(store, 0)
     return group
 
@@ -148,36 +145,34 @@ def open_group(store: RunStore, mode: str = "r"):
     """Open a run's group and read its metadata, refusing what is not a run of a known version."""
     import zarr
 
-    if not store.run_dir.exists():
-        raise CrucibleError(f"run directory not found: {store.run_dir}")
-    if not store.exists("zarr.json"):
-        raise CrucibleError(f"{store.run_dir} is not a crucible-record run (no {STORE_NAME})")
+    if not store.run_exists():
+        raise CrucibleError(f"{store.location} is not a crucible-record run (no {STORE_NAME})")
     try:
         group = zarr.open_group(store.store, mode=mode, zarr_format=3)
         attrs = dict(group.attrs)
     except Exception as e:
-        raise CrucibleError(f"{store.run_dir}: cannot open {STORE_NAME}: {type(e).__name__}: {e}") from None
+        raise CrucibleError(f"{store.location}: cannot open {STORE_NAME}: {type(e).__name__}: {e}") from None
     if attrs.get("format") != FORMAT_NAME:
-        raise CrucibleError(f"{store.run_dir} is not a crucible-record run (no format marker)")
+        raise CrucibleError(f"{store.location} is not a crucible-record run (no format marker)")
     version = attrs.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CrucibleError(f"{store.run_dir}: unreadable format version {version!r}")
+        raise CrucibleError(f"{store.location}: unreadable format version {version!r}")
     if version > FORMAT_VERSION:
         raise CrucibleError(
-            f"{store.run_dir} was written by a newer crucible-record (format {version}, this one reads "
+            f"{store.location} was written by a newer crucible-record (format {version}, this one reads "
             f"{FORMAT_VERSION}); upgrade crucible-record"
         )
     info = _info_v1(attrs) if version == 1 else _info_v2(group, attrs, store)
     for name in list(info.fields) + info.constants:
         if name not in group:
-            raise CrucibleError(f"{store.run_dir} is damaged: array {name} is missing")
+            raise CrucibleError(f"{store.location} is damaged: array {name} is missing")
     return group, info
 
 
 def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
     described = attrs.get("fields")
     if not isinstance(described, dict) or not described:
-        raise CrucibleError(f"{store.run_dir} is damaged: no field descriptions")
+        raise CrucibleError(f"{store.location} is damaged: no field descriptions")
     fields = {}
     for name, description in described.items():
         rows = None
@@ -185,7 +180,7 @@ def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
             try:
                 rows = np.asarray(group[f"{ROWS_GROUP}/{name}"][...])
             except Exception as e:
-                raise CrucibleError(f"{store.run_dir} is damaged: row indices of {name}: {type(e).__name__}") from None
+                raise CrucibleError(f"{store.location} is damaged: row indices of {name}: {type(e).__name__}") from None
         fields[check_name(name)] = field_from_description(description, rows)
     return RunInfo(version=2, fields=fields, constants=list(attrs.get("constants", [])),
                    attributes=dict(attrs.get("attributes") or {}), layout=Layout.from_dict(attrs.get("layout", {})),
@@ -215,13 +210,13 @@ def read_commit(store: RunStore, group) -> dict[str, Any]:
         return {"steps": int(commit.get("steps", -1)) + 1, "epoch": int(commit.get("epoch", 0))}
     commit = store.read_json(COMMIT_KEY)
     if not isinstance(commit, dict) or not isinstance(commit.get("steps"), int) or commit["steps"] < 0:
-        raise CrucibleError(f"{store.run_dir} is damaged: {COMMIT_KEY} is missing or malformed")
+        raise CrucibleError(f"{store.location} is damaged: {COMMIT_KEY} is missing or malformed")
     return commit
 
 
 def write_commit(store: RunStore, steps: int) -> None:
     """Move the marker: written atomically after the data it vouches for is durable."""
-    store.write_json(COMMIT_KEY, {"steps": int(steps)})
+    store.write_marker({"steps": int(steps)})
 
 
 def block_keys(array, array_key: str, block: int) -> list[str]:

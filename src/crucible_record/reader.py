@@ -17,7 +17,7 @@ import torch
 from .errors import CrucibleError
 from .fields import Field
 from .format import RunInfo, missing_blocks, open_group, read_commit
-from .storage import RunStore
+from .storage import RunStore, open_store
 
 
 class LazyField:
@@ -89,8 +89,9 @@ class Run:
     """A run opened for reading. Everything reflects the committed steps at open time."""
 
     def __init__(self, path: str | Path):
-        self.store = RunStore(path)
-        self.run_dir = self.store.run_dir
+        self.store = open_store(path)
+        self.location = self.store.location  # a local path or a URL
+        self.run_dir = self.store.run_dir  # a Path for a local run, None for a URL
         self._group, self.info = open_group(self.store)
         self.commit = read_commit(self.store, self._group)
         self.committed_steps = int(self.commit["steps"])  # steps 0 .. committed_steps-1 are readable
@@ -123,7 +124,7 @@ class Run:
             return self._fields[name]
         if name in self.info.constants:
             return self.constant(name)
-        raise KeyError(f"{name!r} is neither a field nor a constant of {self.run_dir} "
+        raise KeyError(f"{name!r} is neither a field nor a constant of {self.location} "
                        f"(fields: {', '.join(self.info.fields)})")
 
     def __contains__(self, name: str) -> bool:
@@ -156,7 +157,7 @@ class Run:
         return run_to_xarray(self)
 
     def __repr__(self) -> str:
-        return f"Run({str(self.run_dir)!r}, committed_steps={self.committed_steps}, fields={list(self.info.fields)})"
+        return f"Run({self.location!r}, committed_steps={self.committed_steps}, fields={list(self.info.fields)})"
 
 
 def normalize_key(key, shape) -> tuple[tuple, bool]:

@@ -39,7 +39,7 @@ from .errors import CrucibleError, RecorderError
 from .fields import Field, as_tensor
 from .format import (WRITE_ALL, block_keys, create_run, fill_value, open_group, read_commit,
                      write_commit)
-from .storage import RunStore, run_lock
+from .storage import RunStore, open_store
 
 DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
 _POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
@@ -63,36 +63,31 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
         raise CrucibleError(f"commit_interval must be a positive number of seconds, got {commit_interval!r}")
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
         raise CrucibleError(f"slots must be an integer >= 1, got {slots!r}")
-    run_dir = Path(path)
-    store = RunStore(run_dir, read_only=False, durability=durability)
+    store = open_store(path, read_only=False, durability=durability)
     with ExitStack() as stack:
         if not resume:
-            if store.root.exists():
-                raise CrucibleError(f"{run_dir} already holds a run; choose a new path (or resume it)")
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise CrucibleError(f"cannot create {run_dir}: {e.strerror or e}") from None
-            stack.enter_context(run_lock(run_dir))
+            store.prepare_new()
+            stack.enter_context(store.writer_lock())
             create_run(store, fields, steps=steps, layout=layout or Layout(time_chunk=None),
                        attributes=attributes, constants=constants)
         else:
             if steps is not None or attributes is not None or constants is not None or layout is not None:
                 raise CrucibleError("resume=True continues a run with its own steps, attributes, constants and layout; drop them")
             open_group(store)  # a clear error if this is not a run, before taking the lock
-            stack.enter_context(run_lock(run_dir))
-            store.sweep_partial_files()
+            stack.enter_context(store.writer_lock())
         group, info = open_group(store, mode="r+")
         if info.version < 2:
-            raise CrucibleError(f"{run_dir} is a format-{info.version} run: it can be read, not continued")
+            raise CrucibleError(f"{store.location} is a format-{info.version} run: it can be read, not continued")
         if resume:
-            _check_same_fields(run_dir, fields, info.fields)
+            _check_same_fields(store.location, fields, info.fields)
+            store.claim_existing()
+            store.sweep_partial_files()
         recorder = Recorder(store, group, info.fields, info.steps, read_commit(store, group)["steps"],
                             commit_interval=float(commit_interval), slots=slots, release=stack.pop_all())
     return recorder
 
 
-def _check_same_fields(run_dir: Path, given: Mapping[str, Field], stored: Mapping[str, Field]) -> None:
+def _check_same_fields(run_dir: str, given: Mapping[str, Field], stored: Mapping[str, Field]) -> None:
     if set(given) != set(stored):
         raise CrucibleError(f"{run_dir} records fields {sorted(stored)}, not {sorted(given)}")
     for name, spec in given.items():
@@ -166,7 +161,7 @@ class Recorder:
     def __init__(self, store: RunStore, group, fields: dict[str, Field], steps: int | None, committed: int, *,
                  commit_interval: float, slots: int, release: ExitStack):
         self.store, self.fields, self.steps = store, fields, steps
-        self.run_dir = store.run_dir
+        self.location = store.location
         self.commit_interval = commit_interval
         self._release = release  # the run lock, released at close
         self._blocks = {name: _Block(group[name], name, spec, steps is not None, spec.rows_at(committed))
@@ -288,7 +283,7 @@ class Recorder:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RecorderError(f"writing {self.run_dir} failed: {_describe(self._error)}") from self._error
+            raise RecorderError(f"writing {self.location} failed: {_describe(self._error)}") from self._error
 
     # ----- writer thread ---------------------------------------------------------------------
     def _run_writer(self) -> None:
@@ -334,13 +329,14 @@ class Recorder:
 
     def _commit(self, steps: int) -> None:
         """Write every partial block whole, make the files durable, then move the marker."""
+        self.store.check_writer()
         for name, block in self._blocks.items():
             if block.dirty:
                 self._written.extend(block.write())
         for key in ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]:
             # zarr would silently recreate a deleted store's folders; refuse to commit into nothing.
             if not self.store.exists(key):
-                raise FileNotFoundError(f"the run {self.run_dir} disappeared during the run ({key} is gone)")
+                raise FileNotFoundError(f"the run {self.location} disappeared during the run ({key} is gone)")
         self.store.sync(dict.fromkeys(self._written))
         self._written.clear()
         write_commit(self.store, steps)

@@ -1,10 +1,19 @@
-"""Where a run lives: a run directory holding a Zarr v3 store, and durable, atomic writes to it.
+"""Where a run lives: a local directory or a URL (``s3://``, ``file://``, ``memory://``), as a zarr store.
 
-zarr's LocalStore replaces every file atomically (temporary file + rename, zarr >= 3.1.3), which
-covers process kills; it never fsyncs, so durability against power loss is done here: after a
-batch of writes, :meth:`RunStore.sync` fsyncs the files and then their directories, and only then
-is the commit marker written (atomically) and fsynced with its directory. Keys, not paths, are
-what the rest of the package passes around (``W/c/0/0/0``, ``commit.json``).
+Keys, not paths, are what the rest of the package passes around (``W/c/0/0/0``, ``commit.json``).
+Two kinds of run store share one interface:
+
+* :class:`LocalRunStore`: zarr's LocalStore replaces every file atomically (temporary file +
+  rename, zarr >= 3.1.3), which covers process kills; it never fsyncs, so durability against power
+  loss is done here: :meth:`sync` fsyncs the files written since the last commit, then their
+  directories, before the commit marker is replaced (atomically) and fsynced with its directory.
+  One writer per run: an OS file lock.
+* :class:`ObjectRunStore`: zarr's ObjectStore over obstore. A PUT is atomic and durable once it
+  returns, one PUT per shard. S3 has no locks: the run is created by a conditional create of its
+  commit marker (If-None-Match) and every later marker update is conditional on the marker's ETag
+  (If-Match), so a second writer is refused. Credentials and endpoint come from the standard
+  environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL,
+  AWS_ALLOW_HTTP); no listing caches stand between a live reader and new steps.
 """
 
 from __future__ import annotations
@@ -15,64 +24,161 @@ import json
 import os
 import re
 import stat
-from contextlib import contextmanager
+import uuid
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from .errors import CrucibleError
 
 STORE_NAME = "trajectory.zarr"
 LOCK_FILE = ".lock"
+MARKER = "commit.json"
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
 DURABILITY = ("fsync", "none")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # (pathlib folds "s3://b/run" into "s3:/b/run")
+URL_SCHEMES = ("s3", "file", "memory")
+_MEMORY: dict[str, Any] = {}  # memory:// stores of this process, by URL
+
+
+def is_url(location: str | Path) -> bool:
+    return bool(_URL.match(str(location))) and len(str(location).split(":", 1)[0]) > 1
+
+
+def open_store(location: str | Path, *, read_only: bool = True, durability: str = "fsync") -> "RunStore":
+    """The run store at `location`: a local directory, ``file://``, ``s3://`` or ``memory://`` URL."""
+    if durability not in DURABILITY:
+        raise CrucibleError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
+    text = str(location)
+    if not is_url(text):
+        return LocalRunStore(Path(location), read_only=read_only, durability=durability)
+    scheme = text.split(":", 1)[0].lower()
+    if scheme not in URL_SCHEMES:
+        raise CrucibleError(f"{text}: unsupported URL scheme {scheme!r}; use a local path or one of "
+                            f"{', '.join(s + '://' for s in URL_SCHEMES)}")
+    if scheme == "file":
+        return LocalRunStore(Path(urlparse(text).path), read_only=read_only, durability=durability)
+    if "://" not in text or not urlparse(text).netloc:
+        raise CrucibleError(f"{text}: a URL needs a bucket (or name) and a path, e.g. {scheme}://bucket/runs/x")
+    return ObjectRunStore(text.rstrip("/"), read_only=read_only)
 
 
 class RunStore:
-    """A run directory and the zarr store inside it."""
+    """A run: its zarr store (``RUN/trajectory.zarr``) and a few run-level files beside it."""
 
-    def __init__(self, run_dir: str | Path, *, read_only: bool = True, durability: str = "fsync"):
+    location: str
+    name: str
+    store: Any  # the zarr store of RUN/trajectory.zarr
+
+    # ----- keys of the zarr store ---------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        buf = sync(self.store.get(key, default_buffer_prototype()))
+        return None if buf is None else buf.to_bytes()
+
+    def set(self, key: str, data: bytes) -> None:
+        """One atomic write (a PUT; a temporary file + rename on disk)."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+    def exists(self, key: str) -> bool:
+        from zarr.core.sync import sync
+
+        return bool(sync(self.store.exists(key)))
+
+    def read_json(self, key: str) -> Any | None:
+        """A small JSON document of the run, or None if absent. Never unpickled, never executed."""
+        data = self.get(key)
+        if data is None:
+            return None
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CrucibleError(f"{self.location}: {key} is not valid JSON ({e})") from None
+
+    # ----- what differs between disks and object stores -------------------------------------
+    def run_exists(self) -> bool:
+        raise NotImplementedError
+
+    def prepare_new(self) -> None:
+        """Before creating a run here: refuse an existing one, make the place."""
+        raise NotImplementedError
+
+    def claim_new(self) -> None:
+        """The first write of a new run: it must not exist yet (atomic on object stores)."""
+
+    def claim_existing(self) -> None:
+        """Before continuing a run: become its only writer (object stores: fence the last one)."""
+
+    def check_writer(self) -> None:
+        """Raise if another writer took the run over (object stores; a no-op under a file lock)."""
+
+    def write_marker(self, doc: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def sync(self, keys) -> None:
+        """Make `keys` durable before a commit (no-op where a write is durable when it returns)."""
+
+    def sync_all(self) -> None:
+        """Make every file of the store durable (once, after creating a run)."""
+
+    def sweep_partial_files(self) -> int:
+        return 0
+
+    def bytes_on_disk(self) -> int:
+        raise NotImplementedError
+
+    def writer_lock(self):
+        return nullcontext()
+
+    def put_file(self, name: str, data: bytes) -> None:
+        """A run-level file beside the store (e.g. a checkpoint), replaced atomically."""
+        raise NotImplementedError
+
+    def get_file(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+
+class LocalRunStore(RunStore):
+    def __init__(self, run_dir: Path, *, read_only: bool = True, durability: str = "fsync"):
         import zarr
 
-        if durability not in DURABILITY:
-            raise CrucibleError(f"durability must be one of {', '.join(DURABILITY)}, got {durability!r}")
-        text = str(run_dir)
-        if _URL.match(text):  # (pathlib turns "s3://b/run" into "s3:/b/run")
-            raise CrucibleError(f"{text}: URLs are not supported yet; give a local directory")
         self.run_dir = Path(run_dir)
+        self.location = str(self.run_dir)
+        self.name = self.run_dir.name
         self.root = self.run_dir / STORE_NAME
         self.durability = durability
         self.store = zarr.storage.LocalStore(self.root, read_only=read_only)
 
-    # ----- keys ----------------------------------------------------------------------------
     def path(self, key: str) -> Path:
         return self.root / key
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
-    def read_json(self, key: str) -> Any | None:
-        """A small JSON document of the run, or None if absent. Never unpickled, never executed."""
+    def run_exists(self) -> bool:
+        if not self.run_dir.exists():
+            raise CrucibleError(f"run directory not found: {self.run_dir}")
+        return self.exists("zarr.json")
+
+    def prepare_new(self) -> None:
+        if self.root.exists():
+            raise CrucibleError(f"{self.run_dir} already holds a run; choose a new path (or resume it)")
         try:
-            with open(self.path(key), "rb") as f:
-                data = f.read(1 << 20)
-        except FileNotFoundError:
-            return None
-        try:
-            return json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CrucibleError(f"{self.run_dir}: {key} is not valid JSON ({e})") from None
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CrucibleError(f"cannot create {self.run_dir}: {e.strerror or e}") from None
 
-    def write_json(self, key: str, value: Any) -> None:
-        """Atomic replace (temporary file + rename), then fsync file and directory."""
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
+    def write_marker(self, doc: dict[str, Any]) -> None:
+        """Atomic replace (temporary file + rename), then fsync the file and the store root."""
+        self.set(MARKER, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+        self.sync([MARKER])
 
-        data = (json.dumps(value, indent=2) + "\n").encode("utf-8")
-        sync(self.store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
-        self.sync([key])
-
-    # ----- durability ----------------------------------------------------------------------
     def sync(self, keys) -> None:
         """fsync the files of `keys`, then every directory from theirs up to the store root."""
         if self.durability == "none":
@@ -88,6 +194,9 @@ class RunStore:
         for directory in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first
             _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
 
+    def sync_all(self) -> None:
+        self.sync([p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()])
+
     def sweep_partial_files(self) -> int:
         """Remove temporary files a killed writer left behind; returns how many."""
         removed = 0
@@ -101,6 +210,119 @@ class RunStore:
         """Bytes of the store's files, temporaries left by a kill not counted."""
         return sum(p.stat().st_size for p in self.root.rglob("*")
                    if p.is_file() and not _PARTIAL.search(p.name))
+
+    def writer_lock(self):
+        return run_lock(self.run_dir)
+
+    def put_file(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.run_dir / name, data)
+
+    def get_file(self, name: str) -> bytes | None:
+        path = self.run_dir / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise CrucibleError(f"{path} is not a regular file; refusing to read it")
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+class ObjectRunStore(RunStore):
+    """A run under an object-store URL; see the module docstring for the writer protocol."""
+
+    def __init__(self, url: str, *, read_only: bool = True):
+        import zarr
+
+        self.location = url
+        self.name = url.rsplit("/", 1)[-1]
+        self.run_dir = None
+        self._objects = _object_store(url)  # run-level files (checkpoints)
+        self._zarr_objects = _object_store(f"{url}/{STORE_NAME}")
+        self.store = zarr.storage.ObjectStore(self._zarr_objects, read_only=read_only)
+        self._etag: str | None = None  # of the marker this writer last wrote
+        self.token = uuid.uuid4().hex  # this writer, named in the marker
+
+    def run_exists(self) -> bool:
+        return self.exists("zarr.json")
+
+    def prepare_new(self) -> None:
+        if self.exists(MARKER) or self.exists("zarr.json"):
+            raise CrucibleError(f"{self.location} already holds a run; choose a new path (or resume it)")
+
+    def claim_new(self) -> None:
+        import obstore
+
+        try:
+            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({"steps": 0, "writer": self.token}),
+                                 mode="create")
+        except Exception as e:
+            if type(e).__name__ in ("AlreadyExistsError", "PreconditionError"):
+                raise CrucibleError(f"{self.location} already holds a run (created by another writer just now)") from None
+            raise
+        self._etag = result["e_tag"]
+
+    def claim_existing(self) -> None:
+        import obstore
+
+        meta = obstore.head(self._zarr_objects, MARKER)
+        doc = self.read_json(MARKER) or {}
+        self._update_marker({**doc, "writer": self.token}, meta["e_tag"])
+
+    def check_writer(self) -> None:
+        import obstore
+
+        if self._etag is not None and obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etag:
+            raise CrucibleError(f"another writer took over {self.location}; this one stops (nothing of it was committed)")
+
+    def write_marker(self, doc: dict[str, Any]) -> None:
+        self._update_marker({**doc, "writer": self.token}, self._etag)
+
+    def _update_marker(self, doc: dict[str, Any], etag: str | None) -> None:
+        import obstore
+
+        try:
+            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes(doc),
+                                 mode={"e_tag": etag} if etag else "create")
+        except Exception as e:
+            if type(e).__name__ in ("PreconditionError", "AlreadyExistsError"):
+                raise CrucibleError(f"{self.location} is being written by another writer "
+                                    f"(its commit marker changed under this one)") from None
+            raise
+        self._etag = result["e_tag"]
+
+    def bytes_on_disk(self) -> int:
+        import obstore
+
+        return sum(meta["size"] for batch in obstore.list(self._zarr_objects) for meta in batch)
+
+    def put_file(self, name: str, data: bytes) -> None:
+        import obstore
+
+        obstore.put(self._objects, name, data)
+
+    def get_file(self, name: str) -> bytes | None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self._objects, name).bytes())
+        except FileNotFoundError:
+            return None
+
+
+def _marker_bytes(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
+def _object_store(url: str):
+    """An obstore store for `url`; credentials and endpoint from the environment (never from the URL)."""
+    from obstore.store import MemoryStore, from_url
+
+    if url.startswith("memory://"):
+        return _MEMORY.setdefault(url, MemoryStore())
+    try:
+        return from_url(url)
+    except Exception as e:
+        raise CrucibleError(f"{url}: cannot open object store: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def _fsync_path(path: Path, flags: int) -> None:
@@ -142,8 +364,6 @@ def run_lock(run_dir: str | Path):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """A local file replaced atomically and durably: temporary file, fsync, rename, fsync dir."""
-    import uuid
-
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:

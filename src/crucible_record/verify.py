@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import CrucibleError
 from .format import missing_blocks, open_group, read_commit, write_commit
 from .heap import limit_heap_growth
-from .storage import RunStore, run_lock
+from .storage import open_store
 
 
 @dataclass
@@ -28,7 +28,7 @@ class VerifyReport:
 def verify_run(run_dir: str | Path) -> VerifyReport:
     """Decode every chunk holding committed rows; crc32c checksums catch flipped bits."""
     limit_heap_growth()
-    store = RunStore(run_dir)
+    store = open_store(run_dir)
     group, info = open_group(store)
     steps = read_commit(store, group)["steps"]
     report = VerifyReport(steps=steps)
@@ -75,11 +75,12 @@ def repair_run(run_dir: str | Path) -> tuple[int, int]:
         return report.steps, report.steps
     if report.constants_damaged:
         raise CrucibleError(f"{run_dir}: a constant or row-index array is damaged; the marker cannot repair that")
-    store = RunStore(run_dir, read_only=False)
+    store = open_store(run_dir, read_only=False)
     group, info = open_group(store)
     if info.version < 2:
         raise CrucibleError(f"{run_dir} is a format-1 run: repair needs format 2")
-    with run_lock(store.run_dir):
+    with store.writer_lock():
+        store.claim_existing()
         steps = min(report.first_bad_step.values())
         write_commit(store, steps)
     return report.steps, steps

@@ -66,7 +66,7 @@ def run_to_xarray(run):
         variables[name] = (tuple(array.metadata.dimension_names or ()), value.float().numpy()
                            if value.dtype.is_floating_point else value.numpy())
     return xr.Dataset(variables, coords=coords,
-                      attrs={"run_dir": str(run.run_dir), "committed_steps": run.committed_steps})
+                      attrs={"run": run.location, "committed_steps": run.committed_steps})
 
 
 def crucible_to_xarray(traj):
@@ -95,7 +95,7 @@ def crucible_to_xarray(traj):
             "live_mask": (("token",), ~dead, {"description": "tokens that occur in the corpus"}),
         },
         coords={"step": np.arange(n + 1), "token": np.arange(vocab)},
-        attrs={"run_dir": str(traj.run_dir), "committed_steps": n,
+        attrs={"run": traj.location, "committed_steps": n,
                "configured_steps": int(traj.attrs.get("config", {}).get("steps", n)),
                "config": json.dumps(traj.attrs.get("config", {}))},
     )

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
+import struct
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import CrucibleError
-from ..storage import atomic_write_bytes
+from ..storage import RunStore
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _META_KEY = "crucible_checkpoint"
@@ -57,27 +57,28 @@ def snapshot(step: int, epoch: int, batches_done: int, epoch_rng_state: torch.Te
     return {"tensors": tensors, "meta": meta}
 
 
-def save(run_dir: str | Path, snap: dict[str, Any]) -> None:
+def save(store: RunStore, snap: dict[str, Any]) -> None:
+    """Replace the run's checkpoint atomically (and durably: fsync on a disk, one PUT on S3)."""
     from safetensors.torch import save
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in snap["tensors"].items()}
-    data = save(tensors, metadata={_META_KEY: json.dumps(snap["meta"])})
-    atomic_write_bytes(Path(run_dir) / CHECKPOINT_FILE, data)
+    store.put_file(CHECKPOINT_FILE, save(tensors, metadata={_META_KEY: json.dumps(snap["meta"])}))
 
 
-def load(run_dir: str | Path) -> dict[str, Any] | None:
+def load(store: RunStore) -> dict[str, Any] | None:
     """The checkpoint, or None if there is none. A malformed file gets a one-line refusal."""
-    from safetensors import safe_open
+    from safetensors.torch import load
 
-    path = Path(run_dir) / CHECKPOINT_FILE
-    if path.is_symlink() or (path.exists() and not path.is_file()):
-        raise CrucibleError(f"checkpoint {path} is not a regular file; refusing it (delete it to resume from step 0)")
-    if not path.exists():
+    path = f"{store.location}/{CHECKPOINT_FILE}"
+    try:
+        data = store.get_file(CHECKPOINT_FILE)
+    except CrucibleError as e:
+        raise CrucibleError(f"checkpoint {e}; delete it to resume from step 0") from None
+    if data is None:
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[_META_KEY])
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        meta = json.loads(_metadata(data)[_META_KEY])
+        tensors = load(data)
         if not isinstance(meta, dict) or meta.get("version") != _VERSION:
             raise ValueError("unknown checkpoint version")
         for key in ("step", "epoch", "batches_done"):
@@ -87,6 +88,14 @@ def load(run_dir: str | Path) -> dict[str, Any] | None:
         raise CrucibleError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"delete it to resume from step 0") from None
     return {"tensors": tensors, "meta": meta}
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__ (JSON, as the format defines it)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8 or length > 100_000_000:
+        raise ValueError("header length out of range")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
 def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -112,14 +112,14 @@ def train(
     recorder=None,
     *,
     progress: bool = True,
-    checkpoints_to: Path | None = None,
+    checkpoints_to=None,
     resume_from: dict | None = None,
     replay: StepHook | None = None,
 ) -> TrainResult:
     """Run the notebook's experiment, handing every step to `recorder` (None: train unrecorded).
 
-    checkpoints_to: at each commit point of the recorder, a snapshot is saved there once that step
-        is committed (never ahead of the data).
+    checkpoints_to: a run store; at each commit point of the recorder a snapshot is saved to it
+        once that step is committed (never ahead of the data).
     resume_from: a checkpoint (crucible3.checkpoint.load); training continues after its step.
     replay: steps before ``recorder.next_step`` are already recorded; they are recomputed and
         passed to `replay` (which checks them against the store) instead of being recorded again.

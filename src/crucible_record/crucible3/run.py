@@ -22,7 +22,7 @@ from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format import open_group, read_commit
 from ..recorder import DEFAULT_COMMIT_INTERVAL, Recorder, record
-from ..storage import RunStore
+from ..storage import is_url, open_store
 from . import checkpoint
 from .config import RunConfig
 from .engine import Inputs, fields, load_inputs, resolve_device, train
@@ -49,9 +49,10 @@ def start_run(
     progress: bool = True,
 ) -> RunSummary:
     """Train a new run into RUN_DIR (which must not exist, or be empty)."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise CrucibleError(f"--out {run_dir} already exists and is not empty; choose a new directory")
+    if not is_url(run_dir):
+        run_dir = Path(run_dir)
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise CrucibleError(f"--out {run_dir} already exists and is not empty; choose a new directory")
     layout.validate()
     inputs = load_inputs(config)  # every input is checked before anything is written
     device = resolve_device(config.device)
@@ -79,8 +80,7 @@ def start_run(
 def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
                durability: str = "fsync", progress: bool = True) -> RunSummary:
     """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run."""
-    run_dir = Path(run_dir)
-    store = RunStore(run_dir)
+    store = open_store(run_dir)
     group, info = open_group(store)  # a clear error if this is not a run
     if info.version < 2:
         raise CrucibleError(f"{run_dir} was recorded by crucible-record 0.1 (format 1): it can be read and exported, not resumed")
@@ -95,14 +95,14 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
     resolve_device(config.device)
     recorder = record(run_dir, fields(config), resume=True, commit_interval=commit_interval, durability=durability)
-    ckpt = checkpoint.load(run_dir)
+    ckpt = checkpoint.load(recorder.store)
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
     checkpoints = bool(info.attributes.get("checkpoints", True))
     return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt)
 
 
-def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir: Path, checkpoints: bool,
+def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpoints: bool,
                     progress: bool, ckpt: dict | None = None) -> RunSummary:
     started = time.perf_counter()
     try:
@@ -112,7 +112,7 @@ def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir: Path, c
                 inputs,
                 recorder,
                 progress=progress,
-                checkpoints_to=run_dir if checkpoints else None,
+                checkpoints_to=recorder.store if checkpoints else None,
                 resume_from=ckpt,
                 replay=_ReplayCheck(run_dir) if recorder.next_step > 0 else None,
             )
@@ -148,7 +148,7 @@ class _ReplayCheck:
     Each stored block is decoded once (the recomputed steps of a block are checked against it).
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir):
         from ..reader import Run
 
         self.run = Run(run_dir)

@@ -36,10 +36,10 @@ class Trajectory(Run):
     def __init__(self, source: str | Path | Run):
         run = source if isinstance(source, Run) else Run(source)
         if not is_crucible(run):
-            raise CrucibleError(f"{run.run_dir} is not a Crucible-3 run (it records {', '.join(run.fields)}); "
+            raise CrucibleError(f"{run.location} is not a Crucible-3 run (it records {', '.join(run.fields)}); "
                                 f"this command needs one")
         if run.committed_steps < 1:
-            raise CrucibleError(f"{run.run_dir} has no committed step yet")
+            raise CrucibleError(f"{run.location} has no committed step yet")
         self.__dict__.update(run.__dict__)  # the opened run's state: nothing is read twice
         self.attrs: dict[str, Any] = run.attributes
         self.steps = run.committed_steps - 1  # training steps: W holds steps 0..steps
@@ -86,4 +86,4 @@ class Trajectory(Run):
         return crucible_to_xarray(self)
 
     def __repr__(self) -> str:
-        return f"Trajectory({str(self.run_dir)!r}, steps={self.steps}, W={tuple(self.W.shape)})"
+        return f"Trajectory({self.location!r}, steps={self.steps}, W={tuple(self.W.shape)})"
