@@ -160,6 +160,22 @@ class Run:
         return f"Run({self.location!r}, committed_steps={self.committed_steps}, fields={list(self.info.fields)})"
 
 
+def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
+    """Stored rows [start, stop) of one field, opened afresh from `location` (for dask tasks:
+    only the location and the row range travel; the commit marker is not re-read)."""
+    import zarr
+
+    store = open_store(location)
+    array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
+    missing = missing_blocks(store, array, name, range(start, stop))
+    if missing:
+        raise CrucibleError(f"{name} is damaged: a chunk holding rows {start}-{stop - 1} is missing")
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as e:
+        raise CrucibleError(f"cannot read {name}[{start}:{stop}]: {_describe(e)}") from e
+
+
 def normalize_key(key, shape) -> tuple[tuple, bool]:
     """A torch/numpy style key -> a zarr selection within `shape` (the committed rows)."""
     if not isinstance(key, tuple):

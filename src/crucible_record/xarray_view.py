@@ -35,18 +35,33 @@ def _imports():
     return da, xr
 
 
-def field_dask(field):
-    """A LazyField as a dask array over its committed rows, chunks = whole shards, bf16 -> float32.
-    Checks first that no chunk holding committed rows is missing (zarr would read fill values)."""
+def field_dask(field, location: str):
+    """A LazyField as a dask array over its committed rows, one chunk per stored block of steps
+    (a whole shard), bf16 decoded to float32. Checks first that no chunk holding committed rows is
+    missing (zarr would read fill values). Each task reopens the run from its location (a path or
+    URL; credentials come from the worker's environment), so no store object or key is pickled
+    into the graph, and reads exactly its rows of the prefix committed when the graph was built."""
+    import dask
     import torch
 
     da, _ = _imports()
     field.check_present(range(len(field)))
-    array = field.array
-    data = da.from_zarr(array, chunks=array.shards or array.chunks)[: len(field)]
-    if field.dtype == torch.bfloat16:
-        data = data.map_blocks(bf16_bits_to_float32, dtype=np.float32)
-    return data
+    block = field.array.chunks[0]
+    bf16 = field.dtype == torch.bfloat16
+    dtype = np.float32 if bf16 else field.array.dtype
+    parts = [da.from_delayed(dask.delayed(_read_block)(location, field.name, start, min(start + block, len(field)), bf16),
+                             shape=(min(start + block, len(field)) - start,) + tuple(field.shape[1:]), dtype=dtype)
+             for start in range(0, len(field), block)]
+    if not parts:
+        return da.zeros((0,) + tuple(field.shape[1:]), dtype=dtype)
+    return da.concatenate(parts)
+
+
+def _read_block(location: str, name: str, start: int, stop: int, bf16: bool) -> np.ndarray:
+    from .reader import read_rows
+
+    data = read_rows(location, name, start, stop)
+    return bf16_bits_to_float32(data) if bf16 else data
 
 
 def run_to_xarray(run):
@@ -56,7 +71,7 @@ def run_to_xarray(run):
     for name in run.fields:
         field = run[name]
         dims = tuple(field.array.metadata.dimension_names or ())
-        variables[name] = (dims, field_dask(field), {"every": field.every})
+        variables[name] = (dims, field_dask(field, run.location), {"every": field.every})
         coords[dims[0]] = np.asarray(field.steps, dtype=np.int64)
         if field.rows is not None:
             coords[dims[1]] = field.rows.numpy()
@@ -79,18 +94,18 @@ def crucible_to_xarray(traj):
     da, xr = _imports()
     n = traj.steps
     hidden, vocab = traj.W.shape[2], traj.W.shape[1]
-    h_mean = field_dask(traj["h_mean"])
+    h_mean = field_dask(traj["h_mean"], traj.location)
     if traj["h_mean"].steps.start == 1:  # format 1 stored h_mean from step 1
         h_mean = da.concatenate([da.full((1, hidden), np.nan, dtype=np.float32, chunks=(1, hidden)), h_mean])
     dead = traj.dead_mask.numpy().astype(bool)
     return xr.Dataset(
         {
-            "W": (("step", "token", "hidden"), field_dask(traj.W),
+            "W": (("step", "token", "hidden"), field_dask(traj.W, traj.location),
                   {"description": "token embedding after step t (t = 0: initialisation)",
                    "encoding": "bfloat16 values decoded exactly to float32"}),
             "h_mean": (("step", "hidden"), h_mean,
                        {"description": "mean final hidden state of the forward pass of training step t; NaN at step 0"}),
-            "loss": (("step",), field_dask(traj["loss"]), {"description": "training loss of step t; NaN at step 0"}),
+            "loss": (("step",), field_dask(traj["loss"], traj.location), {"description": "training loss of step t; NaN at step 0"}),
             "dead_mask": (("token",), dead, {"description": "tokens that never occur in the corpus"}),
             "live_mask": (("token",), ~dead, {"description": "tokens that occur in the corpus"}),
         },
