@@ -25,7 +25,7 @@ def open(path):  # noqa: A001 - the public name is cr.open
     from .crucible3.trajectory import Trajectory, is_crucible
 
     run = Run(path)
-    return Trajectory(run) if is_crucible(run) and run.committed_steps > 0 else run
+    return Trajectory(run) if is_crucible(run) else run  # (which refuses 0 committed steps in one line)
 
 
 __all__ = ["CrucibleError", "Field", "Layout", "LazyField", "Recorder", "RecorderError", "Run", "open",

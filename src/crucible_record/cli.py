@@ -226,6 +226,28 @@ def dead_mask(corpus, tokenizer, vocab_size, out, force):
     click.echo(f"Wrote {out}: {n_dead} dead, {vocab_size - n_dead} live tokens")
 
 
+@cli.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--metadata", "metadata", type=click.Path(path_type=Path), default=None,
+              help="the notebook's metadata.json (config, epochs, date, device) [default: config from the shapes]")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="new run directory")
+@click.option("--time-chunk", type=int, default=64, show_default=True, help="steps per stored block")
+@click.option("--token-chunk", type=int, default=Layout.row_chunk, show_default=True, help="tokens per inner chunk")
+@click.option("--codec", type=click.Choice(CODEC_PRESETS), default=Layout.codec, show_default=True,
+              help="compression preset (all lossless)")
+def import_notebook_file(file, metadata, out, time_chunk, token_chunk, codec):
+    """Turn the notebook's crucible_3_trajectory.safetensors into a Crucible-3 run (export gives it back)."""
+    from .crucible3.importer import import_notebook
+
+    s = import_notebook(file, out, metadata, layout=Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec))
+    click.echo(f"Imported {file}: {s.steps} steps, vocab {s.vocab}, hidden {s.hidden} -> {s.run_dir} "
+               f"({_size(s.bytes_on_disk)} on disk)")
+    click.echo(f"Config from {s.config_from}; epoch known at {s.epochs_known} of {s.steps} steps (-1 = unknown)")
+    click.echo("`crucible-record export` gives back the file byte for byte" if s.byte_identical_export else
+               "`crucible-record export` gives back the same tensors; the bytes differ (the file's header is not "
+               "laid out as safetensors' save_file lays it out)")
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":

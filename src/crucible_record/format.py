@@ -219,6 +219,32 @@ def write_commit(store: RunStore, steps: int) -> None:
     store.write_marker({"steps": int(steps)})
 
 
+def encode_block(array, block: int, rows: np.ndarray) -> dict[str, bytes]:
+    """The chunk (shard) files of time block `block` of `array` holding `rows`, encoded by zarr's own
+    codec pipeline: store key -> bytes.
+
+    zarr's write of a sharded array reads the existing shard first and merges into it (a
+    read-modify-write: a GET over the network on S3, and a failure if the old shard is damaged).
+    The block is therefore encoded into a scratch in-memory array with the same metadata, whose
+    shape is just this block, and its files are then written whole (one PUT each, atomic)."""
+    import json
+
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+
+    meta = json.loads(array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+    meta["shape"] = list(rows.shape)
+    scratch = zarr.storage.MemoryStore()
+    scratch._store_dict["zarr.json"] = default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())
+    zarr.open_array(scratch, mode="r+", zarr_format=3).with_config(WRITE_ALL)[...] = rows
+    files = {}
+    for key, buf in scratch._store_dict.items():
+        if key != "zarr.json":  # "c/0/j/k" -> "c/<block>/j/k" in the real array
+            coords = [int(c) for c in key.split("/")[1:]]
+            files[f"{array.path}/{array.metadata.encode_chunk_key((block, *coords[1:]))}"] = buf.to_bytes()
+    return files
+
+
 def block_keys(array, array_key: str, block: int) -> list[str]:
     """Store keys of every chunk (or shard) file holding rows of time block `block`."""
     unit = array.shards or array.chunks

@@ -37,8 +37,8 @@ import torch
 from .codecs import Layout
 from .errors import CrucibleError, RecorderError
 from .fields import Field, as_tensor
-from .format import (WRITE_ALL, block_keys, create_run, fill_value, open_group, read_commit,
-                     write_commit)
+from .format import (WRITE_ALL, create_run, encode_block, fill_value, missing_blocks, open_group,
+                     read_commit, write_commit)
 from .storage import RunStore, open_store
 
 DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
@@ -98,7 +98,8 @@ def _check_same_fields(run_dir: str, given: Mapping[str, Field], stored: Mapping
 class _Block:
     """The rows of one field's current block of steps; written to its array as one region."""
 
-    def __init__(self, array, key: str, spec: Field, sized: bool, committed_rows: int):
+    def __init__(self, store: RunStore, array, key: str, spec: Field, sized: bool, committed_rows: int):
+        self.store = store
         self.array = array.with_config(WRITE_ALL)
         self.key = key
         self.sized = sized
@@ -108,7 +109,10 @@ class _Block:
         self.start = committed_rows - committed_rows % self.rows
         self.filled = committed_rows - self.start
         self.dirty = False
-        if self.filled:  # resuming inside a block: keep its committed rows
+        if self.filled:  # resuming inside a block: keep its committed rows (never fill read as data)
+            if missing_blocks(store, self.array, key, range(self.start, committed_rows)):
+                raise CrucibleError(f"{key} is damaged: the chunk holding its committed rows {self.start}-"
+                                    f"{committed_rows - 1} is missing (run `crucible-record verify --repair`)")
             self.buf[: self.filled] = self.array[self.start:committed_rows]
         if not sized and self.array.shape[0] != committed_rows:
             self.array.resize((committed_rows,) + self.buf.shape[1:])  # drop uncommitted rows
@@ -130,8 +134,9 @@ class _Block:
             self.array.resize((stop,) + self.buf.shape[1:])
             keys.append(f"{self.key}/zarr.json")
         end = min(self.start + self.rows, self.array.shape[0])
-        self.array[self.start:end] = self.buf[: end - self.start]
-        keys += block_keys(self.array, self.key, self.start // self.rows)
+        for key, data in encode_block(self.array, self.start // self.rows, self.buf[: end - self.start]).items():
+            self.store.set(key, data)
+            keys.append(key)
         self.dirty = False
         if self.full:
             self.start, self.filled = stop, 0
@@ -164,7 +169,7 @@ class Recorder:
         self.location = store.location
         self.commit_interval = commit_interval
         self._release = release  # the run lock, released at close
-        self._blocks = {name: _Block(group[name], name, spec, steps is not None, spec.rows_at(committed))
+        self._blocks = {name: _Block(store, group[name], name, spec, steps is not None, spec.rows_at(committed))
                         for name, spec in fields.items()}
         self._rows_on: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._slots = [_Slot() for _ in range(slots)]

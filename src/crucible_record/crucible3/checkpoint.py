@@ -121,5 +121,6 @@ def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim
             torch.cuda.set_rng_state_all(cuda)
         torch.set_rng_state(tensors["rng.torch_epoch"])
     except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CrucibleError(f"checkpoint does not fit this run ({type(e).__name__}: {e}); delete it to resume from step 0") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CrucibleError(f"checkpoint does not fit this run ({type(e).__name__}: {first}); delete it to resume from step 0") from None
     return meta["step"], meta["epoch"], meta["batches_done"]

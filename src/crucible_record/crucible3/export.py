@@ -33,7 +33,7 @@ def notebook_metadata(traj: Trajectory) -> dict:
     c = traj.config
     n_dead = int(traj.dead_mask.sum())
     final_loss = float(traj.loss[-1]) if traj.steps > 0 else float("nan")
-    return {
+    meta = {
         "experiment": "Crucible 3",
         "series": "Crucible",
         "date": traj.attrs.get("date", ""),
@@ -53,7 +53,7 @@ def notebook_metadata(traj: Trajectory) -> dict:
         "n_dead_tokens": n_dead,
         "n_live_tokens": c.vocab_size - n_dead,
         "final_loss": final_loss,
-        "total_epochs": traj.epochs,
+        "total_epochs": traj.epochs if traj.epochs >= 0 else None,  # -1: unknown (an imported file)
         "device": traj.attrs.get("provenance", {}).get("device", ""),
         "data_shapes": {
             "W": list(traj.W.shape),
@@ -62,3 +62,8 @@ def notebook_metadata(traj: Trajectory) -> dict:
         },
         "notes": "h_mean persistence and live/dead separation study. Records all tokens + h_mean[t]. Same seed as Crucible 1 & 2.",
     }
+    kept = traj.attrs.get("notebook_metadata")
+    if isinstance(kept, dict):  # an imported notebook file: its values where the tensors cannot say them
+        meta.update((key, kept[key]) for key in ("experiment", "series", "date", "total_epochs", "device", "notes")
+                    if key in kept)
+    return meta

@@ -94,8 +94,8 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     if _input_hashes(inputs) != info.attributes.get("inputs"):
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
     resolve_device(config.device)
+    ckpt = checkpoint.load(store)  # before taking the run: a refusal leaves it as it was
     recorder = record(run_dir, fields(config), resume=True, commit_interval=commit_interval, durability=durability)
-    ckpt = checkpoint.load(recorder.store)
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
     checkpoints = bool(info.attributes.get("checkpoints", True))

@@ -1,0 +1,489 @@
+"""`crucible-record import`: a notebook output file -> a Crucible-3 run, streamed.
+
+The notebook saves ``crucible_3_trajectory.safetensors`` (``W`` uint16 bf16 bits (steps+1, vocab,
+hidden), ``h_mean`` float32 (steps, hidden), ``loss`` float32 (steps+1,) with ``loss[0]`` NaN,
+``dead_mask`` bool (vocab,), ``dead_indices`` int64) and ``metadata.json``. The import makes the run
+a recorded one would be (format 2, the fields of :func:`engine.fields`): step ``s`` holds ``W[s]``,
+``h_mean[s-1]`` and ``loss[s]``; at step 0 h_mean is NaN (as the engine records it) and loss is the
+file's own ``loss[0]`` (NaN in every notebook file; anything else is refused). Exporting the run
+(``crucible-record export``) gives back the input file byte for byte (when its header is laid out as
+safetensors' ``save_file`` lays it out, which the notebook's always is; the import says so
+otherwise), and, with ``--metadata``, a ``metadata.json`` equal to the input one.
+
+What the file does not say, the run does not invent:
+
+- **epoch**: the file does not record at which step each epoch began. The notebook's DataLoader
+  (``drop_last=True``) gives every epoch the same number B of batches, so step ``s`` (1-based) is in
+  epoch ``ceil(s / B)``; B is unknown, but the metadata's ``total_epochs`` E bounds it
+  (``(E-1)*B < steps <= E*B``). A step's epoch is recorded where every such B gives the same
+  answer, and **-1 (unknown)** elsewhere. Step 0 (the initial embedding, before any epoch) is 0, as
+  the engine records it; step 1 is always epoch 1; the last step is always E. Without metadata only
+  steps 0 and 1 are known. The metadata itself is kept whole in the run's attributes
+  (``notebook_metadata``), and the export's ``metadata.json`` takes ``total_epochs`` and the
+  values no tensor holds (date, device, notes, ...) from it.
+- **config**: from ``metadata.json`` when given (every key the notebook writes is required and
+  checked against the tensors: steps, vocabulary, width, dead-token counts, final loss, shapes);
+  without it, steps, vocab_size and hidden_dim come from the shapes and every other key is a
+  RunConfig default (num_heads 1 when 2 does not divide the width), which
+  ``attributes["import"]["config_from"]`` says. corpus/tokenizer/dead_mask paths are unknown (None);
+  the device the notebook ran on is kept in ``provenance`` (its config is the notebook's
+  auto-detection: ``auto``).
+
+Nothing is written until the whole input has been checked: a bad file, bad metadata or an existing
+``--out`` is one CrucibleError and leaves no run behind. The run is written into a hidden sibling
+folder and renamed to ``--out`` only when complete; a failure (or Ctrl-C) part way removes it.
+Memory stays flat in the file's size: the file is read with plain reads (not memory-mapped: mapped
+pages count as resident memory), one block of ``time_chunk`` steps at a time, through the
+Recorder (``cr.record``), whose own memory is one block per field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..codecs import Layout, time_chunk_for
+from ..errors import CrucibleError
+from ..export import safetensors_header
+from ..recorder import record
+from ..storage import is_url, open_store
+from .config import RunConfig
+from .engine import fields
+from .trajectory import EXPERIMENT
+
+# name -> (safetensors dtype, numpy dtype, number of dimensions)
+NOTEBOOK_TENSORS = {
+    "W": ("U16", "<u2", 3),
+    "h_mean": ("F32", "<f4", 2),
+    "loss": ("F32", "<f4", 1),
+    "dead_mask": ("BOOL", "|u1", 1),
+    "dead_indices": ("I64", "<i8", 1),
+}
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
+             "F32": 4, "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+# metadata.json key -> RunConfig key (the notebook's constants)
+CONFIG_KEYS = {"total_steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "learning_rate": "lr",
+               "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2", "epsilon": "eps",
+               "vocab_size": "vocab_size", "hidden_dim": "hidden_dim", "num_layers": "num_layers",
+               "num_heads": "num_heads", "random_seed": "seed"}
+# every key the notebook's metadata.json holds, in its order
+METADATA_KEYS = ("experiment", "series", "date", *CONFIG_KEYS, "n_dead_tokens", "n_live_tokens", "final_loss",
+                 "total_epochs", "device", "data_shapes", "notes")
+_TEXT_KEYS = ("experiment", "series", "date", "device", "notes")
+UNKNOWN_EPOCH = -1
+_MAX_HEADER = 100_000_000  # safetensors' own limit
+
+
+@dataclass
+class NotebookFile:
+    """A checked notebook output file: where each tensor's bytes are."""
+
+    path: Path
+    size: int
+    header: bytes  # length prefix + JSON, as in the file
+    data_start: int
+    entries: dict[str, tuple[str, list[int], int, int]]  # name -> (dtype, shape, begin, end) in the data
+
+    @property
+    def steps(self) -> int:
+        return self.entries["W"][1][0] - 1
+
+    @property
+    def vocab(self) -> int:
+        return self.entries["W"][1][1]
+
+    @property
+    def hidden(self) -> int:
+        return self.entries["W"][1][2]
+
+    def read(self, f, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Rows [first, first+count) of a tensor, by plain reads (never memory-mapped)."""
+        dtype, shape, begin, _ = self.entries[name]
+        np_dtype = np.dtype(NOTEBOOK_TENSORS[name][1])
+        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        count = shape[0] - first if count is None else count
+        out = np.empty((count, *shape[1:]), dtype=np_dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        offset = self.data_start + begin + first * row_items * np_dtype.itemsize
+        done = 0
+        try:
+            f.seek(offset)
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CrucibleError(f"{self.path} ended early, inside tensor {name}")
+                done += n
+        except OSError as e:
+            raise CrucibleError(f"cannot read {self.path}: {e.strerror or e}") from None
+        return out.astype(np_dtype.newbyteorder("="), copy=False)
+
+    @property
+    def canonical(self) -> bool:
+        """Is the header what safetensors' save_file (and so `export`) writes for these tensors?"""
+        tensors = {name: (dtype, shape, end - begin) for name, (dtype, shape, begin, end) in self.entries.items()}
+        return safetensors_header(tensors)[0] == self.header
+
+
+@dataclass
+class ImportSummary:
+    run_dir: Path
+    steps: int
+    vocab: int
+    hidden: int
+    config_from: str
+    byte_identical_export: bool
+    epochs_known: int  # training steps whose epoch is known (of `steps`)
+    bytes_on_disk: int
+
+
+def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | None = None, *,
+                    layout: Layout | None = None, durability: str = "fsync") -> ImportSummary:
+    """Turn the notebook's safetensors file (and metadata.json) into a Crucible-3 run at `out`."""
+    if is_url(out):
+        raise CrucibleError(f"--out {out}: import writes a local run directory (copy it to a store afterwards)")
+    file, out = Path(file), Path(out)
+    layout = layout or Layout()
+    layout.validate()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CrucibleError(f"--out {out} already exists and is not empty; choose a new directory")
+    nb = read_notebook_file(file)
+    with open(file, "rb") as f:
+        check_tensors(nb, f)
+    meta = load_metadata(Path(metadata)) if metadata is not None else None
+    if meta is not None:
+        config = check_metadata(meta, nb, Path(metadata))
+        config_from = f"metadata file {Path(metadata).name}"
+    else:
+        config = inferred_config(nb)
+        config_from = ("tensor shapes (steps, vocab_size, hidden_dim); every other key is a RunConfig default"
+                       + (", num_heads 1 (2 does not divide hidden_dim)" if config.num_heads == 1 else "")
+                       + ", not necessarily the notebook's value")
+    epochs = EpochBounds(nb.steps, meta["total_epochs"] if meta is not None else None)
+    canonical = nb.canonical
+    attributes = {
+        "experiment": EXPERIMENT,
+        "config": config.to_dict(),
+        "provenance": {"imported_by": f"crucible-record {_version()}",
+                       "device": meta["device"] if meta is not None else "unknown"},
+        "checkpoints": False,
+        "import": {
+            "source": file.name,
+            "sha256": _sha256(file),
+            "bytes": nb.size,
+            "imported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "config_from": config_from,
+            "epoch": "the file does not record epoch boundaries: -1 = unknown; known where every batches-per-epoch "
+                     "count consistent with total_steps and total_epochs gives the same epoch",
+            "epochs_known": epochs.known_steps(),
+            "byte_identical_export": canonical,
+        },
+    }
+    if meta is not None:
+        attributes["date"] = meta["date"]
+        attributes["notebook_metadata"] = meta
+    with open(file, "rb") as f:
+        dead_mask = torch.from_numpy(nb.read(f, "dead_mask").astype(bool))
+        dead_indices = torch.from_numpy(nb.read(f, "dead_indices").astype(np.int64))
+    _write_run(nb, out, config, attributes, dead_mask, dead_indices, epochs, layout, durability)
+    return ImportSummary(out, nb.steps, nb.vocab, nb.hidden, config_from, canonical, epochs.known_steps(),
+                         open_store(out).bytes_on_disk())
+
+
+# ----- checking the input --------------------------------------------------------------------
+def read_notebook_file(path: Path) -> NotebookFile:
+    """Parse and check the safetensors header: the notebook's five tensors, dtypes and shapes."""
+    if not path.exists():
+        raise CrucibleError(f"file not found: {path}")
+    if not path.is_file():
+        raise CrucibleError(f"{path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CrucibleError(f"{path} is not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CrucibleError(f"{path} is not a safetensors file (its first 8 bytes give a header of {n} bytes)")
+            text = f.read(n)
+    except OSError as e:
+        raise CrucibleError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CrucibleError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CrucibleError(f"{path} is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    entries, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+            ok = (dtype in _ITEMSIZE and all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
+                  and end - begin == math.prod(shape) * _ITEMSIZE[dtype])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CrucibleError(f"{path} is not a safetensors file (bad header entry for tensor {name!r})")
+        entries[name] = (dtype, shape, begin, end)
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise CrucibleError(f"{path} is not a safetensors file (tensor data overlaps or leaves gaps)")
+        position = end
+    if 8 + n + position != size:
+        raise CrucibleError(f"{path} is not a safetensors file (its header describes {position} bytes of data, "
+                            f"the file holds {size - 8 - n}: truncated or padded)")
+    _check_with_safetensors(path)
+    nb = NotebookFile(path, size, prefix + text, 8 + n, entries)
+    _check_layout(nb)
+    return nb
+
+
+def _check_with_safetensors(path: Path) -> None:
+    """The safetensors library's own checks (it opens the header only; no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CrucibleError(f"{path} is not a safetensors file ({text})") from None
+
+
+def _check_layout(nb: NotebookFile) -> None:
+    name = nb.path
+    missing = [t for t in NOTEBOOK_TENSORS if t not in nb.entries]
+    if missing:
+        raise CrucibleError(f"{name} is not a notebook output: tensor(s) {', '.join(missing)} missing "
+                            f"(it holds {', '.join(nb.entries) or 'none'})")
+    extra = sorted(set(nb.entries) - set(NOTEBOOK_TENSORS))
+    if extra:
+        raise CrucibleError(f"{name} is not a notebook output: unexpected tensor(s) {', '.join(extra)} "
+                            f"(a Crucible-3 run would drop them)")
+    for t, (dtype, _, ndim) in NOTEBOOK_TENSORS.items():
+        got, shape = nb.entries[t][0], nb.entries[t][1]
+        if got != dtype:
+            raise CrucibleError(f"{name}: tensor {t} has dtype {got}, the notebook writes {dtype}")
+        if len(shape) != ndim:
+            raise CrucibleError(f"{name}: tensor {t} has shape {shape}, the notebook writes {ndim} dimension(s)")
+    W, h_mean, loss = (nb.entries[t][1] for t in ("W", "h_mean", "loss"))
+    dead_mask, dead_indices = nb.entries["dead_mask"][1], nb.entries["dead_indices"][1]
+    steps = W[0] - 1
+    if steps < 1:
+        raise CrucibleError(f"{name}: W has shape {W}: no training step (the notebook writes steps+1 rows)")
+    if W[1] < 1 or W[2] < 1:
+        raise CrucibleError(f"{name}: W has shape {W}: an empty vocabulary or width")
+    if h_mean[0] != steps or loss[0] != steps + 1:
+        raise CrucibleError(f"{name}: inconsistent step counts: W has {W[0]} rows (steps+1), h_mean {h_mean[0]} "
+                            f"(steps), loss {loss[0]} (steps+1)")
+    if h_mean[1] != W[2]:
+        raise CrucibleError(f"{name}: h_mean has shape {h_mean}, its width differs from W's {W[2]}")
+    if dead_mask[0] != W[1]:
+        raise CrucibleError(f"{name}: dead_mask has shape {dead_mask}, W's vocabulary is {W[1]}")
+    if dead_indices[0] > W[1]:
+        raise CrucibleError(f"{name}: dead_indices has {dead_indices[0]} entries for a vocabulary of {W[1]}")
+
+
+def check_tensors(nb: NotebookFile, f) -> None:
+    """The values the steps' rows do not stream: masks consistent, loss[0] NaN."""
+    mask = nb.read(f, "dead_mask")
+    if (mask > 1).any():
+        raise CrucibleError(f"{nb.path}: dead_mask holds bytes other than 0 and 1")
+    indices = nb.read(f, "dead_indices")
+    if not np.array_equal(indices, np.flatnonzero(mask)):
+        raise CrucibleError(f"{nb.path}: dead_indices does not list the tokens set in dead_mask "
+                            f"({len(indices)} indices, {int(mask.sum())} dead tokens)")
+    first = nb.read(f, "loss", 0, 1)[0]
+    if not np.isnan(first):
+        raise CrucibleError(f"{nb.path}: loss[0] is {float(first)}, the notebook writes NaN (no step yet)")
+
+
+def load_metadata(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise CrucibleError(f"cannot read metadata file {path}: {e.strerror or e}") from None
+    try:
+        meta = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CrucibleError(f"metadata file {path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CrucibleError(f"metadata file {path} must hold a JSON object, not {type(meta).__name__}")
+    missing = [k for k in METADATA_KEYS if k not in meta]
+    if missing:
+        raise CrucibleError(f"metadata file {path} lacks the notebook's key(s) {', '.join(missing)}")
+    unknown = sorted(set(meta) - set(METADATA_KEYS))
+    if unknown:
+        raise CrucibleError(f"metadata file {path} has key(s) the notebook does not write: {', '.join(unknown)}")
+    return meta
+
+
+def check_metadata(meta: dict[str, Any], nb: NotebookFile, path: Path) -> RunConfig:
+    """The config the metadata gives, after checking every value the tensors also say."""
+    def bad(text: str) -> CrucibleError:
+        return CrucibleError(f"metadata file {path} does not match {nb.path.name}: {text}")
+
+    for key in _TEXT_KEYS:
+        if not isinstance(meta[key], str):
+            raise CrucibleError(f"metadata file {path}: {key} must be a string, got {meta[key]!r}")
+    try:
+        config = RunConfig.from_dict({CONFIG_KEYS[k]: meta[k] for k in CONFIG_KEYS})
+    except CrucibleError as e:
+        raise CrucibleError(f"metadata file {path}: {e}") from None
+    for key, value in (("total_steps", nb.steps), ("vocab_size", nb.vocab), ("hidden_dim", nb.hidden)):
+        if meta[key] != value:
+            raise bad(f"{key} is {meta[key]}, the tensors have {value}")
+    n_dead = nb.entries["dead_indices"][1][0]
+    for key, value in (("n_dead_tokens", n_dead), ("n_live_tokens", nb.vocab - n_dead)):
+        if _int(meta[key]) != value:
+            raise bad(f"{key} is {meta[key]!r}, dead_mask has {value}")
+    shapes = {t: nb.entries[t][1] for t in ("W", "h_mean", "loss")}
+    if meta["data_shapes"] != shapes:
+        raise bad(f"data_shapes is {meta['data_shapes']!r}, the tensors have {shapes}")
+    with open(nb.path, "rb") as f:
+        last = float(nb.read(f, "loss", nb.steps, 1)[0])
+    final = meta["final_loss"]
+    if isinstance(final, bool) or not isinstance(final, (int, float)) or not (
+            final == last or (math.isnan(final) and math.isnan(last))):
+        raise bad(f"final_loss is {final!r}, loss[-1] is {last!r}")
+    epochs = _int(meta["total_epochs"])
+    if epochs is None or not 1 <= epochs <= nb.steps or (epochs - 1) * -(-nb.steps // epochs) >= nb.steps:
+        raise bad(f"total_epochs {meta['total_epochs']!r} is impossible for {nb.steps} steps "
+                  f"(every epoch has the same number of batches)")
+    return config
+
+
+def inferred_config(nb: NotebookFile) -> RunConfig:
+    heads = RunConfig().num_heads
+    try:
+        return RunConfig(steps=nb.steps, vocab_size=nb.vocab, hidden_dim=nb.hidden,
+                         num_heads=heads if nb.hidden % heads == 0 else 1)
+    except CrucibleError as e:
+        raise CrucibleError(f"{nb.path}: the shapes make no Crucible-3 config: {e}") from None
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class EpochBounds:
+    """What the step count and total_epochs say about each step's epoch (see the module docstring)."""
+
+    def __init__(self, steps: int, total_epochs: int | None):
+        self.steps = steps
+        if total_epochs is None:
+            self.fewest, self.most = 1, None  # batches per epoch: any B >= 1
+        else:
+            self.fewest = -(-steps // total_epochs)
+            self.most = (steps - 1) // (total_epochs - 1) if total_epochs > 1 else None
+
+    def at(self, first: int, count: int) -> np.ndarray:
+        """Epochs of steps first..first+count-1: 0 at step 0, -1 where unknown."""
+        s = np.arange(first, first + count, dtype=np.int64)
+        high = -(-s // self.fewest)
+        low = np.ones_like(s) if self.most is None else -(-s // self.most)
+        epoch = np.where(high == low, high, UNKNOWN_EPOCH)
+        epoch[s == 0] = 0
+        return epoch
+
+    def known_steps(self) -> int:
+        return int((self.at(1, self.steps) != UNKNOWN_EPOCH).sum())
+
+
+# ----- writing the run -----------------------------------------------------------------------
+def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict, dead_mask: torch.Tensor,
+               dead_indices: torch.Tensor, epochs: EpochBounds, layout: Layout, durability: str) -> None:
+    """Record every step into a hidden sibling of `out`, then rename it to `out`."""
+    created = _missing_parents(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CrucibleError(f"cannot create {out.parent}: {e.strerror or e}") from None
+    tmp = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:12]}"
+    try:
+        recorder = record(tmp, fields(config), steps=nb.steps + 1, attributes=attributes,
+                          constants={"dead_mask": (dead_mask, ("token",)), "dead_indices": (dead_indices, ("dead_token",))},
+                          layout=layout, commit_interval=1e9, durability=durability)
+        try:
+            _record_steps(nb, recorder, epochs, layout)
+        finally:
+            recorder.close()
+        if out.exists():
+            out.rmdir()  # an empty directory (checked before): replaced by the run
+        os.rename(tmp, out)
+        if durability == "fsync":
+            fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        if isinstance(e, OSError):
+            raise CrucibleError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
+
+
+def _record_steps(nb: NotebookFile, recorder, epochs: EpochBounds, layout: Layout) -> None:
+    """Read the file one block of W's stored steps at a time and hand each step to the recorder."""
+    block = time_chunk_for(layout, nb.vocab * nb.hidden * 2)
+    nan_h = torch.full((nb.hidden,), float("nan"), dtype=torch.float32)
+    with open(nb.path, "rb") as f:
+        for first in range(0, nb.steps + 1, block):
+            count = min(block, nb.steps + 1 - first)
+            W = torch.from_numpy(nb.read(f, "W", first, count)).view(torch.bfloat16)
+            h_first = max(first - 1, 0)
+            h_mean = torch.from_numpy(nb.read(f, "h_mean", h_first, first + count - 1 - h_first))
+            loss = torch.from_numpy(nb.read(f, "loss", first, count))
+            epoch = torch.from_numpy(epochs.at(first, count))
+            for i in range(count):
+                step = first + i
+                h = nan_h if step == 0 else h_mean[step - 1 - h_first]
+                recorder.record(step, W=W[i], h_mean=h, loss=loss[i], epoch=epoch[i])
+            del W, h_mean, loss
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """Folders above `path` that do not exist yet, deepest first (removed again on failure)."""
+    missing, parent = [], path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as e:
+        raise CrucibleError(f"cannot read {path}: {e.strerror or e}") from None
+    return digest.hexdigest()
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

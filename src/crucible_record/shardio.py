@@ -1,0 +1,577 @@
+"""Whole shards encoded and decoded at the codec's own speed, byte for byte what zarr-python writes.
+
+zarr-python's ``array[start:end] = block`` copies every byte five or six times on its way through
+the codec pipeline (merge into a fresh chunk, transpose, flatten, compress into a new buffer,
+append the checksum with ``np.append``, concatenate the shard). For the one write the recorder
+does — a whole block of steps, i.e. one whole shard — this module produces the same bytes with
+one staging copy per inner chunk (the transpose), numcodecs' compressor straight from it, a
+crc32c, and one final join; inner chunks are encoded in a thread pool (zstd, blosc, numpy's copy,
+torch's copy and crc32c release the GIL). The read side decodes a whole shard into a preallocated
+buffer, checksums verified.
+
+What is matched, from the array's own metadata (anything else raises NotImplementedError so that
+the caller falls back to zarr):
+
+- ``sharding_indexed`` (inner chunks stored in zarr's Morton order, index of ``(offset, nbytes)``
+  ``<u8`` pairs in C order of the inner-chunk grid, index codecs ``bytes`` [+ ``crc32c``], index at
+  the end or the start) or no sharding (the "shard" is then the one chunk);
+- array->array: ``transpose`` (any number, composed), numcodecs ``delta`` (astype = dtype) last;
+- array->bytes: ``bytes`` (either endianness);
+- bytes->bytes: ``zstd``, ``blosc`` (numcodecs, as zarr calls them) and ``crc32c`` (google_crc32c,
+  little-endian, appended — what zarr's Crc32cCodec does), in any order.
+
+An edge shard (``block`` smaller than the shard) is what zarr writes into an empty store: inner
+chunks padded with the fill value, inner chunks outside ``block`` left out of the index. With
+``write_empty_chunks`` off (the array's config), inner chunks equal to the fill value are left out
+too and a shard with none left encodes to ``None`` (zarr deletes the key).
+
+One layout is refused on purpose: numcodecs' Delta flattens with ``order='A'``; after a
+transpose that leaves the chunk Fortran-contiguous (2-D arrays: (steps, n) -> (n, steps)) it
+flattens in Fortran order but zarr decodes in C order, so zarr itself does not read back what it
+wrote there. Encoding those bytes faster would only write the same damaged data faster.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ShardError", "encode_shard", "decode_shard", "shard_layout", "default_threads"]
+
+MAX_U64 = np.uint64(2**64 - 1)
+_TORCH_MIN = 60 * 60  # torch's blocked transpose copy needs at least this many elements
+
+
+class ShardError(ValueError):
+    """A shard that cannot be decoded: bad checksum, truncated or inconsistent index, bad sizes."""
+
+
+def default_threads() -> int:
+    """Threads for one shard: the cores this process may use (at least 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# ----- layout ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardLayout:
+    """Everything needed to encode/decode one shard of an array, parsed from its metadata."""
+
+    sharded: bool
+    shard_shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    grid: tuple[int, ...]  # inner chunks per shard, per axis
+    data_order: tuple[tuple[int, ...], ...]  # inner chunks in the order their bytes are laid out
+    perm: tuple[int, ...] | None  # composed transpose (None: identity)
+    delta: bool
+    swap: bool  # bytes codec endianness differs from the native one
+    bytes_codecs: tuple[tuple[str, Any], ...]  # ("zstd"|"blosc", numcodecs codec) or ("crc32c", None)
+    index_crc: bool
+    index_at_start: bool
+    dtype: np.dtype
+    fill: Any
+    write_empty: bool
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of an inner chunk after the transposes (what the bytes hold, in C order)."""
+        return tuple(self.chunk_shape[i] for i in self.perm) if self.perm else self.chunk_shape
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return int(np.prod(self.chunk_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def fixed_size(self) -> bool:
+        """No compressor: every chunk's encoded size is known in advance."""
+        return all(name == "crc32c" for name, _ in self.bytes_codecs)
+
+    @property
+    def index_nbytes(self) -> int:
+        return 16 * int(np.prod(self.grid, dtype=np.int64)) + (4 if self.index_crc else 0)
+
+    @property
+    def step_last(self) -> bool:
+        """The transpose moves axis 0 last and keeps the others in order: a 2-D (T, X) transpose."""
+        n = len(self.chunk_shape)
+        return self.perm is not None and n >= 2 and self.perm == tuple(range(1, n)) + (0,)
+
+
+def shard_layout(array) -> ShardLayout:
+    """The shard layout of a zarr v3 array (NotImplementedError for one this module cannot match)."""
+    metadata = array.metadata
+    if getattr(metadata, "zarr_format", None) != 3:
+        raise NotImplementedError("only Zarr v3 arrays")
+    grid = getattr(metadata.chunk_grid, "chunk_shape", None)
+    if grid is None:
+        raise NotImplementedError("only regular chunk grids")
+    codecs = json.dumps([c.to_dict() for c in metadata.codecs], sort_keys=True, default=list)
+    dtype = np.dtype(metadata.data_type.to_native_dtype())
+    fill = np.asarray(metadata.fill_value, dtype=dtype)
+    config = array.config
+    return _layout(codecs, tuple(int(s) for s in grid), dtype.str, fill.tobytes(),
+                   bool(config.write_empty_chunks), str(config.order))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill_bytes: bytes,
+            write_empty: bool, order: str) -> ShardLayout:
+    codecs = json.loads(codecs_json)
+    dtype = np.dtype(dtype_str)
+    fill = np.frombuffer(fill_bytes, dtype=dtype)[0]
+    sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
+    index_crc, index_at_start = False, False
+    if sharded:
+        conf = codecs[0]["configuration"]
+        chunk_shape = tuple(int(s) for s in conf["chunk_shape"])
+        inner = conf["codecs"]
+        index = [c["name"] for c in conf["index_codecs"]]
+        index_endian = (conf["index_codecs"][0].get("configuration") or {}).get("endian", "little")
+        if index not in (["bytes"], ["bytes", "crc32c"]) or index_endian != "little":
+            raise NotImplementedError(f"shard index codecs {conf['index_codecs']}")
+        index_crc = index == ["bytes", "crc32c"]
+        index_at_start = conf.get("index_location", "end") == "start"
+        if len(chunk_shape) != len(shard_shape) or any(s % c for s, c in zip(shard_shape, chunk_shape)):
+            raise NotImplementedError("inner chunks do not tile the shard")
+    elif any(c["name"] == "sharding_indexed" for c in codecs):
+        raise NotImplementedError("nested or non-leading sharding")
+    else:
+        chunk_shape, inner = shard_shape, codecs
+    grid = tuple(s // c for s, c in zip(shard_shape, chunk_shape))
+
+    perm: tuple[int, ...] | None = None
+    delta, swap, seen_bytes = False, False, False
+    bytes_codecs: list[tuple[str, Any]] = []
+    for codec in inner:
+        name, conf = codec["name"], codec.get("configuration") or {}
+        if not seen_bytes:
+            if name == "transpose" and not delta:
+                order_ = tuple(int(i) for i in conf["order"])
+                perm = order_ if perm is None else tuple(perm[i] for i in order_)
+            elif name == "numcodecs.delta" and not delta:
+                if np.dtype(conf["dtype"]) != dtype or np.dtype(conf.get("astype", conf["dtype"])) != dtype:
+                    raise NotImplementedError(f"delta {conf} on {dtype}")
+                delta = True
+            elif name == "bytes":
+                endian = conf.get("endian")
+                if endian not in (None, "little", "big"):
+                    raise NotImplementedError(f"bytes endian {endian!r}")
+                native = "little" if np.little_endian else "big"
+                swap = endian is not None and endian != native and dtype.itemsize > 1
+                seen_bytes = True
+            else:
+                raise NotImplementedError(f"codec {name!r} before the bytes codec")
+        elif name == "zstd":
+            from numcodecs import Zstd
+
+            bytes_codecs.append(("zstd", Zstd(level=int(conf.get("level", 0)), checksum=bool(conf.get("checksum", False)))))
+        elif name == "blosc":
+            import numcodecs.blosc
+            from numcodecs import Blosc
+
+            numcodecs.blosc.use_threads = False  # as zarr sets it; threads come from our pool
+            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[conf["shuffle"]]
+            bytes_codecs.append(("blosc", Blosc(cname=conf["cname"], clevel=int(conf["clevel"]), shuffle=shuffle,
+                                                blocksize=int(conf.get("blocksize", 0)),
+                                                typesize=int(conf.get("typesize", dtype.itemsize)))))
+        elif name == "crc32c":
+            bytes_codecs.append(("crc32c", None))
+        else:
+            raise NotImplementedError(f"codec {name!r}")
+    if not seen_bytes:
+        raise NotImplementedError("no bytes codec")
+    if perm is not None and perm == tuple(range(len(perm))):
+        perm = None
+    if delta:
+        # zarr hands Delta the transposed view of a chunk laid out in `order`; numcodecs flattens
+        # it with order='A' and zarr decodes in C order: refuse when those differ.
+        probe = np.empty(chunk_shape, dtype=dtype, order="F" if order == "F" else "C")
+        probe = probe.transpose(perm) if perm else probe
+        if probe.flags.f_contiguous and not probe.flags.c_contiguous:
+            raise NotImplementedError(
+                "numcodecs Delta after a transpose that leaves the chunk Fortran-ordered: zarr-python "
+                "flattens it in Fortran order and decodes in C order (it does not read back what it wrote)")
+    from zarr.core.indexing import morton_order_iter
+
+    data_order = tuple(tuple(int(i) for i in c) for c in morton_order_iter(grid)) if sharded else ((0,) * len(grid),)
+    return ShardLayout(sharded, shard_shape, chunk_shape, grid, data_order, perm, delta, swap, tuple(bytes_codecs),
+                       index_crc, index_at_start, dtype, fill, write_empty)
+
+
+# ----- threads and scratch buffers ------------------------------------------------------------
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+_local = threading.local()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="crucible-shardio")
+        return pool
+
+
+def _map(fn, items: list, threads: int) -> list:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    return list(_pool(threads).map(fn, items))
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A per-thread reusable buffer (no allocation, no page faults per chunk)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    key = (name, shape, dtype.str)
+    buf = buffers.get(key)
+    if buf is None:
+        if len(buffers) > 16:
+            buffers.clear()
+        buf = buffers[key] = np.empty(shape, dtype=dtype)
+    return buf
+
+
+_INT_OF_SIZE = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _as_torch(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(a.view(_INT_OF_SIZE[a.dtype.itemsize]))
+
+
+def _rows_2d(a: np.ndarray) -> np.ndarray | None:
+    """`a` (T, *rest) as a (T, X) view without copying, or None."""
+    view = a.view()
+    try:
+        view.shape = (a.shape[0], -1)
+    except AttributeError:
+        return None
+    return view
+
+
+def _to_step_last(chunk: np.ndarray, layout: ShardLayout) -> np.ndarray:
+    """The chunk laid out as its stored (transposed) C-ordered array; a view when it already is."""
+    if layout.perm is None:
+        if chunk.flags.c_contiguous:
+            return chunk
+        out = _scratch("stage", layout.chunk_shape, layout.dtype)
+        np.copyto(out, chunk)
+        return out
+    moved = chunk.transpose(layout.perm)
+    if moved.flags.c_contiguous:  # staged step-last by the caller: nothing to do
+        return moved
+    out = _scratch("stage", layout.stored_shape, layout.dtype)
+    rows = _rows_2d(chunk) if layout.step_last and chunk.size >= _TORCH_MIN and chunk.dtype.itemsize in _INT_OF_SIZE else None
+    if rows is None:
+        np.copyto(out, moved)
+        return out
+    # Measured (benchmarks/bench_codec_path.py, "transpose"): gathering the rows contiguous, then
+    # torch's cache-blocked 2-D transpose copy, beats numpy's strided copy of the transposed view.
+    if not rows.flags.c_contiguous:
+        tmp = _scratch("rows", rows.shape, layout.dtype)
+        np.copyto(tmp, rows)
+        rows = tmp
+    _as_torch(out.reshape(rows.shape[1], rows.shape[0])).copy_(_as_torch(rows).t())
+    return out
+
+
+def _from_step_last(stored: np.ndarray, dest: np.ndarray, layout: ShardLayout) -> None:
+    """Copy a decoded (stored-order, C-contiguous) chunk into `dest` (a region of the output)."""
+    full = dest.shape == layout.chunk_shape
+    if layout.perm is None:
+        dest[...] = stored[tuple(slice(0, n) for n in dest.shape)] if not full else stored
+        return
+    inverse = tuple(int(i) for i in np.argsort(layout.perm))
+    chunk = stored.transpose(inverse)
+    if full and layout.step_last and stored.size >= _TORCH_MIN and layout.dtype.itemsize in _INT_OF_SIZE:
+        rows = _rows_2d(dest)
+        if rows is not None:
+            target = rows if rows.flags.c_contiguous else _scratch("rows", rows.shape, layout.dtype)
+            _as_torch(target).copy_(_as_torch(stored.reshape(rows.shape[1], rows.shape[0])).t())
+            if target is not rows:
+                np.copyto(rows, target)
+            return
+    dest[...] = chunk if full else chunk[tuple(slice(0, n) for n in dest.shape)]
+
+
+# ----- checksums -----------------------------------------------------------------------------
+def _crc32c(data) -> bytes:
+    import google_crc32c
+
+    return int(google_crc32c.value(data)).to_bytes(4, "little")
+
+
+def _is_fill(chunk: np.ndarray, fill) -> bool:
+    """zarr's NDBuffer.all_equal: NaN equals NaN; a float 0.0 fill is compared bit for bit."""
+    if chunk.dtype.kind in "fc":
+        if fill == 0:
+            return bool(np.array_equal(chunk.view(f"V{chunk.dtype.itemsize}"),
+                                       np.broadcast_to(np.asarray(fill, chunk.dtype).view(f"V{chunk.dtype.itemsize}"), chunk.shape)))
+        return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape), equal_nan=True))
+    return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape)))
+
+
+# ----- encode --------------------------------------------------------------------------------
+def encode_shard(array, block: np.ndarray, threads: int = 1) -> bytes | None:
+    """The bytes zarr-python stores for one shard of `array` holding `block` (None: zarr deletes it).
+
+    `block`: the shard's rows, shape = the shard shape, or smaller on any axis (a shard at the
+    array's end: the part of the shard inside the array); what lies beyond is fill, exactly as
+    zarr writes ``array[shard region] = block`` into a store holding no shard there. For an
+    unsharded array (a scalar field: chunks (T,)) the "shard" is the one chunk.
+    A block already staged step-last (a transposed view whose chunks are C-contiguous once moved
+    back) is compressed without a staging copy.
+    Raises NotImplementedError for a layout this module does not reproduce (use zarr then).
+    """
+    layout = shard_layout(array)
+    block = np.asarray(block)
+    if block.dtype != layout.dtype:
+        raise ValueError(f"block dtype {block.dtype} is not the array's {layout.dtype}")
+    if block.ndim != len(layout.shard_shape) or any(b > s for b, s in zip(block.shape, layout.shard_shape)):
+        raise ValueError(f"block of shape {block.shape} does not fit the shard shape {layout.shard_shape}")
+    return encode_block(layout, block, threads)
+
+
+def encode_block(layout: ShardLayout, block: np.ndarray, threads: int = 1) -> bytes | None:
+    """encode_shard with a layout already parsed (see shard_layout)."""
+    cs = layout.chunk_shape
+
+    def region(coords):
+        r = tuple(slice(c * n, min((c + 1) * n, b)) for c, n, b in zip(coords, cs, block.shape))
+        return None if any(s.start >= s.stop for s in r) else r
+
+    def chunk_of(coords) -> np.ndarray | None:
+        r = region(coords)
+        if r is None:
+            return None
+        view = block[r]
+        if view.shape != cs:
+            padded = np.full(cs, layout.fill, dtype=layout.dtype)
+            padded[tuple(slice(0, n) for n in view.shape)] = view
+            view = padded
+        if not layout.write_empty and _is_fill(view, layout.fill):
+            return None
+        return view
+
+    if layout.fixed_size:
+        return _encode_fixed(layout, chunk_of, threads)
+
+    def encode_one(coords) -> list | None:
+        chunk = chunk_of(coords)
+        if chunk is None:
+            return None
+        return _encode_chunk(chunk, layout)
+
+    parts = _map(encode_one, list(layout.data_order), threads)
+    return _assemble(layout, parts)
+
+
+def _encode_chunk(chunk: np.ndarray, layout: ShardLayout) -> list:
+    data = _to_step_last(chunk, layout)
+    if layout.delta:
+        flat = data.reshape(-1)
+        diff = _scratch("delta", flat.shape, layout.dtype)
+        diff[:1] = flat[:1]
+        np.subtract(flat[1:], flat[:-1], out=diff[1:])
+        data = diff
+    if layout.swap:
+        data = data.byteswap()
+    payload: Any = data.reshape(-1).view(np.uint8)
+    parts: list = []
+    for name, codec in layout.bytes_codecs:
+        if name == "crc32c":
+            crc = _crc32c(payload) if not parts else _crc32c_parts([payload] + parts)
+            parts.append(crc)
+        else:
+            if parts:
+                payload, parts = b"".join([payload, *parts]), []
+            payload = codec.encode(payload)
+    if isinstance(payload, np.ndarray):  # no compressor: the staged buffer is reused, copy it now
+        payload = payload.tobytes()
+    return [payload, *parts]
+
+
+def _crc32c_parts(parts: list) -> bytes:
+    import google_crc32c
+
+    crc = 0
+    for part in parts:
+        crc = google_crc32c.extend(crc, part)
+    return int(crc).to_bytes(4, "little")
+
+
+def _assemble(layout: ShardLayout, parts: list) -> bytes | None:
+    if not layout.sharded:
+        return None if parts[0] is None else b"".join(parts[0])
+    index = np.full(layout.grid + (2,), MAX_U64, dtype="<u8")
+    offset = layout.index_nbytes if layout.index_at_start else 0
+    pieces: list = []
+    for coords, chunk_parts in zip(layout.data_order, parts):
+        if chunk_parts is None:
+            continue
+        n = sum(len(p) for p in chunk_parts)
+        if n == 0:
+            continue
+        index[coords] = (offset, n)
+        offset += n
+        pieces.extend(chunk_parts)
+    if not pieces:
+        return None
+    index_bytes = index.tobytes()
+    if layout.index_crc:
+        index_bytes += _crc32c(index_bytes)
+    return b"".join([index_bytes, *pieces] if layout.index_at_start else [*pieces, index_bytes])
+
+
+def _encode_fixed(layout: ShardLayout, chunk_of, threads: int) -> bytes | None:
+    """No compressor: every chunk is staged straight into its place in the output buffer."""
+    n_crc = sum(1 for name, _ in layout.bytes_codecs if name == "crc32c")
+    size = layout.chunk_nbytes + 4 * n_crc
+    chunks = [chunk_of(coords) for coords in layout.data_order]
+    present = [i for i, c in enumerate(chunks) if c is not None]
+    if not present:
+        return None
+    head = layout.index_nbytes if (layout.sharded and layout.index_at_start) else 0
+    total = head + size * len(present) + (layout.index_nbytes if layout.sharded and not layout.index_at_start else 0)
+    out = np.empty(total, dtype=np.uint8)
+    slots = {i: head + k * size for k, i in enumerate(present)}
+
+    def place(i: int) -> None:
+        start = slots[i]
+        target = out[start:start + layout.chunk_nbytes].view(layout.dtype).reshape(layout.stored_shape)
+        chunk = chunks[i]
+        staged = _to_step_last(chunk, layout)
+        if layout.delta:
+            flat, dst = staged.reshape(-1), target.reshape(-1)
+            dst[:1] = flat[:1]
+            np.subtract(flat[1:], flat[:-1], out=dst[1:])
+        else:
+            np.copyto(target, staged)
+        if layout.swap:
+            target.byteswap(inplace=True)
+        end = start + layout.chunk_nbytes
+        for _ in range(n_crc):
+            out[end:end + 4] = np.frombuffer(_crc32c(out[start:end]), dtype=np.uint8)
+            end += 4
+
+    _map(place, present, threads)
+    if not layout.sharded:
+        return out.tobytes()
+    index = np.full(layout.grid + (2,), MAX_U64, dtype="<u8")
+    for i in present:
+        index[layout.data_order[i]] = (slots[i], size)
+    index_bytes = index.tobytes() + (_crc32c(index.tobytes()) if layout.index_crc else b"")
+    if layout.index_at_start:
+        out[:len(index_bytes)] = np.frombuffer(index_bytes, dtype=np.uint8)
+    else:
+        out[total - len(index_bytes):] = np.frombuffer(index_bytes, dtype=np.uint8)
+    return out.tobytes()
+
+
+# ----- decode --------------------------------------------------------------------------------
+def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Decode one shard's bytes into `out` (the shard shape, or its leading part: a block at the
+    array's end); checksums verified (ShardError on any mismatch or inconsistency). Inner chunks
+    absent from the index read as the fill value, as zarr reads them. Returns `out`."""
+    layout = shard_layout(array)
+    if out.dtype != layout.dtype:
+        raise ValueError(f"out dtype {out.dtype} is not the array's {layout.dtype}")
+    if out.ndim != len(layout.shard_shape) or any(o > s for o, s in zip(out.shape, layout.shard_shape)):
+        raise ValueError(f"out of shape {out.shape} does not fit the shard shape {layout.shard_shape}")
+    return decode_block(layout, data, out, threads)
+
+
+def decode_block(layout: ShardLayout, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
+    """decode_shard with a layout already parsed (see shard_layout)."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    cs = layout.chunk_shape
+    if layout.sharded:
+        spans = _read_index(layout, buf)
+    else:
+        spans = {layout.data_order[0]: (0, len(buf))}
+
+    def decode_one(coords) -> None:
+        r = tuple(slice(c * n, min((c + 1) * n, o)) for c, n, o in zip(coords, cs, out.shape))
+        if any(s.start >= s.stop for s in r):
+            return
+        dest = out[r]
+        span = spans.get(coords)
+        if span is None:
+            dest[...] = layout.fill
+            return
+        stored = _decode_chunk(buf[span[0]:span[0] + span[1]], layout, coords)
+        _from_step_last(stored, dest, layout)
+
+    coords_list = [tuple(c) for c in np.ndindex(*layout.grid)]
+    _map(decode_one, coords_list, threads)
+    return out
+
+
+def _read_index(layout: ShardLayout, buf: np.ndarray) -> dict:
+    n = layout.index_nbytes
+    if len(buf) < n:
+        raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
+    raw = buf[:n] if layout.index_at_start else buf[len(buf) - n:]
+    if layout.index_crc:
+        if _crc32c(raw[:-4]) != raw[-4:].tobytes():
+            raise ShardError("shard index checksum mismatch")
+        raw = raw[:-4]
+    index = raw.view("<u8").reshape(layout.grid + (2,))
+    lo, hi = (n, len(buf)) if layout.index_at_start else (0, len(buf) - n)
+    spans = {}
+    for coords in np.ndindex(*layout.grid):
+        offset, nbytes = (int(x) for x in index[coords])
+        if offset == int(MAX_U64) and nbytes == int(MAX_U64):
+            continue
+        if offset < lo or offset + nbytes > hi:
+            raise ShardError(f"shard index entry {coords} ({offset}, {nbytes}) points outside the shard's data")
+        spans[tuple(coords)] = (offset, nbytes)
+    return spans
+
+
+def _decode_chunk(payload: np.ndarray, layout: ShardLayout, coords) -> np.ndarray:
+    """One inner chunk's bytes -> its stored (transposed) array, C-contiguous (a scratch buffer or a view)."""
+    nbytes = layout.chunk_nbytes
+    codecs = layout.bytes_codecs
+    first_compressor = next((i for i, (name, _) in enumerate(codecs) if name != "crc32c"), None)
+    raw: np.ndarray | None = None
+    for i in range(len(codecs) - 1, -1, -1):
+        name, codec = codecs[i]
+        if name == "crc32c":
+            if len(payload) < 4 or _crc32c(payload[:-4]) != payload[-4:].tobytes():
+                raise ShardError(f"checksum mismatch in inner chunk {coords}")
+            payload = payload[:-4]
+        elif i == first_compressor:
+            raw = _scratch("decoded", (nbytes,), np.dtype(np.uint8))
+            try:
+                codec.decode(payload, out=raw)
+            except Exception as e:
+                raise ShardError(f"inner chunk {coords} does not decompress to {nbytes} bytes: {e}") from e
+        else:
+            try:
+                payload = np.frombuffer(codec.decode(payload), dtype=np.uint8)
+            except Exception as e:
+                raise ShardError(f"inner chunk {coords}: {name}: {e}") from e
+    if raw is None:
+        if len(payload) != nbytes:
+            raise ShardError(f"inner chunk {coords} holds {len(payload)} bytes, not {nbytes}")
+        raw = payload
+    values = raw.view(layout.dtype)
+    if layout.swap:
+        values = values.byteswap()
+    if layout.delta:
+        summed = _scratch("delta", values.shape, layout.dtype)
+        np.cumsum(values, dtype=layout.dtype, out=summed)
+        values = summed
+    return values.reshape(layout.stored_shape)
