@@ -315,7 +315,10 @@ def _marker_bytes(doc: dict[str, Any]) -> bytes:
 
 def _object_store(url: str):
     """An obstore store for `url`; credentials and endpoint from the environment (never from the URL)."""
-    from obstore.store import MemoryStore, from_url
+    try:
+        from obstore.store import MemoryStore, from_url
+    except ImportError:
+        raise CrucibleError(f"{url}: runs on object storage need obstore: pip install 'crucible-record[s3]'") from None
 
     if url.startswith("memory://"):
         return _MEMORY.setdefault(url, MemoryStore())
