@@ -1,36 +1,80 @@
-"""The Recorder on its own: ordering, commits, partial blocks, writer errors, bounded memory."""
+"""The generic Recorder on its own: commits, partial blocks, writer errors, bounded memory, after_commit.
+
+Faults are injected at the seam that writes a block, ``crucible_record.recorder._Block.write``
+(``failing_writes`` below): every row a field stores goes through it, on the writer thread.
+"""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 import torch
 
 import crucible_record as cr
+from crucible_record.codecs import CODEC_PRESETS
 from crucible_record.errors import RecorderError
-from crucible_record.recorder import Recorder
-from crucible_record.store import CODEC_PRESETS, Layout, committed_steps, create_store, open_store
+from crucible_record.recorder import _Block
+from crucible_record.verify import verify_run
 
 V, H = 300, 8
+NEVER = 1e6  # commit_interval: commits only where a block fills, at a sized run's end and at close
 
 
-def new_store(path, steps=20, codec="default", time_chunk=4, row_chunk=100):
-    dead = np.zeros(V, dtype=bool)
-    dead[::3] = True
-    return create_store(path, steps=steps, vocab_size=V, hidden_dim=H, dead_mask=dead,
-                        attributes={"config": {}, "provenance": {}}, layout=Layout(time_chunk, token_chunk, codec))
+def fields():
+    return {
+        "W": cr.Field((V, H), torch.bfloat16),
+        "h": cr.Field((H,), torch.float32),
+        "loss": cr.Field((), torch.float32),
+    }
+
+
+def new_run(path, steps=None, *, time_chunk=4, row_chunk=100, codec="default", commit_interval=NEVER, **kwargs):
+    return cr.record(path, fields(), steps=steps, layout=cr.Layout(time_chunk, row_chunk, codec),
+                     commit_interval=commit_interval, **kwargs)
 
 
 def fake_step(step):
-    """A bf16-ish trajectory: small changes each step, like training."""
+    """A bf16 trajectory: small changes each step, like training; a deterministic function of step."""
     g = torch.Generator().manual_seed(step)
     W = (torch.linspace(-1, 1, V * H).reshape(V, H) + 1e-3 * step * torch.randn(V, H, generator=g)).to(torch.bfloat16)
-    return W, torch.randn(H, generator=g), torch.tensor(10.0 / (step + 1))
+    return {"W": W, "h": torch.randn(H, generator=g), "loss": torch.tensor(10.0 / (step + 1))}
+
+
+def stacked(name, steps):
+    return torch.stack([fake_step(s)[name] for s in steps])
+
+
+def bits(tensor):
+    """Raw bytes of a tensor (bit-exact comparisons: NaN == NaN, -0.0 != 0.0)."""
+    return tensor.contiguous().view(torch.uint8)
+
+
+def assert_run_holds(path, steps):
+    """The run commits exactly `steps` steps and every field holds fake_step's values, bit for bit."""
+    t = cr.open(path)
+    assert t.committed_steps == steps
+    for name in fields():
+        assert len(t[name]) == steps
+        if steps:
+            assert torch.equal(bits(t[name][:]), bits(stacked(name, range(steps)))), name
+    return t
+
+
+def commit_marker(path):
+    return json.loads((path / "trajectory.zarr" / "commit.json").read_text())["steps"]
+
+
+def wait_until(predicate, seconds=20.0, what="condition"):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
 
 
 @contextmanager
@@ -47,151 +91,175 @@ def time_limit(seconds):
         signal.signal(signal.SIGALRM, old)
 
 
+def failing_writes(monkeypatch, name, ok_writes, delay=0.0, error=None):
+    """Patch the block writer: writes of field `name` fail (a full disk) after `ok_writes` succeed;
+    each takes `delay` seconds. Returns the counter of successful writes of that field."""
+    real_write = _Block.write
+    calls = {"ok": 0}
+
+    def write(self):
+        if self.key == name:
+            time.sleep(delay)
+            if calls["ok"] >= ok_writes:
+                raise error or OSError(28, "No space left on device")
+            keys = real_write(self)
+            calls["ok"] += 1
+            return keys
+        return real_write(self)
+
+    monkeypatch.setattr(_Block, "write", write)
+    return calls
+
+
 @pytest.mark.parametrize("codec", CODEC_PRESETS)
 def test_every_codec_reads_back_bit_exact(tmp_path, codec):
-    group = new_store(tmp_path, steps=11, codec=codec)
-    written = []
-    with Recorder(group) as rec:
-        for step in range(12):
-            W, h, loss = fake_step(step)
-            written.append(W)
-            rec.record(step, W=W, h_mean=h if step else None, loss=loss if step else None)
-    t = cr.open(tmp_path)
-    assert t.steps == 11
-    assert torch.equal(t.W[:].view(torch.uint16), torch.stack(written).view(torch.uint16))
-    assert torch.isnan(t.loss[0]) and t.loss[5].item() == pytest.approx(10 / 6)
-    assert torch.equal(t.h_mean[3], fake_step(4)[1])
+    """Several inner chunks per shard (row_chunk 128 of 300 rows), two full blocks and a partial one."""
+    with new_run(tmp_path / "run", steps=11, codec=codec, row_chunk=128) as rec:
+        for step in range(11):
+            rec.record(step, **fake_step(step))
+    t = assert_run_holds(tmp_path / "run", 11)
+    assert t["W"].array.shards[0] == 4 and t["W"].array.chunks[1] == 128
+    assert torch.isclose(t["loss"][5], torch.tensor(10 / 6))
 
 
 def test_commits_whole_blocks_while_running(tmp_path):
-    group = new_store(tmp_path, steps=20, time_chunk=4)
-    rec = Recorder(group)
-    for step in range(7):  # W rows 0..6: one full block of 4 rows
-        W, h, loss = fake_step(step)
-        rec.record(step, W=W, h_mean=h if step else None, loss=loss)
-    deadline = time.time() + 10
-    while committed_steps(open_store(tmp_path)) < 3 and time.time() < deadline:
-        time.sleep(0.01)
-    t = cr.open(tmp_path)  # a reader while the run is in progress
-    assert t.steps == 3 and len(t.W) == 4 and t.h_mean.shape == (3, H)
-    assert torch.equal(t.W[-1], fake_step(3)[0])
+    path = tmp_path / "run"
+    rec = new_run(path)
+    points = [rec.record(step, **fake_step(step)) for step in range(7)]
+    assert points == [False, False, False, True, False, False, False]  # block of 4 steps full at step 3
+    wait_until(lambda: rec.committed == 4, what="the first block to commit")
+    t = cr.open(path)  # a reader while the run is in progress sees the committed steps only
+    assert t.committed_steps == 4 and len(t["W"]) == 4 and t["h"].shape == (4, H)
+    assert torch.equal(bits(t["W"][-1]), bits(fake_step(3)["W"]))
     with pytest.raises(IndexError):
-        t.W[4]
-    rec.close()  # the partial block (rows 4..6) is committed at close
-    assert cr.open(tmp_path).steps == 6
+        t["W"][4]
+    rec.close()  # the partial block (steps 4..6) is committed at close
+    assert commit_marker(path) == 7
+    assert_run_holds(path, 7)
 
 
-def test_all_zero_chunks_and_no_dead_tokens_are_stored(tmp_path):
-    """Chunks equal to the fill value are written too, so 'missing' always means damage."""
-    group = create_store(tmp_path, steps=3, vocab_size=V, hidden_dim=H, dead_mask=np.zeros(V, dtype=bool),
-                         attributes={"config": {}}, layout=Layout(time_chunk=2, row_chunk=100))
-    with Recorder(group) as rec:
-        for step in range(4):
-            rec.record(step, W=torch.zeros(V, H), h_mean=torch.zeros(H) if step else None, loss=0.0)
-    t = cr.open(tmp_path)
-    assert t.steps == 3 and not t.dead_mask.any() and len(t.dead_indices) == 0
-    assert not t.W[:].float().any()
-    from crucible_record.verify import verify_run
-
-    assert verify_run(tmp_path).ok
+def test_all_fill_chunks_are_stored(tmp_path):
+    """Chunks equal to the fill value are written too, so an absent chunk always means damage."""
+    path = tmp_path / "run"
+    spec = {"z": cr.Field((V, H), torch.float32), "nan": cr.Field((H,), torch.float32),
+            "off": cr.Field((3,), torch.bool)}
+    with cr.record(path, spec, steps=3, layout=cr.Layout(time_chunk=2)) as rec:
+        for step in range(3):
+            rec.record(step, z=torch.zeros(V, H), nan=torch.full((H,), float("nan")), off=torch.zeros(3, dtype=torch.bool))
+    root = path / "trajectory.zarr"
+    for block in ("0", "1"):
+        assert (root / "z" / "c" / block / "0" / "0").is_file()
+        assert (root / "nan" / "c" / block / "0").is_file()
+        assert (root / "off" / "c" / block / "0").is_file()
+    t = cr.open(path)
+    assert not t["z"][:].any() and torch.isnan(t["nan"][:]).all() and not t["off"][:].any()
+    report = verify_run(path)
+    assert report.ok and report.steps == 3 and report.blocks_read == 6
 
 
 def test_steps_out_of_order_are_refused(tmp_path):
-    rec = Recorder(new_store(tmp_path))
-    rec.record(0, W=fake_step(0)[0])
-    with pytest.raises(RecorderError, match="expected step 1"):
-        rec.record(2, W=fake_step(2)[0], h_mean=torch.zeros(H), loss=1.0)
-    rec.close()
+    with new_run(tmp_path / "run") as rec:
+        rec.record(0, **fake_step(0))
+        with pytest.raises(cr.CrucibleError, match="expected step 1, got 2"):
+            rec.record(2, **fake_step(2))
+        with pytest.raises(cr.CrucibleError, match="expected step 1, got 0"):
+            rec.record(0, **fake_step(0))
+        assert rec.next_step == 1
+        rec.record(1, **fake_step(1))
+    assert_run_holds(tmp_path / "run", 2)
 
 
-class FailingArray:
-    """Wraps a zarr array; its writes fail (like a full disk) after `ok_writes` succeed."""
-
-    def __init__(self, array, ok_writes, delay=0.0):
-        self._array, self.ok_writes, self.delay = array, ok_writes, delay
-
-    def __getattr__(self, name):
-        return getattr(self._array, name)
-
-    def __getitem__(self, key):
-        return self._array[key]
-
-    def with_config(self, config):
-        self._array = self._array.with_config(config)
-        return self
-
-    def __setitem__(self, key, value):
-        time.sleep(self.delay)
-        if self.ok_writes <= 0:
-            raise OSError(28, "No space left on device")
-        self.ok_writes -= 1
-        self._array[key] = value
-
-
-class GroupWith:
-    def __init__(self, group, **arrays):
-        self._group, self._arrays = group, arrays
-
-    def __getattr__(self, name):
-        return getattr(self._group, name)
-
-    def __getitem__(self, name):
-        return self._arrays.get(name) or self._group[name]
-
-
-def test_writer_error_reaches_the_trainer_without_hanging(tmp_path):
-    group = new_store(tmp_path, steps=40, time_chunk=4)
-    failing = GroupWith(group, W=FailingArray(group["W"], ok_writes=1))
-    rec = Recorder(failing, slots=2)
+def test_writer_error_reaches_the_trainer_without_hanging(tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    failing_writes(monkeypatch, "W", ok_writes=1)  # block 0 (steps 0..3) is written, block 1 fails
+    rec = new_run(path, steps=40, slots=2)
+    attempted = []
     with time_limit(20), pytest.raises(RecorderError, match="No space left on device") as info:
-        for step in range(41):
-            W, h, loss = fake_step(step)
-            rec.record(step, W=W, h_mean=h if step else None, loss=loss)
-    assert isinstance(info.value.__cause__, OSError)
-    with time_limit(20), pytest.raises(RecorderError, match="No space left"):
+        for step in range(40):
+            attempted.append(step)
+            rec.record(step, **fake_step(step))
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == 28
+    assert str(path) in str(info.value)
+    # the writer failed placing step 7; the trainer learns it once the slots (2) run out, not later
+    assert 7 < attempted[-1] <= 7 + 2
+    with time_limit(20), pytest.raises(RecorderError, match="No space left on device"):
         rec.close()  # close raises it too, and returns
-    t = cr.open(tmp_path)  # what was committed before the fault stays readable
-    assert t.steps == 3
-    assert torch.equal(t.W[:].view(torch.uint16), torch.stack([fake_step(s)[0] for s in range(4)]).view(torch.uint16))
+    assert not rec._thread.is_alive()
+    assert commit_marker(path) == 4
+    assert_run_holds(path, 4)  # what was committed before the fault stays readable, every field
+    monkeypatch.undo()
+    with cr.record(path, fields(), resume=True) as again:  # close released the run's lock
+        assert again.next_step == 4
 
 
-def test_writer_error_at_close(tmp_path):
-    group = new_store(tmp_path, steps=40, time_chunk=8)
-    rec = Recorder(GroupWith(group, W=FailingArray(group["W"], ok_writes=0)))
+def test_writer_error_at_close(tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    failing_writes(monkeypatch, "W", ok_writes=0)
+    rec = new_run(path, steps=40, time_chunk=8)
     for step in range(3):  # fewer than one block: the failing write happens at close
-        W, h, loss = fake_step(step)
-        rec.record(step, W=W, h_mean=h if step else None, loss=loss)
-    with time_limit(20), pytest.raises(RecorderError, match="No space left"):
+        assert rec.record(step, **fake_step(step)) is False
+    with time_limit(20), pytest.raises(RecorderError, match="No space left on device") as info:
         rec.close()
-    assert committed_steps(group) == -1
+    assert isinstance(info.value.__cause__, OSError)
+    assert not rec._thread.is_alive()
+    assert commit_marker(path) == 0
+    assert_run_holds(path, 0)
+    with pytest.raises(RecorderError):  # the run is closed and broken: no more steps
+        rec.record(3, **fake_step(3))
 
 
-def test_slow_writer_blocks_the_producer_instead_of_growing(tmp_path):
+def test_slow_writer_blocks_the_producer_instead_of_growing(tmp_path, monkeypatch):
     """With a writer slower than training, memory stays at the slots: record() waits."""
-    group = new_store(tmp_path, steps=12, time_chunk=1)
-    rec = Recorder(GroupWith(group, W=FailingArray(group["W"], ok_writes=10**6, delay=0.05)), slots=2)
+    slots, delay, steps = 2, 0.05, 12
+    written = failing_writes(monkeypatch, "W", ok_writes=10**6, delay=delay)
+    rec = new_run(tmp_path / "run", steps=steps, time_chunk=1, slots=slots, durability="none")
     waits = []
-    for step in range(13):
-        W, h, loss = fake_step(step)
+    for step in range(steps):
         started = time.perf_counter()
-        rec.record(step, W=W, h_mean=h if step else None, loss=loss)
+        rec.record(step, **fake_step(step))
         waits.append(time.perf_counter() - started)
-        assert rec._work.qsize() <= 2  # never more queued steps than slots
+        assert rec._work.qsize() <= slots  # never more queued steps than slots
+        assert step + 1 - written["ok"] <= slots  # staged but unwritten steps: at most the slots
+    # the writer needs >= delay per step; a producer that never waited would finish in far less
+    assert sum(waits) >= (steps - slots - 1) * delay
     rec.close()
-    assert sum(waits) > 0.2  # the producer did wait for the writer
-    assert threading.active_count() >= 1 and cr.open(tmp_path).steps == 12
+    assert not rec._thread.is_alive() and rec._thread not in threading.enumerate()
+    assert written["ok"] == steps
+    assert_run_holds(tmp_path / "run", steps)
 
 
-def test_checkpoint_runs_only_after_its_step_is_committed(tmp_path):
-    group = new_store(tmp_path, steps=20, time_chunk=4)
-    seen = []
-    rec = Recorder(group)
+def test_after_commit_runs_only_once_its_step_is_committed(tmp_path):
+    path = tmp_path / "run"
+    seen = {}
+
+    def observe(step):
+        def fn():  # on the writer thread: what is durable and readable at this moment
+            t = cr.open(path)
+            seen[step] = (commit_marker(path), t.committed_steps, threading.current_thread().name,
+                          torch.equal(bits(t["W"][step]), bits(fake_step(step)["W"])))
+        return fn
+
+    rec = new_run(path)  # blocks of 4 steps, no time-based commits
     for step in range(6):
-        W, h, loss = fake_step(step)
-        rec.record(step, W=W, h_mean=h if step else None, loss=loss)
-        if step == 5:
-            rec.checkpoint(5, lambda: seen.append(committed_steps(group)))
-    time.sleep(0.2)
-    assert seen == []  # step 5 sits in a block that is not complete yet
-    rec.close()
-    assert seen == [5]
+        rec.record(step, **fake_step(step))
+        if step in (2, 5):
+            rec.after_commit(step, observe(step))
+    wait_until(lambda: 2 in seen, what="after_commit(2) to run at the commit of steps 0..3")
+    assert seen[2][:3] == (4, 4, "crucible-record-writer") and seen[2][3]
+    rec.close()  # commits steps 4..5, then runs after_commit(5)
+    assert seen[5][:3] == (6, 6, "crucible-record-writer") and seen[5][3]
+    assert sorted(seen) == [2, 5]
+
+
+def test_after_commit_error_is_raised_with_its_cause(tmp_path):
+    rec = new_run(tmp_path / "run")
+    rec.record(0, **fake_step(0))
+
+    def broken():
+        raise ValueError("checkpoint could not be saved")
+
+    rec.after_commit(0, broken)
+    with time_limit(20), pytest.raises(RecorderError, match="checkpoint could not be saved") as info:
+        rec.close()
+    assert isinstance(info.value.__cause__, ValueError)
+    assert_run_holds(tmp_path / "run", 1)  # the step it waited for was committed first

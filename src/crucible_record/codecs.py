@@ -66,8 +66,11 @@ def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
     if preset == "max":
         from zarr.codecs.numcodecs import Delta
 
-        # Delta in floating point does not invert exactly; on integers (bf16 bits) it wraps: lossless
-        delta = [Delta(dtype=np.dtype(storage_dtype).str)] if np.dtype(storage_dtype).kind in "iu" else []
+        # Delta in floating point does not invert exactly; on integers (bf16 bits) it wraps: lossless.
+        # Not on 2-D arrays: there the transposed chunk is Fortran-ordered, and numcodecs' Delta
+        # encodes it in memory order but decodes in C order (a silent corruption; tests catch it).
+        lossless = np.dtype(storage_dtype).kind in "iu" and ndim != 2
+        delta = [Delta(dtype=np.dtype(storage_dtype).str)] if lossless else []
         return {"filters": step_last + delta, "compressors": [ZstdCodec(level=9), crc]}
     if preset == "fast":
         blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
@@ -146,14 +147,12 @@ class RunStore:
 
 class LocalRunStore(RunStore):
     def __init__(self, run_dir: Path, *, read_only: bool = True, durability: str = "fsync"):
-        import zarr
-
         self.run_dir = Path(run_dir)
         self.location = str(self.run_dir)
         self.name = self.run_dir.name
         self.root = self.run_dir / STORE_NAME
         self.durability = durability
-        self.store = zarr.storage.LocalStore(self.root, read_only=read_only)
+        self.store = _guarded_local_store()(self.root, read_only=read_only)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -225,6 +224,21 @@ class LocalRunStore(RunStore):
             return path.read_bytes()
         except FileNotFoundError:
             return None
+
+
+@functools.cache
+def _guarded_local_store():
+    """zarr's LocalStore, except that it refuses to write into a run whose root metadata is gone
+    (LocalStore would silently recreate the deleted folders of a run being written)."""
+    import zarr
+
+    class GuardedLocalStore(zarr.storage.LocalStore):
+        async def set(self, key, value):
+            if key != "zarr.json" and not (self.root / "zarr.json").is_file():
+                raise FileNotFoundError(f"the run at {self.root} disappeared ({STORE_NAME}/zarr.json is gone)")
+            await super().set(key, value)
+
+    return GuardedLocalStore
 
 
 class ObjectRunStore(RunStore):
