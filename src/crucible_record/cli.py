@@ -14,7 +14,11 @@ from .codecs import CODEC_PRESETS, Layout
 from .crucible3.config import DEVICES, RunConfig, load_config_file
 from .errors import CrucibleError, Interrupted
 from .recorder import DEFAULT_COMMIT_INTERVAL
-from .storage import DURABILITY
+from .storage import DURABILITY, is_url
+
+# A run is a local directory or a URL (s3://, file://, memory://): kept as a string, since pathlib
+# would fold "s3://bucket" into "s3:/bucket".
+RUN = click.STRING
 
 # (flag, RunConfig field, type, help)
 _EXPERIMENT_OPTIONS = [
@@ -55,11 +59,11 @@ def cli() -> None:
 @_experiment_options
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto = cuda, then mps, then cpu (the notebook's detection)")
-@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
-              help="new run directory [default: runs/crucible3-<time>]")
+@click.option("--out", "out", type=RUN, default=None,
+              help="new run: a directory or an s3://bucket/prefix URL [default: runs/crucible3-<time>]")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="JSON or TOML file of the same keys; flags override it")
-@click.option("--resume", "resume", type=click.Path(path_type=Path), default=None,
+@click.option("--resume", "resume", type=RUN, default=None,
               help="continue a stopped run (its own config is used)")
 @click.option("--commit-interval", type=float, default=DEFAULT_COMMIT_INTERVAL, show_default=True,
               help="seconds of training a crash may lose at most (also bounded by one block)")
@@ -107,7 +111,7 @@ def train(ctx, out, config_file, resume, commit_interval, durability, checkpoint
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=RUN)
 @click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="output directory [default: RUN_DIR/export]")
@@ -118,7 +122,7 @@ def export(run_dir, fmt, out, force):
     from .crucible3.trajectory import Trajectory
 
     run = open_run(run_dir)
-    out = out or run_dir / "export"
+    out = out or default_out(run_dir, "export")
     if isinstance(run, Trajectory):
         from .crucible3.export import export_safetensors
 
@@ -133,7 +137,7 @@ def export(run_dir, fmt, out, force):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=RUN)
 def info(run_dir):
     """Fields, committed steps, size on disk; for a Crucible-3 run its config and Quick Stats."""
     from . import open as open_run
@@ -171,7 +175,7 @@ def info(run_dir):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=RUN)
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="output directory [default: RUN_DIR/analysis]")
 @click.option("--force", is_flag=True, help="overwrite an earlier analysis in --out")
@@ -179,11 +183,11 @@ def analyze(run_dir, out, force):
     """Answer the experiment's questions: analysis.json, PNG plots and a short table."""
     from .crucible3.report import analyze_run
 
-    click.echo(analyze_run(run_dir, out, force=force))
+    click.echo(analyze_run(run_dir, out or default_out(run_dir, "analysis"), force=force))
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=RUN)
 @click.option("--repair", is_flag=True,
               help="move the commit marker back to the last step before the first damaged block")
 def verify(run_dir, repair):
@@ -230,7 +234,7 @@ def dead_mask(corpus, tokenizer, vocab_size, out, force):
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--metadata", "metadata", type=click.Path(path_type=Path), default=None,
               help="the notebook's metadata.json (config, epochs, date, device) [default: config from the shapes]")
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="new run directory")
+@click.option("--out", "out", type=RUN, required=True, help="new run: a directory or an s3:// URL")
 @click.option("--time-chunk", type=int, default=64, show_default=True, help="steps per stored block")
 @click.option("--token-chunk", type=int, default=Layout.row_chunk, show_default=True, help="tokens per inner chunk")
 @click.option("--codec", type=click.Choice(CODEC_PRESETS), default=Layout.codec, show_default=True,
@@ -246,6 +250,13 @@ def import_notebook_file(file, metadata, out, time_chunk, token_chunk, codec):
     click.echo("`crucible-record export` gives back the file byte for byte" if s.byte_identical_export else
                "`crucible-record export` gives back the same tensors; the bytes differ (the file's header is not "
                "laid out as safetensors' save_file lays it out)")
+
+
+def default_out(run: str, what: str) -> Path:
+    """RUN/<what> for a local run; ./<run name>-<what> for a run at a URL."""
+    if is_url(run) and not run.startswith("file:"):
+        return Path(f"{run.rstrip('/').rsplit('/', 1)[-1]}-{what}")
+    return Path(run.removeprefix("file://")) / what
 
 
 def _size(n: int) -> str:

@@ -4,6 +4,13 @@ A run is a Zarr v3 group. Each field is an array at the group's root with the st
 constants (tensors recorded once) sit beside them; row indices of row-subset fields live in the
 ``.rows`` subgroup; ``commit.json`` says how many steps every field holds durably. This module
 creates and opens that layout; it knows nothing of any experiment.
+
+A run recorded by several ranks of a torch.distributed job (``world_size`` in the group attributes)
+may split a field's first axis among them: its :class:`Partition` (array attribute ``partition``)
+says which rows each rank holds; each block of steps is then one shard per rank's rows
+(``<field>/c/<block>/<shard>/0...``), so that every shard file has exactly one writer. Each rank
+other than 0 records its progress in ``.ranks/<rank>.json``; rank 0 alone writes metadata and moves
+``commit.json``, to the smallest progress of all ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ FORMAT_NAME = "crucible-record"
 FORMAT_VERSION = 2
 COMMIT_KEY = MARKER
 ROWS_GROUP = ".rows"
+RANKS_PREFIX = ".ranks"  # .ranks/<rank>.json: a rank's progress (multi-rank runs)
 # zarr skips chunks equal to the fill value; every chunk is written so that an absent chunk always
 # means damage (readers check for it) and never "all fill".
 WRITE_ALL = {"write_empty_chunks": True}
@@ -42,6 +50,124 @@ class RunInfo:
     layout: Layout
     steps: int | None  # steps the run was sized for; None = open-ended
     first_step: dict[str, int] = field(default_factory=dict)  # format 1 only: h_mean starts at step 1
+    world_size: int = 1  # ranks of the torch.distributed job that recorded it
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How a field's first axis is split among the ranks of a multi-rank run.
+
+    shards: ``(offset, rows, ranks)`` in row order, tiling ``[0, n)``: every shard has ``shard_rows``
+    rows except a shorter last one (torch.chunk's and DTensor Shard(0)'s split), so shard ``i``
+    starts at row ``i * shard_rows`` and is the zarr shard ``i`` along that axis. ``ranks`` hold it
+    (more than one: replicas, e.g. data-parallel copies of a tensor-parallel shard); the first
+    (lowest) writes it, the others only check theirs. Ranks in no shard hold 0 rows.
+    """
+
+    shard_rows: int
+    shards: tuple[tuple[int, int, tuple[int, ...]], ...]
+
+    def writer_of(self, index: int) -> int:
+        return self.shards[index][2][0]
+
+    def of_rank(self, rank: int) -> tuple[int, int, int] | None:
+        """(shard index, offset, rows) of the shard `rank` holds, or None (it holds no rows)."""
+        for index, (offset, rows, ranks) in enumerate(self.shards):
+            if rank in ranks:
+                return index, offset, rows
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shard_rows": self.shard_rows,
+                "shards": [{"offset": o, "rows": n, "ranks": list(r)} for o, n, r in self.shards]}
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> "Partition":
+        try:
+            shards = tuple((int(s["offset"]), int(s["rows"]), tuple(int(r) for r in s["ranks"])) for s in value["shards"])
+            return cls(int(value["shard_rows"]), shards)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CrucibleError(f"malformed partition {value!r}: {e}") from None
+
+
+def _show_rows(start: int, stop: int) -> str:
+    return f"row {start}" if stop - start == 1 else f"rows {start}..{stop - 1}"
+
+
+def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partition:
+    """The partition of field `name` (first axis `n_rows`) from each rank's ``(offset, rows)``.
+
+    Refuses gaps, overlaps (two ranks giving identical rows are replicas, not an overlap) and
+    unequal shards (equal lengths but a shorter last one). Deterministic: every rank that runs it on
+    the same gathered input raises the same error.
+    """
+    held: dict[tuple[int, int], list[int]] = {}
+    for rank in sorted(given):
+        offset, rows = given[rank]
+        if rows > 0:
+            held.setdefault((offset, rows), []).append(rank)
+    if not held:
+        raise CrucibleError(f"field {name!r}: every rank gave a Shard of 0 rows; the field has {n_rows}")
+
+    def who(key: tuple[int, int]) -> str:
+        ranks = held[key]
+        return (f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}") + \
+            f" ({_show_rows(key[0], key[0] + key[1])})"
+
+    ordered = sorted(held)
+    end = 0
+    for key in ordered:
+        offset, rows = key
+        if offset > end:
+            raise CrucibleError(f"field {name!r}: no rank gives {_show_rows(end, offset)} of its {n_rows} "
+                                f"(a gap before {who(key)}); the ranks' Shards must tile rows 0..{n_rows - 1}")
+        if offset < end:
+            previous = next(k for k in ordered if k[0] < offset + rows and k[0] + k[1] > offset and k != key)
+            raise CrucibleError(f"field {name!r}: {_show_rows(offset, min(end, offset + rows))} are given by both "
+                                f"{who(previous)} and {who(key)}; the ranks' Shards must not overlap")
+        end = offset + rows
+    if end < n_rows:
+        raise CrucibleError(f"field {name!r}: no rank gives {_show_rows(end, n_rows)} of its {n_rows} "
+                            f"(the last Shard ends at row {end - 1}); the ranks' Shards must tile rows 0..{n_rows - 1}")
+    shard_rows = ordered[0][1]
+    for key in ordered[:-1]:
+        if key[1] != shard_rows:
+            raise CrucibleError(
+                f"field {name!r}: {who(ordered[0])} and {who(key)} differ in length; Shards must have equal "
+                f"lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))")
+    if ordered[-1][1] > shard_rows:
+        raise CrucibleError(
+            f"field {name!r}: the last Shard, {who(ordered[-1])}, is longer than the others ({shard_rows} rows); "
+            f"Shards must have equal lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))")
+    return Partition(shard_rows, tuple((o, n, tuple(held[(o, n)])) for o, n in ordered))
+
+
+def inner_rows(shard_rows: int, row_chunk: int) -> int:
+    """Rows of an inner chunk of a rank's shard: the largest divisor of `shard_rows` <= row_chunk
+    (zarr's sharding needs the shard to be a whole number of inner chunks)."""
+    best = 1
+    for d in range(1, int(shard_rows ** 0.5) + 1):
+        if shard_rows % d == 0:
+            for c in (d, shard_rows // d):
+                if best < c <= row_chunk:
+                    best = c
+    return best
+
+
+def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk: int,
+                       partition: Partition | None) -> dict[str, Any]:
+    """chunks/shards of a field: one shard per block (codecs.chunking), or, for a field split
+    among ranks, one shard per block and rank shard, so that each shard file has one writer."""
+    if partition is None or len(partition.shards) == 1:
+        return chunking(stored_shape, time_chunk, row_chunk)
+    rest = tuple(max(1, s) for s in stored_shape[1:])
+    n = partition.shard_rows
+    return {"chunks": (time_chunk, inner_rows(n, row_chunk)) + rest, "shards": (time_chunk, n) + rest}
+
+
+def read_partition(array) -> Partition | None:
+    value = dict(array.attrs).get("crucible_record", {}).get("partition")
+    return None if value is None else Partition.from_dict(value)
 
 
 def fill_value(dtype: torch.dtype) -> Any:
@@ -53,23 +179,35 @@ def fill_value(dtype: torch.dtype) -> Any:
     return False if dtype == torch.bool else 0
 
 
-def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | None, layout: Layout,
-               attributes: Mapping[str, Any] | None = None,
-               constants: Mapping[str, Any] | None = None):
-    """Create the group, one array per field, the constants and the row indices; commit 0 steps.
-
-    Refuses an existing run (zarr's ``mode="w-"``). Everything is fsynced before it returns.
-    """
-    import zarr
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
+def check_run_arguments(fields: Mapping[str, Field], steps: int | None, layout: Layout,
+                        constants: Mapping[str, Any] | None) -> tuple[dict[str, Field], dict[str, tuple]]:
+    """What create_run refuses before writing anything: the fields, steps, layout and constants."""
     fields = check_fields(fields)
     layout.validate()
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise CrucibleError(f"steps must be a positive integer or None (open-ended), got {steps!r}")
-    constants = _check_constants(constants or {}, fields)
+    return fields, _check_constants(constants or {}, fields)
+
+
+def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | None, layout: Layout,
+               attributes: Mapping[str, Any] | None = None,
+               constants: Mapping[str, Any] | None = None,
+               partitions: Mapping[str, Partition] | None = None, world_size: int = 1,
+               claimed: bool = False):
+    """Create the group, one array per field, the constants and the row indices; commit 0 steps.
+
+    Refuses an existing run (zarr's ``mode="w-"``). Everything is fsynced before it returns.
+    partitions, world_size: a run recorded by `world_size` ranks, fields split among them
+    (multi-rank runs; ``claimed``: the caller already claimed the store, see RunStore.claim_new).
+    """
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    fields, constants = check_run_arguments(fields, steps, layout, constants)
     attributes = dict(attributes or {})
-    store.claim_new()  # on an object store: the conditional create that makes this the only writer
+    partitions = dict(partitions or {})
+    if not claimed:
+        store.claim_new()  # on an object store: the conditional create that makes this the only writer
     try:  # (on a disk the caller holds the run's lock, and "w-" refuses an existing group)
         group = zarr.open_group(store.store, mode="w-" if isinstance(store, LocalRunStore) else "a", zarr_format=3)
     except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
@@ -80,6 +218,9 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
         meta = {**spec.describe(), "time_chunk": time_chunk}
         if spec.dtype == torch.bfloat16:
             meta["encoding"] = "bfloat16 bits stored as uint16"
+        partition = partitions.get(name)
+        if partition is not None:
+            meta["partition"] = partition.to_dict()
         group.create_array(
             name,
             shape=(spec.rows_at(steps) if steps else 0,) + spec.stored_shape,
@@ -88,7 +229,7 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
             dimension_names=stored_dims(name, spec),
             attributes={"crucible_record": meta},
             config=WRITE_ALL,
-            **chunking(spec.stored_shape, time_chunk, layout.row_chunk),
+            **partition_chunking(spec.stored_shape, time_chunk, layout.row_chunk, partition),
             **codecs_for(layout.codec, 1 + len(spec.stored_shape), spec.storage_dtype),
         )
         if spec.row_indices is not None:
@@ -101,7 +242,7 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
             meta["encoding"] = "bfloat16 bits stored as uint16"
             tensor = tensor.view(torch.uint16)
         _write_whole(group, name, tensor.numpy(), dims, {"crucible_record": meta}, **small)
-    group.attrs.update({
+    group.attrs.put({  # one write (attrs.update writes zarr.json once per key: readers would see halves)
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "fields": {name: spec.describe() for name, spec in fields.items()},
@@ -182,9 +323,12 @@ def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
             except Exception as e:
                 raise CrucibleError(f"{store.location} is damaged: row indices of {name}: {type(e).__name__}") from None
         fields[check_name(name)] = field_from_description(description, rows)
+    world_size = attrs.get("world_size", 1)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise CrucibleError(f"{store.location} is damaged: world_size {world_size!r}")
     return RunInfo(version=2, fields=fields, constants=list(attrs.get("constants", [])),
                    attributes=dict(attrs.get("attributes") or {}), layout=Layout.from_dict(attrs.get("layout", {})),
-                   steps=attrs.get("steps"))
+                   steps=attrs.get("steps"), world_size=world_size)
 
 
 def _info_v1(attrs: dict) -> RunInfo:
@@ -214,14 +358,23 @@ def read_commit(store: RunStore, group) -> dict[str, Any]:
     return commit
 
 
+def rank_key(rank: int) -> str:
+    """The progress document of `rank` in a multi-rank run: {"session", "steps", "error"?, "closed"?}."""
+    return f"{RANKS_PREFIX}/{int(rank)}.json"
+
+
 def write_commit(store: RunStore, steps: int) -> None:
     """Move the marker: written atomically after the data it vouches for is durable."""
     store.write_marker({"steps": int(steps)})
 
 
-def encode_block(array, block: int, rows: np.ndarray) -> dict[str, bytes]:
+def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0) -> dict[str, bytes]:
     """The chunk (shard) files of time block `block` of `array` holding `rows`, encoded by zarr's own
     codec pipeline: store key -> bytes.
+
+    row_shard: `rows` are one rank's shard of a field split among ranks (Partition): the rows of
+    zarr shard `row_shard` along the first axis, at most one shard's rows; its keys are
+    ``c/<block>/<row_shard>/0...``.
 
     zarr's write of a sharded array reads the existing shard first and merges into it (a
     read-modify-write: a GET over the network on S3, and a failure if the old shard is damaged).
@@ -241,6 +394,8 @@ def encode_block(array, block: int, rows: np.ndarray) -> dict[str, bytes]:
     for key, buf in scratch._store_dict.items():
         if key != "zarr.json":  # "c/0/j/k" -> "c/<block>/j/k" in the real array
             coords = [int(c) for c in key.split("/")[1:]]
+            if row_shard:
+                coords[1] += row_shard
             files[f"{array.path}/{array.metadata.encode_chunk_key((block, *coords[1:]))}"] = buf.to_bytes()
     return files
 
