@@ -26,7 +26,7 @@ from crucible_record.crucible3.trajectory import EXPERIMENT
 from crucible_record.errors import CrucibleError
 from crucible_record.format import create_run, write_commit
 from crucible_record.reader import LazyField
-from crucible_record.storage import RunStore
+from crucible_record.storage import open_store
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def make_store(run_dir: Path, W, h_mean, dead, committed: int, configured: int, 
     vocab, hidden = W.shape[1], W.shape[2]
     config = RunConfig(steps=configured, vocab_size=vocab, hidden_dim=hidden, num_heads=1, num_layers=1, device="cpu")
     dead = torch.tensor(dead, dtype=torch.bool)
-    store = RunStore(run_dir, read_only=False)
+    store = open_store(run_dir, read_only=False)
     group = create_run(store, fields(config), steps=configured + 1,
                        layout=Layout(time_chunk=time_chunk, row_chunk=vocab),
                        attributes={"experiment": EXPERIMENT, "config": config.to_dict()},

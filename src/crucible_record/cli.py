@@ -179,11 +179,14 @@ def info(run_dir):
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,
               help="output directory [default: RUN_DIR/analysis]")
 @click.option("--force", is_flag=True, help="overwrite an earlier analysis in --out")
-def analyze(run_dir, out, force):
+@click.option("--scheduler", default=None, help="run the pass over W on this Dask cluster (tcp://HOST:PORT)")
+@click.option("--workers", type=int, default=None, help="start a local Dask cluster of N worker processes for it")
+def analyze(run_dir, out, force, scheduler, workers):
     """Answer the experiment's questions: analysis.json, PNG plots and a short table."""
     from .crucible3.report import analyze_run
 
-    click.echo(analyze_run(run_dir, out or default_out(run_dir, "analysis"), force=force))
+    click.echo(analyze_run(run_dir, out or default_out(run_dir, "analysis"), force=force,
+                           scheduler=scheduler, workers=workers))
 
 
 @cli.command()

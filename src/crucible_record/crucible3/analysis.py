@@ -347,11 +347,13 @@ def frac_changed(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch
     return {"frac_changed_dead": scan.changed_dead, "frac_changed_live": scan.changed_live}
 
 
-def analyze(traj: Trajectory, block: int | None = None) -> dict[str, Any]:
+def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = None) -> dict[str, Any]:
     """All four questions in one pass over W: every array above, the axes, ``indexing`` and ``summary``.
 
     Arrays are torch tensors. The per-token ``path_straightness`` and ``dead_mask`` (vocab,) are
     included too; analysis.json leaves those two out (their percentiles are in the summary).
+    ``scan``: the pass over W made elsewhere (e.g. ``crucible3.distributed.scan_W_dask`` on a Dask
+    cluster) for the same committed steps; by default :func:`scan_W` runs here.
     Raises CrucibleError for a run with fewer than 2 committed steps.
     """
     n = traj.steps
@@ -359,7 +361,10 @@ def analyze(traj: Trajectory, block: int | None = None) -> dict[str, Any]:
         raise CrucibleError(
             f"{traj.run_dir} has {max(n, 0)} committed step(s); the analysis needs at least 2"
         )
-    scan = scan_W(traj, block)
+    if scan is None:
+        scan = scan_W(traj, block)
+    elif scan.centroid_dead.shape[0] != n + 1:
+        raise CrucibleError(f"the scan of W covers {scan.centroid_dead.shape[0]} steps, the run {n + 1}")
     dead = traj.dead_mask.bool()
     result: dict[str, Any] = {
         "run_dir": str(traj.run_dir),

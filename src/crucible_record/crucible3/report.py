@@ -36,7 +36,8 @@ _QUESTION_KEYS = ("h_mean_persistence", "centroid_separation", "h_mean_alignment
 
 
 def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: bool = False,
-                *, block: int | None = None, plots: bool = True) -> str:
+                *, block: int | None = None, plots: bool = True,
+                scheduler: str | None = None, workers: int | None = None) -> str:
     """Analyse RUN_DIR's committed steps into OUT_DIR (default RUN_DIR/analysis).
 
     Writes OUT_DIR/analysis.json and the PNG plots, returns the text to print (the answers table and
@@ -44,16 +45,26 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
     than 2 committed steps, or an OUT_DIR that already holds files (unless ``force``, which
     overwrites this command's files and leaves others alone). ``plots=False`` writes only the JSON;
     ``block`` is the number of W steps read at a time (default: one stored chunk).
+    ``scheduler`` (``tcp://host:port``) runs the pass over W as a dask graph on that cluster;
+    ``workers`` (N) on a ``distributed.LocalCluster`` of N worker processes started for it (not both;
+    see crucible3/distributed.py). The analysis.json is the same as without them.
     """
-    run_dir = Path(run_dir)
     traj = Trajectory(run_dir)
     if traj.steps < 2:
         raise CrucibleError(
             f"{run_dir} has {max(traj.steps, 0)} committed step(s); the analysis needs at least 2"
         )
-    out = Path(out_dir) if out_dir is not None else run_dir / "analysis"
+    if out_dir is None and traj.run_dir is None:
+        raise CrucibleError(f"{run_dir} is at a URL: give the analysis a local --out folder")
+    out = Path(out_dir) if out_dir is not None else traj.run_dir / "analysis"
     _check_out_dir(out, force)
-    result = analyze(traj, block=block)
+    scan = None
+    if scheduler is not None or workers is not None:
+        from .distributed import dask_client, scan_W_dask
+
+        with dask_client(scheduler, workers) as client:
+            scan = scan_W_dask(traj, client, block)
+    result = analyze(traj, block=block, scan=scan)
     try:
         out.mkdir(parents=True, exist_ok=True)
         json_path = write_analysis_json(result, out / JSON_NAME)

@@ -1,0 +1,267 @@
+"""The streaming pass over W on a Dask cluster (``crucible-record analyze RUN --scheduler/--workers``).
+
+:func:`scan_W_dask` builds one task per stored block of W (a whole shard of steps, the blocks
+``analysis.iter_blocks`` reads; or ``block`` steps) and combines their partials on the client, in block order, into the same
+:class:`~crucible_record.crucible3.analysis.WScan` that :func:`~crucible_record.crucible3.analysis.scan_W`
+makes in one process; :func:`~crucible_record.crucible3.analysis.analyze` then does the rest (h_mean,
+cosines, summary: small) unchanged.
+
+What travels into the graph: plain values only. Each task gets the run's location string (a local
+path or a URL), its row range ``[start, stop)`` of W, and the dead mask as a numpy bool array (one
+graph key shared by every task). It reopens the field itself with
+:func:`crucible_record.reader.read_rows` (one row more at the front, the carried step before the
+block); no store object, zarr array or credential is pickled (a worker reading ``s3://`` takes its
+credentials from its own environment). The committed prefix is read once, when the graph is built
+(``traj.steps``): tasks never re-read ``commit.json``, so a run still being written is analysed up
+to the steps committed at that moment.
+
+Results: bit-identical to the single-process pass on the same machine and library versions. Each
+task runs the very same per-block code (``analysis._scan_block``) on the same rows, so centroids,
+changed fractions and the net displacement are identical; for the path length (a float64 sum over
+transitions) the task returns the float64 partial sum of each group of ``_SUB_STEPS`` transitions
+rather than one per block, and the client adds those partials in step order exactly as ``scan_W``
+does, so even that sum has the same rounding. (Were the workers' torch to reduce in another order,
+e.g. other CPUs or torch versions, float32 centroids could differ in the last bits: ~1e-7
+relative.)
+
+Memory: a task holds one block of W (plus the row before it) and its float32 temporaries, and
+returns O(block x hidden + block/8 x vocab) numbers (two rows of W for the first and last block);
+a worker holds one block per thread (``--workers`` starts one thread per worker process). The client
+keeps only the partials of blocks that finished out of order, besides the WScan itself.
+Cost: the row before a block lies in the previous shard, whose inner chunks span all its steps, so
+each task decodes that shard too: twice the decompression of the single-process pass, which
+carries the row (decoding is the smaller part of a block's time; see benchmarks/bench_dask_analysis.py).
+
+A ``memory://`` run lives inside one process: workers cannot open it, so it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CrucibleError
+from .analysis import WScan, _scan_block
+from .trajectory import Trajectory
+
+CONNECT_TIMEOUT_S = 10.0  # how long to try to reach a --scheduler before giving up
+# A LocalCluster's scheduler starts an HTTP server (health, metrics) even without a dashboard, on
+# port 8787 by default (or a random one, with a warning, when 8787 is taken): a free port on
+# localhost instead.
+NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
+
+
+# --------------------------------------------------------------------------------------------
+# On the workers
+# --------------------------------------------------------------------------------------------
+
+
+class _GroupSums:
+    """Stands in for scan_W's running path-length tensor inside a task: ``path += x`` (in
+    ``analysis._transitions``) keeps each group's float64 partial instead of adding it, so that the
+    client can add them in the same order as the single-process pass."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def __iadd__(self, value: torch.Tensor) -> "_GroupSums":
+        self.parts.append(value)
+        return self
+
+
+def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last: bool) -> dict[str, Any]:
+    """One task: rows [start, stop) of W (and the row before, to carry the step-to-step
+    differences across the block boundary), read afresh from ``location``.
+
+    Returns numpy arrays only: ``centroid_dead``/``centroid_live`` (k, hidden) float32 for the steps
+    of the block; ``changed_dead``/``changed_live`` (float64) for the transitions ending in the block;
+    ``path_parts`` (groups, vocab) float64 partial sums of the transition norms; ``first`` (block 0
+    only) and ``last`` (``keep_last`` only): one row of W as its bf16 bits (vocab, hidden) uint16."""
+    from ..heap import limit_heap_growth
+    from ..reader import read_rows
+
+    limit_heap_growth()
+    bits = read_rows(location, "W", start - 1 if start else start, stop)
+    rows = torch.from_numpy(bits).view(torch.bfloat16)
+    prev, W = (rows[0], rows[1:]) if start else (None, rows)
+    dead_t = torch.from_numpy(np.ascontiguousarray(dead, dtype=bool))
+    live_t = ~dead_t
+    n_dead, n_live = int(dead_t.sum()), int(live_t.sum())
+    vocab, hidden = W.shape[1], W.shape[2]
+    c_dead: list[torch.Tensor] = []
+    c_live: list[torch.Tensor] = []
+    ch_dead: list[torch.Tensor] = []
+    ch_live: list[torch.Tensor] = []
+    groups = _GroupSums()
+    _scan_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
+    empty = np.zeros(0, dtype=np.float64)
+    return {
+        "start": start,
+        "stop": stop,
+        "centroid_dead": torch.cat(c_dead).numpy(),
+        "centroid_live": torch.cat(c_live).numpy(),
+        "changed_dead": torch.cat(ch_dead).numpy() if ch_dead else empty,
+        "changed_live": torch.cat(ch_live).numpy() if ch_live else empty,
+        "path_parts": (torch.stack(groups.parts).numpy() if groups.parts
+                       else np.zeros((0, vocab), dtype=np.float64)),
+        # copies: a view would keep the whole block alive in the worker's memory with the result
+        "first": bits[0].copy() if start == 0 else None,
+        "last": bits[-1].copy() if keep_last else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# On the client
+# --------------------------------------------------------------------------------------------
+
+
+def block_ranges(traj: Trajectory, block: int | None = None) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of W over the committed steps: whole stored blocks (shards) of
+    steps by default, the same blocks as ``analysis.iter_blocks``."""
+    array = traj.W.array
+    unit = block or (array.shards or array.chunks)[0]
+    if unit < 1:
+        raise CrucibleError(f"block must be at least 1 step, got {unit}")
+    n_rows = traj.steps + 1
+    return [(start, min(start + unit, n_rows)) for start in range(0, n_rows, unit)]
+
+
+def build_tasks(traj: Trajectory, block: int | None = None) -> list:
+    """The graph: one ``dask.delayed`` task per block, in block order (see the module docstring
+    for what each task gets). The committed prefix is the one ``traj`` read when it was opened."""
+    import dask
+    from dask.base import tokenize
+
+    location = str(traj.location)
+    if location.lower().startswith("memory:"):
+        raise CrucibleError(f"{location} is an in-process memory:// run: Dask workers cannot open it; "
+                            f"analyse it without --scheduler/--workers")
+    ranges = block_ranges(traj, block)
+    dead = traj.dead_mask.bool().numpy().copy()
+    token = tokenize(location, traj.steps, ranges, dead)
+    dead_key = dask.delayed(dead, name=f"crucible-dead-mask-{token}")
+    last = len(ranges) - 1
+    return [dask.delayed(scan_block, pure=True)(location, start, stop, dead_key, i == last,
+                                                dask_key_name=f"crucible-scan-W-{token}-{i}")
+            for i, (start, stop) in enumerate(ranges)]
+
+
+def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
+    """:func:`~crucible_record.crucible3.analysis.scan_W` as a dask graph run on ``client``'s cluster
+    (a ``distributed.Client``), one task per stored block of W, combined here in block order.
+
+    Same result as ``scan_W(traj, block)`` (bit for bit on the same machine; see the module
+    docstring). A task's CrucibleError (a damaged chunk) is raised here as it was raised on the
+    worker; any other failure of a task (a worker that cannot see the run, a worker that died)
+    becomes a one-line CrucibleError naming the rows, with the original chained."""
+    from distributed import as_completed
+
+    tasks = build_tasks(traj, block)
+    ranges = block_ranges(traj, block)
+    vocab = traj.W.shape[1]
+    futures = client.compute(tasks)
+    order = {future.key: i for i, future in enumerate(futures)}
+    c_dead, c_live, ch_dead, ch_live = [], [], [], []
+    path = torch.zeros(vocab, dtype=torch.float64)
+    first = last = None
+    done: dict[int, dict[str, Any]] = {}
+    wanted = 0
+    try:
+        for future in as_completed(futures):
+            i = order[future.key]
+            try:
+                done[i] = future.result()
+            except CrucibleError:
+                raise  # already one line for the user (e.g. a damaged chunk)
+            except Exception as e:  # e.g. a worker that cannot see the run, or died (KilledWorker)
+                start, stop = ranges[i]
+                raise CrucibleError(f"reading W rows {start}-{stop - 1} of {traj.location} on a Dask worker failed: "
+                                    f"{_one_line(e)} (the workers must reach the run at that same path or URL)"
+                                    ) from e
+            future.release()
+            while wanted in done:  # combine in block order, as scan_W does
+                part = done.pop(wanted)
+                c_dead.append(torch.from_numpy(part["centroid_dead"]))
+                c_live.append(torch.from_numpy(part["centroid_live"]))
+                if len(part["changed_dead"]):
+                    ch_dead.append(torch.from_numpy(part["changed_dead"]))
+                    ch_live.append(torch.from_numpy(part["changed_live"]))
+                for group in torch.from_numpy(part["path_parts"]):
+                    path += group
+                if part["first"] is not None:
+                    first = torch.from_numpy(part["first"]).view(torch.bfloat16)
+                if part["last"] is not None:
+                    last = torch.from_numpy(part["last"]).view(torch.bfloat16)
+                wanted += 1
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    if first is None or last is None:
+        raise CrucibleError(f"{traj.location} has no committed step of W")
+    empty = torch.zeros(0, dtype=torch.float64)
+    return WScan(
+        centroid_dead=torch.cat(c_dead),
+        centroid_live=torch.cat(c_live),
+        changed_dead=torch.cat(ch_dead) if ch_dead else empty,
+        changed_live=torch.cat(ch_live) if ch_live else empty,
+        path_length=path,
+        net_displacement=torch.norm(last.float() - first.float(), dim=1),
+    )
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, workers: int | None = None, *,
+                timeout: float | None = None, memory_limit: str | int | None = "auto") -> Iterator[Any]:
+    """A ``distributed.Client``: connected to the scheduler at ``scheduler`` (e.g.
+    ``tcp://host:8786``), or to a ``distributed.LocalCluster`` of ``workers`` worker processes (one
+    thread each) started here and closed on exit. A scheduler that cannot be reached, or has no
+    worker, within ``timeout`` seconds (default :data:`CONNECT_TIMEOUT_S`) raises a one-line
+    CrucibleError. The local workers are spawned processes: a script that calls this must guard
+    its entry point (``if __name__ == "__main__":``); the ``crucible-record`` command does."""
+    if scheduler is not None and workers is not None:
+        raise CrucibleError("pass either a Dask scheduler address or a number of local workers, not both")
+    if scheduler is None and workers is None:
+        raise CrucibleError("a Dask scheduler address or a number of local workers is needed")
+    try:
+        import distributed
+    except ImportError:
+        raise CrucibleError("analysis on a Dask cluster needs dask.distributed: "
+                            "pip install 'crucible-record[dask]'") from None
+    if workers is not None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise CrucibleError(f"the number of Dask workers must be a positive integer, got {workers!r}")
+        try:
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=None, memory_limit=memory_limit,
+                                               scheduler_kwargs=NO_DASHBOARD)
+        except Exception as e:
+            raise CrucibleError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(e)}") from None
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    address = str(scheduler).strip()
+    wait = CONNECT_TIMEOUT_S if timeout is None else timeout
+    try:
+        client = distributed.Client(address, timeout=wait)
+    except Exception as e:
+        raise CrucibleError(f"cannot connect to the Dask scheduler at {address}: {_one_line(e)}") from None
+    try:
+        try:  # a scheduler without workers would leave the graph waiting forever
+            client.wait_for_workers(1, timeout=wait)
+        except Exception:
+            raise CrucibleError(f"the Dask scheduler at {address} has no workers "
+                                f"(none joined within {wait:g} s)") from None
+        yield client
+    finally:
+        client.close()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
