@@ -246,3 +246,19 @@ def test_cli_killed_on_s3_resumes_byte_identical(s3, tmp_path, capsys, tiny_corp
     assert run_cli(capsys, "export", tiny_run, "--out", tmp_path / "b").code == 0
     name = "crucible_3_trajectory.safetensors"
     assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_xarray_open_zarr_on_s3(s3):
+    """The documented way to open a run on S3 with plain xarray, dask chunks = whole shards."""
+    import obstore.store
+    import xarray as xr
+    import zarr.storage
+
+    bucket, _, _ = s3
+    url = f"s3://{bucket}/runs/xr"
+    record_steps(url, 9)
+    store = zarr.storage.ObjectStore(obstore.store.from_url(url + "/trajectory.zarr"), read_only=True)
+    ds = xr.open_zarr(store, consolidated=False, chunks={"step": 4})
+    assert ds["w"].dims == ("step", "w_0", "w_1") and ds["w"].data.chunksize[0] == 4
+    assert np.array_equal(ds["w"].values, cr.open(url)["w"].numpy())
+    assert np.array_equal(ds["loss"].values, cr.open(url)["loss"][:].numpy())
