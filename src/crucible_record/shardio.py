@@ -5,9 +5,10 @@ the codec pipeline (merge into a fresh chunk, transpose, flatten, compress into 
 append the checksum with ``np.append``, concatenate the shard). For the one write the recorder
 does — a whole block of steps, i.e. one whole shard — this module produces the same bytes with
 one staging copy per inner chunk (the transpose), numcodecs' compressor straight from it, a
-crc32c, and one final join; inner chunks are encoded in a thread pool (zstd, blosc, numpy's copy,
-torch's copy and crc32c release the GIL). The read side decodes a whole shard into a preallocated
-buffer, checksums verified.
+crc32c, and one final join; inner chunks are encoded in a thread pool (zstd, blosc, numpy's and
+torch's copies release the GIL; google_crc32c keeps it for anything but ``bytes`` >= 1 MB, some
+30 us per chunk). The read side decodes a whole shard into a preallocated buffer, checksums
+verified.
 
 What is matched, from the array's own metadata (anything else raises NotImplementedError so that
 the caller falls back to zarr):
@@ -28,7 +29,8 @@ too and a shard with none left encodes to ``None`` (zarr deletes the key).
 One layout is refused on purpose: numcodecs' Delta flattens with ``order='A'``; after a
 transpose that leaves the chunk Fortran-contiguous (2-D arrays: (steps, n) -> (n, steps)) it
 flattens in Fortran order but zarr decodes in C order, so zarr itself does not read back what it
-wrote there. Encoding those bytes faster would only write the same damaged data faster.
+wrote there (codecs.py's "max" preset no longer puts Delta on 2-D arrays; runs written before
+that hold such chunks). Encoding those bytes faster would only write the same damaged data faster.
 """
 
 from __future__ import annotations
@@ -43,10 +45,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShardError", "encode_shard", "decode_shard", "shard_layout", "default_threads"]
+__all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "encode_shard_with", "decode_shard_with",
+           "shard_layout", "default_threads"]
 
 MAX_U64 = np.uint64(2**64 - 1)
 _TORCH_MIN = 60 * 60  # torch's blocked transpose copy needs at least this many elements
+# How inner chunks are transposed to/from step-last (every choice gives the same bytes):
+#   "auto":  chunks of >= _BLOCKED_MIN_STEPS steps: encode = gather the chunk's rows contiguous, then
+#            torch's cache-blocked 2-D transpose copy; decode = numpy copies in tiles of
+#            _DECODE_TILE columns. Shorter chunks: numpy's copy of the transposed view both ways.
+#   "torch": torch's blocked copy both ways whenever it applies; "numpy": numpy's plain copy always.
+# Measured on 2 cores in CPU-seconds (benchmarks/bench_codec_path.py "transposes", and by hand over
+# T = 4..128): for 64-step chunks torch encodes ~1.2-1.8x and tiles decode ~1.5x faster than
+# numpy's plain copy; for chunks of <= 32 steps (GPT-2-sized blocks of 3-4 steps) numpy's plain
+# copy is 2-6x faster than either.
+STAGING = "auto"
+_BLOCKED_MIN_STEPS = 48
+_DECODE_TILE = 256
 
 
 class ShardError(ValueError):
@@ -81,7 +96,12 @@ class ShardLayout:
     fill: Any
     write_empty: bool
 
-    @property
+    @functools.cached_property
+    def inverse(self) -> tuple[int, ...] | None:
+        """The permutation that undoes `perm`."""
+        return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
+
+    @functools.cached_property
     def stored_shape(self) -> tuple[int, ...]:
         """Shape of an inner chunk after the transposes (what the bytes hold, in C order)."""
         return tuple(self.chunk_shape[i] for i in self.perm) if self.perm else self.chunk_shape
@@ -200,17 +220,36 @@ def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill
             raise NotImplementedError(
                 "numcodecs Delta after a transpose that leaves the chunk Fortran-ordered: zarr-python "
                 "flattens it in Fortran order and decodes in C order (it does not read back what it wrote)")
-    from zarr.core.indexing import morton_order_iter
-
-    data_order = tuple(tuple(int(i) for i in c) for c in morton_order_iter(grid)) if sharded else ((0,) * len(grid),)
+    data_order = _morton(grid) if sharded else ((0,) * len(grid),)
     return ShardLayout(sharded, shard_shape, chunk_shape, grid, data_order, perm, delta, swap, tuple(bytes_codecs),
                        index_crc, index_at_start, dtype, fill, write_empty)
+
+
+def _morton(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The order zarr lays inner chunks out in a shard (zarr's own Morton order iterator)."""
+    try:
+        from zarr.core.indexing import morton_order_iter
+    except ImportError:  # a zarr without it: only a grid along one axis has an obvious order
+        if sum(1 for g in grid if g > 1) > 1:
+            raise NotImplementedError("inner-chunk order of this zarr version") from None
+        return tuple(np.ndindex(*grid))
+    return tuple(tuple(int(i) for i in c) for c in morton_order_iter(grid))
 
 
 # ----- threads and scratch buffers ------------------------------------------------------------
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _local = threading.local()
+
+
+def _forget_pools() -> None:  # a forked child has none of the parent's threads
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -260,6 +299,12 @@ def _rows_2d(a: np.ndarray) -> np.ndarray | None:
     return view
 
 
+def _use_torch(layout: ShardLayout, size: int, encode: bool) -> bool:
+    if STAGING == "numpy" or not layout.step_last or size < _TORCH_MIN or layout.dtype.itemsize not in _INT_OF_SIZE:
+        return False
+    return STAGING == "torch" or (encode and layout.chunk_shape[0] >= _BLOCKED_MIN_STEPS)
+
+
 def _to_step_last(chunk: np.ndarray, layout: ShardLayout) -> np.ndarray:
     """The chunk laid out as its stored (transposed) C-ordered array; a view when it already is."""
     if layout.perm is None:
@@ -272,12 +317,11 @@ def _to_step_last(chunk: np.ndarray, layout: ShardLayout) -> np.ndarray:
     if moved.flags.c_contiguous:  # staged step-last by the caller: nothing to do
         return moved
     out = _scratch("stage", layout.stored_shape, layout.dtype)
-    rows = _rows_2d(chunk) if layout.step_last and chunk.size >= _TORCH_MIN and chunk.dtype.itemsize in _INT_OF_SIZE else None
+    rows = _rows_2d(chunk) if _use_torch(layout, chunk.size, True) else None
     if rows is None:
         np.copyto(out, moved)
         return out
-    # Measured (benchmarks/bench_codec_path.py, "transpose"): gathering the rows contiguous, then
-    # torch's cache-blocked 2-D transpose copy, beats numpy's strided copy of the transposed view.
+    # gather the rows contiguous, then torch's cache-blocked 2-D transpose copy (see STAGING)
     if not rows.flags.c_contiguous:
         tmp = _scratch("rows", rows.shape, layout.dtype)
         np.copyto(tmp, rows)
@@ -292,15 +336,21 @@ def _from_step_last(stored: np.ndarray, dest: np.ndarray, layout: ShardLayout) -
     if layout.perm is None:
         dest[...] = stored[tuple(slice(0, n) for n in dest.shape)] if not full else stored
         return
-    inverse = tuple(int(i) for i in np.argsort(layout.perm))
-    chunk = stored.transpose(inverse)
-    if full and layout.step_last and stored.size >= _TORCH_MIN and layout.dtype.itemsize in _INT_OF_SIZE:
+    chunk = stored.transpose(layout.inverse)
+    if full and _use_torch(layout, stored.size, False):
         rows = _rows_2d(dest)
         if rows is not None:
             target = rows if rows.flags.c_contiguous else _scratch("rows", rows.shape, layout.dtype)
             _as_torch(target).copy_(_as_torch(stored.reshape(rows.shape[1], rows.shape[0])).t())
             if target is not rows:
                 np.copyto(rows, target)
+            return
+    if full and STAGING == "auto" and layout.step_last and layout.chunk_shape[0] >= _BLOCKED_MIN_STEPS:
+        rows = _rows_2d(dest)
+        if rows is not None:  # tiles of the (T, X) transpose small enough to stay in L1
+            flat = stored.reshape(rows.shape[1], rows.shape[0])
+            for c in range(0, flat.shape[0], _DECODE_TILE):
+                np.copyto(rows[:, c:c + _DECODE_TILE], flat[c:c + _DECODE_TILE].T)
             return
     dest[...] = chunk if full else chunk[tuple(slice(0, n) for n in dest.shape)]
 
@@ -340,10 +390,10 @@ def encode_shard(array, block: np.ndarray, threads: int = 1) -> bytes | None:
         raise ValueError(f"block dtype {block.dtype} is not the array's {layout.dtype}")
     if block.ndim != len(layout.shard_shape) or any(b > s for b, s in zip(block.shape, layout.shard_shape)):
         raise ValueError(f"block of shape {block.shape} does not fit the shard shape {layout.shard_shape}")
-    return encode_block(layout, block, threads)
+    return encode_shard_with(layout, block, threads)
 
 
-def encode_block(layout: ShardLayout, block: np.ndarray, threads: int = 1) -> bytes | None:
+def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) -> bytes | None:
     """encode_shard with a layout already parsed (see shard_layout)."""
     cs = layout.chunk_shape
 
@@ -489,11 +539,13 @@ def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
         raise ValueError(f"out dtype {out.dtype} is not the array's {layout.dtype}")
     if out.ndim != len(layout.shard_shape) or any(o > s for o, s in zip(out.shape, layout.shard_shape)):
         raise ValueError(f"out of shape {out.shape} does not fit the shard shape {layout.shard_shape}")
-    return decode_block(layout, data, out, threads)
+    return decode_shard_with(layout, data, out, threads)
 
 
-def decode_block(layout: ShardLayout, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
+def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
     """decode_shard with a layout already parsed (see shard_layout)."""
+    if hasattr(data, "as_numpy_array"):  # a zarr Buffer, as store.get returns it
+        data = data.as_numpy_array()
     buf = np.frombuffer(data, dtype=np.uint8)
     cs = layout.chunk_shape
     if layout.sharded:
