@@ -99,16 +99,16 @@ def machine() -> dict[str, Any]:
 
 
 def source_state() -> dict[str, Any]:
-    """The commit benchmarked and which src/ files differ from it (read-only git commands)."""
+    """The commit benchmarked (`git rev-parse HEAD`) and which src/ files differ from it (read-only git)."""
     repo = HERE.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=repo, capture_output=True,
                                text=True, timeout=10).stdout.split("\n")
-        return {"commit": head, "src_changes_not_committed": [x.strip() for x in dirty if x.strip()]}
+        return {"commit": head or None, "src_changes_not_committed": [x.strip() for x in dirty if x.strip()]}
     except Exception as e:
-        return {"error": str(e)}
+        return {"commit": None, "error": str(e)}
 
 
 class Result:
@@ -123,14 +123,22 @@ class Result:
             "mode": "quick" if quick else "full",
             "command": "python benchmarks/" + Path(sys.argv[0]).name + " " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "commit": None,  # git rev-parse HEAD, filled in below
             "machine": machine(),
             "load": {"start": load_average(), "busy_processes_start": busy_processes()},
             "targets": [],
             "details": {},
         }
+        self.data["commit"] = self.data["machine"]["source"].get("commit")
 
-    def target(self, id: str, target: str, measured: Any, met: bool | None, note: str = "", unit: str = "") -> None:
-        """One row of the README table. met None = not measured / skipped."""
+    smoke_note: str | None = None  # set: targets are not judged (met None), the note says why
+
+    def target(self, id: str, target: str, measured: Any, met: bool | None, note: str = "", unit: str = "",
+               *, correctness: bool = False) -> None:
+        """One row of the README table. met None = not measured / skipped. A correctness row is judged
+        even when `smoke_note` is set (it does not depend on the data being realistic)."""
+        if self.smoke_note and met is not None and not correctness:
+            met, note = None, f"{note}; {self.smoke_note}" if note else self.smoke_note
         self.data["targets"].append(
             {"id": id, "target": target, "measured": measured, "unit": unit, "met": met, "note": note}
         )
@@ -319,20 +327,73 @@ def wait_for_run(run: Path, want: int, max_wait_s: float, log=print):
     return t
 
 
+QUICK_RUN_STEPS = 129  # two whole 64-step blocks of W and one more row
+QUICK_RUN_NOTE = "not judged: a small quick-mode run (batch 4, seq 16), not the default-config trajectory"
+
+
+def recorded_run(args, want: int, max_wait_s: float = 0, log=print):
+    """The recorded Crucible-3 run the benchmark reads (`--run`), opened.
+
+    With --quick and no run at `--run`, a small one is recorded once (the notebook's model, vocab
+    10,000 x hidden 64, default layout; batch 4 x seq 16 so that it takes seconds) and kept in
+    $CRUCIBLE_BENCH_TMP for the other quick benchmarks; its W is not a default-config trajectory,
+    so quick compression/read numbers are only a smoke test. Full mode needs the real run."""
+    if Path(args.run).exists() or not args.quick:
+        if not Path(args.run).exists():
+            raise SystemExit(f"no recorded run at {args.run}: record one (crucible-record train --out {args.run}) "
+                             f"or pass --run / set $CRUCIBLE_BENCH_RUN")
+        return wait_for_run(args.run, want, max_wait_s, log)
+    import crucible_record as cr
+
+    run = SCRATCH / f"crucible-bench-quick-run-{QUICK_RUN_STEPS}"
+    try:
+        t = cr.open(run)
+        if getattr(t, "steps", 0) >= QUICK_RUN_STEPS:
+            args.run, args.quick_run = run, True
+            return t
+    except Exception:
+        pass
+    shutil.rmtree(run, ignore_errors=True)
+    from crucible_record.codecs import Layout
+    from crucible_record.crucible3.config import RunConfig
+    from crucible_record.crucible3.run import start_run
+
+    log(f"no recorded run at {args.run}; recording a small one for --quick at {run}")
+    config = RunConfig(steps=QUICK_RUN_STEPS, batch_size=4, seq_len=16, device="cpu")
+    start_run(config, run, layout=Layout(), checkpoints=False, progress=False, durability="none")
+    args.run, args.quick_run = run, True
+    return cr.open(run)
+
+
+def prefix_copy(run: Path, dest: Path, steps: int) -> Path:
+    """A run directory sharing the chunk files of the Crucible-3 `run` (hard links), committed to
+    `steps` training steps (commit.json says steps+1 rows); the original run is untouched."""
+    from crucible_record.storage import STORE_NAME
+
+    dest.mkdir(parents=True)
+    src = Path(run) / STORE_NAME
+    try:
+        subprocess.run(["cp", "-al", str(src), str(dest / STORE_NAME)], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        shutil.copytree(src, dest / STORE_NAME)
+    marker = dest / STORE_NAME / "commit.json"
+    tmp = marker.with_name("commit.json.tmp")
+    tmp.write_text(json.dumps({"steps": steps + 1}) + "\n")
+    os.replace(tmp, marker)  # a new file: the hard-linked original's marker is untouched
+    return dest
+
+
 # ----- extra codec presets for experiments (benchmarks only; src keeps its own) ---------------
-from crucible_record import store as _store  # noqa: E402
+from crucible_record import codecs as _codecs  # noqa: E402
+from crucible_record import format as _format  # noqa: E402
 
-_SRC_W_CODECS = _store._w_codecs  # the src presets, unpatched
-SRC_PRESETS = tuple(_store.CODEC_PRESETS)
+_SRC_CODECS_FOR = _codecs.codecs_for  # the src presets, unpatched
+SRC_PRESETS = tuple(_codecs.CODEC_PRESETS)
 
 
-def src_codecs(preset: str, time_chunk: int) -> dict[str, Any]:
-    """The src preset's codecs, whichever signature _w_codecs has (it changed: (preset[, time_chunk]))."""
-    import inspect
-
-    if len(inspect.signature(_SRC_W_CODECS).parameters) >= 2:
-        return _SRC_W_CODECS(preset, time_chunk)
-    return _SRC_W_CODECS(preset)
+def src_codecs(preset: str, time_chunk: int | None = None) -> dict[str, Any]:
+    """The src preset's codecs for W (3-d, uint16 bf16 bits)."""
+    return _SRC_CODECS_FOR(preset, 3, "uint16")
 
 
 def describe(codecs: dict[str, Any]) -> str:
@@ -420,46 +481,68 @@ def codec_label(name: str) -> str:
 
 @contextlib.contextmanager
 def extra_presets():
-    """Let store.create_store / Layout accept the benchmark codec names (monkeypatch, this process)."""
-    import inspect
-
-    saved = _store._w_codecs, _store.CODEC_PRESETS
-    if len(inspect.signature(_SRC_W_CODECS).parameters) >= 2:
-        _store._w_codecs = bench_codecs
-    else:
-        _store._w_codecs = lambda preset: bench_codecs(preset)
+    """Let Layout / format.create_run (and so cr.record) accept the benchmark codec names for W
+    (monkeypatch, this process); other fields of a run get the src default preset."""
+    def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
+        if preset in SRC_PRESETS:
+            return _SRC_CODECS_FOR(preset, ndim, storage_dtype)
+        if ndim == 3:
+            return bench_codecs(preset)
+        return _SRC_CODECS_FOR("default", ndim, storage_dtype)
 
     class _Any(tuple):
         def __contains__(self, item):  # every name passes validate(); bench_codecs rejects unknowns
             return True
 
-    _store.CODEC_PRESETS = _Any(saved[1])
+    saved = _format.codecs_for, _codecs.CODEC_PRESETS
+    _format.codecs_for, _codecs.CODEC_PRESETS = codecs_for, _Any(SRC_PRESETS)
     try:
         yield
     finally:
-        _store._w_codecs, _store.CODEC_PRESETS = saved
+        _format.codecs_for, _codecs.CODEC_PRESETS = saved
 
 
 def src_layout():
-    """The src default Layout (time_chunk, token_chunk, codec) as it is now."""
-    from crucible_record.store import Layout
+    """The src default Layout (time_chunk, row_chunk, codec) as it is now."""
+    from crucible_record.codecs import Layout
 
     return Layout()
 
 
 def make_store(run_dir: Path, *, steps: int, vocab: int, hidden: int, time_chunk: int | None = None,
                token_chunk: int | None = None, codec: str = "default", dead_mask=None):
-    """A fresh run store (crucible_record.store.create_store) with any benchmark codec; chunk sizes
-    default to the src Layout's."""
+    """A fresh Crucible-3-shaped run (fields of crucible3.engine.fields: W (steps+1, vocab, hidden),
+    h_mean, loss, epoch; constants dead_mask, dead_indices) made by crucible_record.format.create_run
+    with any benchmark codec for W, nothing written yet; chunk sizes default to the src Layout's.
+    Returns the zarr group: write W blocks directly, then `commit(run_dir, rows)`."""
     import numpy as np
+    import torch
 
-    from crucible_record.store import Layout, create_store
+    from crucible_record.codecs import Layout
+    from crucible_record.crucible3.config import RunConfig
+    from crucible_record.crucible3.engine import fields
+    from crucible_record.format import create_run
+    from crucible_record.storage import open_store
 
     d = Layout()
     if dead_mask is None:
         dead_mask = np.zeros(vocab, dtype=bool)
+    dead = torch.from_numpy(np.asarray(dead_mask, dtype=bool).copy())
+    config = RunConfig(steps=steps, vocab_size=vocab, hidden_dim=hidden, num_heads=1)
+    layout = Layout(time_chunk=time_chunk or d.time_chunk, row_chunk=token_chunk or d.row_chunk, codec=codec)
+    store = open_store(run_dir, read_only=False, durability="none")
     with extra_presets():
-        return create_store(run_dir, steps=steps, vocab_size=vocab, hidden_dim=hidden, dead_mask=dead_mask,
-                            attributes={"config": {}, "provenance": {"note": "benchmark"}},
-                            layout=Layout(time_chunk=time_chunk or d.time_chunk,
-                                          token_chunk=token_chunk or d.token_chunk, codec=codec))
+        store.prepare_new()
+        return create_run(store, fields(config), steps=steps + 1, layout=layout,
+                          attributes={"experiment": "crucible-3", "config": config.to_dict(),
+                                      "provenance": {"note": "benchmark"}},
+                          constants={"dead_mask": (dead, ("token",)),
+                                     "dead_indices": (torch.nonzero(dead).flatten(), ("dead_token",))})
+
+
+def commit(run_dir: Path, rows: int) -> None:
+    """Move the commit marker of a make_store run: rows 0..rows-1 of W are readable (cr.open)."""
+    from crucible_record.format import write_commit
+    from crucible_record.storage import open_store
+
+    write_commit(open_store(run_dir, read_only=False, durability="none"), rows)

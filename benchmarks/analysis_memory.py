@@ -1,13 +1,13 @@
 """Peak memory of `crucible-record analyze` for two run lengths: it must stay flat as runs grow.
 
-    python benchmarks/analysis_memory.py [--steps 64 256] [--out benchmarks/results/analysis_memory.json]
+    python benchmarks/analysis_memory.py [--steps 64 256] [--quick] [--out benchmarks/results/analysis_memory.json]
 
 What it does:
 1. Records two runs with crucible_record.crucible3.run.start_run on a small config: the notebook's model
    (vocab 10,000, hidden 64, 2 layers, 2 heads) on the shipped corpus, but batch 4 x seq 16 so that a
-   CPU step is fast, CPU device, default layout (chunks of 32 steps x 500 tokens). Only the number of
-   steps differs: 64 vs 256 by default (4x apart; W of 65 vs 257 steps, i.e. 2 vs 8 whole chunks of
-   32 steps plus one 1-step chunk, so both runs hold several full chunks and compare like with like).
+   CPU step is fast, CPU device, default layout (blocks of 64 steps x 100 tokens). Only the number of
+   steps differs: 64 vs 256 by default (4x apart; W of 65 vs 257 steps, i.e. 1 vs 4 whole blocks of
+   64 steps plus one 1-step block). --quick: 16 vs 64 steps in blocks of 8, results in results/quick/.
 2. For each run, a fresh subprocess imports everything and opens the run; its RSS then is the
    baseline (interpreter + torch + zarr + matplotlib). It resets the kernel's peak-RSS mark
    (/proc/self/clear_refs), runs the whole analysis (report.analyze_run: the streaming pass over W,
@@ -18,7 +18,7 @@ What it does:
 3. For contrast, another subprocess does what the notebook does: load W whole (t.W[:]) and compute
    the centroids with .float() on the full tensor. Its peak grows with the run.
 
-Results go to benchmarks/results/analysis_memory.json. RSS is what the OS saw, so it includes
+Results go to benchmarks/results/analysis_memory.json (with `git rev-parse HEAD`). RSS is what the OS saw, so it includes
 allocator slack; tracemalloc is not used because torch's tensor memory bypasses it.
 """
 
@@ -85,7 +85,7 @@ def child(mode: str, run_dir: str, out_dir: str) -> None:
     trace: list[float] = []
     start = time.perf_counter()
     if mode == "analyze":
-        from crucible_record import analysis
+        from crucible_record.crucible3 import analysis
 
         original = analysis.iter_blocks
 
@@ -120,31 +120,46 @@ def measure(mode: str, run_dir: Path, out_dir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _git_head() -> str | None:
+    """The commit measured (`git rev-parse HEAD`, read-only)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "analysis_memory.json")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="[default: 64 256; --quick: 16 64]")
+    parser.add_argument("--quick", action="store_true", help="short runs (16 vs 64 steps), results/quick/")
+    parser.add_argument("--run", help=argparse.SUPPRESS)  # run_all.py passes it to every benchmark; unused
+    parser.add_argument("--out", type=Path, default=None,
+                        help="[default: benchmarks/results/analysis_memory.json, results/quick/ with --quick]")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "RUN_DIR", "OUT_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
 
+    args.steps = args.steps or ([16, 64] if args.quick else [64, 256])
+    args.out = args.out or HERE / "results" / ("quick" if args.quick else "") / "analysis_memory.json"
+
     import torch
 
     import crucible_record
+    from crucible_record.codecs import Layout
     from crucible_record.crucible3.config import RunConfig
     from crucible_record.crucible3.run import start_run
-    from crucible_record.store import Layout
 
-    layout = Layout()
+    layout = Layout(time_chunk=8) if args.quick else Layout()  # quick: both short runs still span several blocks
     results = []
     with tempfile.TemporaryDirectory(prefix="crucible-bench-") as tmp:
         for steps in args.steps:
             config = RunConfig(steps=steps, batch_size=4, seq_len=16, device="cpu")
             run_dir = Path(tmp) / f"run{steps}"
             started = time.perf_counter()
-            start_run(config, run_dir, layout=layout, checkpoint_every=0, progress=False)
+            start_run(config, run_dir, layout=layout, checkpoints=False, progress=False)
             train_s = time.perf_counter() - started
             w_raw_mb = (steps + 1) * config.vocab_size * config.hidden_dim * 2 / 2**20
             entry = {
@@ -162,7 +177,7 @@ def main() -> None:
         "benchmark": "peak RSS of `crucible-record analyze` (report.analyze_run) vs run length",
         "runs_are": "crucible_record.crucible3.run.start_run on RunConfig(steps=N, batch_size=4, seq_len=16, device='cpu'): "
                     "the notebook's model (vocab 10000, hidden 64, 2 layers, 2 heads), shipped corpus, "
-                    f"default layout (chunks of {layout.time_chunk} steps x {layout.token_chunk} tokens, "
+                    f"default layout (blocks of {layout.time_chunk} steps x {layout.row_chunk} tokens, "
                     f"codec {layout.codec})",
         "measure": "each mode in a fresh subprocess: RSS after imports + cr.open (baseline), then the peak-RSS "
                    "mark is reset (/proc/self/clear_refs) and VmHWM read after the work (peak); "
@@ -171,6 +186,8 @@ def main() -> None:
             "analyze": "the full analysis: streaming pass over W, analysis.json and the PNG plots",
             "naive_whole_W": "for contrast, the notebook's way: W loaded whole, then .float() centroids",
         },
+        "mode": "quick" if args.quick else "full",
+        "commit": _git_head(),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "crucible_record": crucible_record.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform()},

@@ -1,15 +1,15 @@
 """Target 3: lossless compression of a real W trajectory, codec by codec.
 
 Reads the first N steps of W (uint16 bf16 bits) from the recorded run (default data and config),
-writes them into fresh stores made by crucible_record.store.create_store with each codec
+writes them into fresh runs made by crucible_record.format.create_run with each codec
 configuration (one whole time chunk per write, as the Recorder does), and reports
   ratio      raw bytes / bytes of W on disk
   write MB/s raw bytes per second of writing (encode + file writes)
   read MB/s  raw bytes per second of reading it all back (decode)
 and checks every read-back bit-exact. Codec names: T = TransposeCodec(order=(1, 2, 0)) (step axis
 fastest inside a chunk); delta = numcodecs Delta('<u2') (not a Zarr v3 spec codec); blosc-X-Y =
-Blosc cname X, clevel, shuffle Y; "<name> preset" = crucible_record.store's preset of that name as
-it is when the benchmark runs. Chunks are (time_chunk, token_chunk, 64) of the src default Layout,
+Blosc cname X, clevel, shuffle Y; "<name> preset" = crucible_record.codecs' preset of that name as
+it is when the benchmark runs. Chunks are (time_chunk, row_chunk, 64) of the src default Layout,
 inside shards of all tokens, unless stated; a whole-run pass repeats the src presets on every
 committed step. Optionally opens a default-preset store in TensorStore.
 """
@@ -30,8 +30,8 @@ import numpy as np
 import crucible_record as cr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (SRC_PRESETS, Result, bench_codecs, codec_label, describe, dir_bytes, make_store,  # noqa: E402
-                     parser, r, scratch_dir, spec_only, src_layout, wait_for_run)
+from _common import (QUICK_RUN_NOTE, SRC_PRESETS, Result, bench_codecs, codec_label, describe, dir_bytes,  # noqa: E402
+                     make_store, parser, r, recorded_run, scratch_dir, spec_only, src_layout)
 
 # src presets first (whatever they are now), then the alternatives; duplicates of a preset are skipped
 FULL = ["default", "max", "fast", "zstd", "raw", "blosc-zstd3-bitshuffle", "T+blosc-zstd3-bitshuffle",
@@ -121,14 +121,14 @@ print(json.dumps({{"status": "opened", "tensorstore": getattr(ts, "__version__",
 
 def real_store_ratio(t) -> dict:
     """The recorded run's own W: raw bytes of committed whole blocks / their bytes on disk."""
-    W = t.group["W"]
+    W = t.W.array
     T = W.chunks[0]
     vocab, hidden = W.shape[1:]
     blocks = (t.steps + 1) // T
     root = t.run_dir / "trajectory.zarr" / "W" / "c"
     sizes = [dir_bytes(root / str(b)) for b in range(blocks)]
     raw = T * vocab * hidden * 2
-    return {"whole_blocks": blocks, "steps_covered": blocks * T, "layout": t.attrs.get("layout"),
+    return {"whole_blocks": blocks, "steps_covered": blocks * T, "layout": {**t.info.layout.to_dict(), "time_chunk": T},
             "ratio": r(blocks * raw / max(sum(sizes), 1), 3),
             "ratio_by_time_block": [r(raw / max(s, 1), 2) for s in sizes]}
 
@@ -141,7 +141,9 @@ def main() -> None:
     res = Result("compression", args.quick)
     want = args.steps or (64 if args.quick else 256)
     minimum = min(want, 201)
-    t = wait_for_run(args.run, minimum, 0 if args.quick else args.max_wait)
+    t = recorded_run(args, minimum, 0 if args.quick else args.max_wait)
+    if getattr(args, "quick_run", False):
+        res.smoke_note = QUICK_RUN_NOTE
     n = min(want, t.steps + 1)
     t0 = time.perf_counter()
     bits = np.ascontiguousarray(t.W.numpy(slice(0, n)))
@@ -151,7 +153,7 @@ def main() -> None:
     print(f"using W[0:{n}] of {args.run} ({t.steps} steps committed), {bits.nbytes / 2**20:.0f} MB raw", flush=True)
 
     L = src_layout()
-    T0, K0 = L.time_chunk, L.token_chunk
+    T0, K0 = L.time_chunk, L.row_chunk
     res.details["layout"] = {"time_chunk": T0, "token_chunk": K0, "note": "the src default Layout when this ran"}
     rows, seen = [], {}
     for codec in (QUICK if args.quick else FULL):
@@ -220,11 +222,11 @@ def main() -> None:
         res.target("3f", f"whole run ({steps_all} steps): {wm['label']} >= 6.5x", wm["ratio"], wm["ratio"] >= 6.5, unit="x",
                    note=f"per block {wm['ratio_by_time_block']}; write {wm['write_MBps']} MB/s; T+delta+zstd3 "
                         f"{wq['ratio']}x at {wq['write_MBps']} MB/s write")
-    res.target("3c", "every codec reads back bit-exact", exact, exact)
+    res.target("3c", "every codec reads back bit-exact", exact, exact, correctness=True)
     ts = res.details.get("tensorstore", {})
     res.target("3d", "default-preset store opens in TensorStore (optional)", ts.get("status"),
                bool(ts.get("bit_exact")) if ts.get("status") == "opened" else None,
-               note=f"tensorstore {ts.get('tensorstore', '')}, bit-exact {ts.get('bit_exact')}")
+               note=f"tensorstore {ts.get('tensorstore', '')}, bit-exact {ts.get('bit_exact')}", correctness=True)
     res.save()
 
 

@@ -9,10 +9,7 @@ hard-linked copy whose commit marker says fewer steps) and of the whole run.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,24 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, parser, r, run_module_child, scratch_dir, wait_for_run  # noqa: E402
-
-
-def prefix_copy(run: Path, dest: Path, steps: int) -> Path:
-    """A run directory sharing the chunk files of `run` (hard links), committed to `steps`."""
-    dest.mkdir(parents=True)
-    src = run / "trajectory.zarr"
-    try:
-        subprocess.run(["cp", "-al", str(src), str(dest / "trajectory.zarr")], check=True, capture_output=True)
-    except subprocess.CalledProcessError:
-        shutil.copytree(src, dest / "trajectory.zarr")
-    meta_path = dest / "trajectory.zarr" / "zarr.json"
-    meta = json.loads(meta_path.read_text())
-    meta["attributes"]["commit"]["steps"] = steps
-    tmp = meta_path.with_name("zarr.json.tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_path)  # a new file: the original run's zarr.json is untouched
-    return dest
+from _common import QUICK_RUN_NOTE, Result, parser, prefix_copy, r, recorded_run, run_module_child, scratch_dir  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +28,9 @@ def main() -> None:
     import crucible_record as cr
     from crucible_record.crucible3.export import export_safetensors
 
-    t = wait_for_run(args.run, 500, args.max_wait)
+    t = recorded_run(args, 500, args.max_wait)
+    if getattr(args, "quick_run", False):
+        res.smoke_note = QUICK_RUN_NOTE
     steps = t.steps
     with scratch_dir("export") as d:
         if args.quick:  # a prefix of 64 steps stands in for the whole run
@@ -68,7 +50,7 @@ def main() -> None:
             exact = all(np.array_equal(sl[s:s + 1][0], t.W.numpy(s)) for s in (0, steps // 2, steps))
         (d / "out" / target.name).unlink()
         # 2. the same W block reads alone
-        block = t.group["W"].chunks[0]
+        block = t.W.array.chunks[0]
         t0 = time.perf_counter()
         for a in range(0, steps + 1, block):
             t.W.numpy(slice(a, min(a + block, steps + 1)))
@@ -97,9 +79,12 @@ def main() -> None:
     growth = rss[steps]["peak_rss_mb"] - rss[short]["peak_rss_mb"]
     res.target("7a", f"export >= 500 MB/s of raw tensor data ({steps} steps)", r(mbps, 1), mbps >= 500, unit=" MB/s",
                note=f"reading/decoding W alone takes {read_s / export_s * 100:.0f}% of it; file bit-exact on sampled steps: {exact}")
+    block = t.W.array.chunks[0]
     res.target("7b", f"export peak memory flat in run length ({short} -> {steps} steps, <= 32 MB growth)",
-               r(growth, 1), growth <= 32, unit=" MB",
-               note=f"{rss[short]['peak_rss_mb']:.0f} MB -> {rss[steps]['peak_rss_mb']:.0f} MB")
+               r(growth, 1), growth <= 32 if short >= block else None, unit=" MB",
+               note=f"{rss[short]['peak_rss_mb']:.0f} MB -> {rss[steps]['peak_rss_mb']:.0f} MB"
+                    + ("" if short >= block else f"; the shorter export is under one {block}-step block (its buffers "
+                                                 "are smaller): not the target's test, see the full run"))
     res.save()
 
 

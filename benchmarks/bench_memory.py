@@ -9,7 +9,6 @@ the number of steps: the target is growth <= 32 MB for 10x the steps, for train 
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,9 +27,9 @@ def main() -> None:
     tc = [] if args.time_chunk is None else ["--time-chunk", str(args.time_chunk)]
     # The short run must hold at least one whole block of steps: a run shorter than --time-chunk
     # gets a smaller block (the chunk is clamped to the run), which would compare block sizes.
-    from crucible_record.store import Layout
+    from _common import src_layout
 
-    block = args.time_chunk or Layout().time_chunk
+    block = args.time_chunk or src_layout().time_chunk
     short = 10 if args.quick else max(30, block + 6)
     lengths = [short, 10 * short]
     rows = {}
@@ -49,23 +48,15 @@ def main() -> None:
             print(f"  {n:4d} steps: train peak RSS {tr['peak_rss_mb']:.1f} MB ({tr['seconds']:.1f} s), "
                   f"export peak RSS {ex['peak_rss_mb']:.1f} MB ({ex['seconds']:.1f} s)", flush=True)
         # where does export memory stop growing? prefixes of the long run (hard links, same chunks)
-        from bench_export import prefix_copy
+        from _common import prefix_copy
 
-        # and with a proposed change to export._write_w (benchmarks/_export_patched.py: write each block
-        # from its buffer, no .tobytes() copy, and drop it before reading the next)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(Path(__file__).resolve().parent) + os.pathsep + env.get("PYTHONPATH", "")
-        plateau, patched = {}, {}
+        plateau = {}
         for n in sorted({short, 3 * short + 1, 10 * short}):
             run = prefix_copy(d / f"run{10 * short}", d / f"prefix{n}", n) if n != 10 * short else d / f"run{n}"
             ex = run_module_child("crucible_record", ["export", str(run), "--out", str(d / f"pexport{n}")], timeout=900)
-            plateau[n] = r(ex["peak_rss_mb"], 1)
-            ex = run_module_child("_export_patched", ["export", str(run), "--out", str(d / f"qexport{n}")], env=env,
-                                  timeout=900)
-            patched[n] = r(ex["peak_rss_mb"], 1) if ex["rc"] == 0 else f"failed: {ex['output_tail'][-200:]}"
+            plateau[n] = r(ex["peak_rss_mb"], 1) if ex["rc"] == 0 else f"failed: {ex['output_tail'][-200:]}"
         res.details["export_peak_rss_mb_by_prefix_of_the_long_run"] = plateau
-        res.details["patched_export_peak_rss_mb_by_prefix"] = patched
-        print(f"  export peak RSS by prefix of the {10 * short}-step run: {plateau}; patched export: {patched}", flush=True)
+        print(f"  export peak RSS by prefix of the {10 * short}-step run: {plateau}", flush=True)
     res.details["runs"] = rows
     res.details["config"] = " ".join(SMALL + tc) + " (vocab 10000, default corpus)"
     from _common import src_layout
@@ -77,10 +68,9 @@ def main() -> None:
         growth = rows[b][what]["peak_rss_mb"] - rows[a][what]["peak_rss_mb"]
         note = f"{rows[a][what]['peak_rss_mb']:.0f} MB -> {rows[b][what]['peak_rss_mb']:.0f} MB"
         if what == "export":
-            note += (f"; prefixes of the long run: {res.details['export_peak_rss_mb_by_prefix_of_the_long_run']} MB; "
-                     f"with the proposed _write_w change: {res.details['patched_export_peak_rss_mb_by_prefix']} MB")
-        if args.quick:  # 10 steps fill less than one 32-step chunk, so the buffers are smaller: not the target's test
-            note += "; quick mode: the shorter run is under one 32-step chunk, see the full run for the target"
+            note += f"; prefixes of the long run: {res.details['export_peak_rss_mb_by_prefix_of_the_long_run']} MB"
+        if args.quick:  # 10 steps fill less than one block, so the buffers are smaller: not the target's test
+            note += f"; quick mode: the shorter run is under one {block}-step block, see the full run for the target"
         res.target(id_, f"peak RSS of `crucible-record {what}` grows <= 32 MB for 10x steps ({a} -> {b}, "
                         f"time chunk {res.details['time_chunk']})",
                    r(growth, 1), None if args.quick else growth <= 32, unit=" MB", note=note)

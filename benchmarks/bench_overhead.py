@@ -1,26 +1,31 @@
-"""Targets 1 and 2: what recording costs a training step.
+"""Targets 1 and 2: what recording costs a training step, and a whole recorded run.
 
 Same engine (crucible_record.crucible3.engine.train), three variants:
   none      engine.train with no recording (a timing shim that only stamps the clock)
-  recorder  the real crucible_record.recorder.Recorder into a real store (src default layout)
+  recorder  the real recorder (cr.record with the Crucible-3 fields, src default Layout)
   notebook  the notebook's way: preallocated in-RAM history, .cpu() and .item() every step
             (benchmarks/notebook_history.py)
-CPU: the variants run in lockstep: three processes (each trains in its main thread, as the CLI
+CPU: the variants run in lockstep: processes (each trains in its main thread, as the CLI
 does) take turns, one step each, the order rotated every step, so the bursty load of other
 processes on a shared 2-core machine hits every variant alike. A step is timed from getting the
 turn to the end of its record() call; the headline is the median of the per-step paired ratios.
-With the default layout the writer compresses a chunk once every time_chunk steps, which a short
+With the default layout the writer compresses a block once every time_chunk steps, which a short
 run never reaches, so the writer's cost is measured separately:
-  contention  training while a thread writes whole W chunks through zarr non-stop (100 % duty)
-              vs idle (the trainer waits, untimed, for the writer to finish before idle steps),
-              per codec preset; with the writer's seconds per recorded step this gives the
-              steady-state cost: writer_s_per_step x (1 - 1/slowdown) / step_s.
+  contention  training while a thread encodes and writes whole W blocks non-stop (100 % duty, the
+              recorder's own block-write path) vs idle (the trainer waits, untimed, for the writer
+              to finish before idle steps), per codec preset; with the writer's seconds per recorded
+              step this gives the steady-state cost: writer_s_per_step x (1 - 1/slowdown) / step_s.
+  end to end  whole runs spanning >= 2 blocks of W, each in a fresh process, interleaved rounds:
+              `start_run` as `crucible-record train` runs it (checkpoints, fsync, commit every 10 s;
+              inputs loaded and hashed, run created, trained, closed) vs load_inputs + engine.train
+              unrecorded, plus a second unrecorded copy as an A/A control; wall and CPU seconds.
 --device cuda runs none / recorder / notebook on the GPU, sequentially interleaved (3 rounds),
 end to end with a synchronize and recorder.close(), or records "skipped: no CUDA".
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import threading
 import time
@@ -30,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SRC_PRESETS, Result, codec_label, make_store, median, parser, r, scratch_dir, src_layout  # noqa: E402
+from _common import (SRC_PRESETS, Result, codec_label, make_store, median, parser, r, run_child,  # noqa: E402
+                     scratch_dir, src_layout)
 from notebook_history import NotebookHistory  # noqa: E402
 
 warnings.filterwarnings("ignore", message="enable_nested_tensor")
@@ -44,35 +50,45 @@ class Timed:
         self.stamps: list[float] = []
         self.record_s: list[float] = []
         self.on_record = on_record
-        self._loss = float("nan")
+        self.next_step = 0 if inner is None else inner.next_step
 
-    @property
-    def latest_loss(self) -> float:
-        return self.inner.latest_loss if self.inner is not None else self._loss
+    def latest(self, name: str):
+        return self.inner.latest(name) if self.inner is not None else None
 
-    def record(self, step, W, h_mean=None, loss=None, *, epoch=None) -> None:
+    def record(self, step, **tensors) -> bool:
         t = time.perf_counter()
         self.stamps.append(t)
         if self.on_record is not None:
             self.on_record(step)
-        if self.inner is not None:
-            self.inner.record(step, W, h_mean=h_mean, loss=loss, epoch=epoch)
+        commit = self.inner.record(step, **tensors) if self.inner is not None else False
         self.record_s.append(time.perf_counter() - t)
+        return commit
 
-    def checkpoint(self, step, save) -> None:
+    def after_commit(self, step, fn) -> None:
         if self.inner is not None:
-            self.inner.checkpoint(step, save)
+            self.inner.after_commit(step, fn)
 
     def close(self) -> None:
         if self.inner is not None:
             self.inner.close()
 
 
+def new_recorder(folder: Path, cfg, inputs, layout=None, **kw):
+    """The recorder `crucible-record train` uses: the Crucible-3 fields and constants (no checkpoints)."""
+    import crucible_record as cr
+    from crucible_record.crucible3.engine import fields
+
+    return cr.record(folder, fields(cfg), steps=cfg.steps + 1, layout=layout or src_layout(),
+                     attributes={"experiment": "crucible-3", "config": cfg.to_dict()},
+                     constants={"dead_mask": (inputs.masks.dead_mask, ("token",)),
+                                "dead_indices": (inputs.masks.dead_indices, ("dead_token",))}, **kw)
+
+
 def one_run(config, inputs, variant: str, warm: int, measured: int, device: str) -> dict:
     import torch
 
+    from crucible_record.codecs import Layout
     from crucible_record.crucible3.engine import train
-    from crucible_record.recorder import Recorder
 
     steps = warm + measured
     cfg = config.replace(steps=steps, device=device)
@@ -80,10 +96,8 @@ def one_run(config, inputs, variant: str, warm: int, measured: int, device: str)
         if variant == "none":
             inner = None
         elif variant.startswith("recorder"):
-            time_chunk = 1 if variant == "recorder_t1" else None  # None: the src default Layout
-            group = make_store(d, steps=steps, vocab=cfg.vocab_size, hidden=cfg.hidden_dim,
-                               time_chunk=time_chunk, dead_mask=inputs.masks.dead_mask.numpy())
-            inner = Recorder(group, device=device)
+            layout = Layout(time_chunk=1) if variant == "recorder_t1" else None  # None: the src default Layout
+            inner = new_recorder(d / "run", cfg, inputs, layout)
         elif variant == "notebook":
             inner = NotebookHistory(steps, cfg.vocab_size, cfg.hidden_dim)
         else:
@@ -183,12 +197,11 @@ class TurnTimed(Timed):
         self.step_s: list[float] = []
         self._turn = 0.0
 
-    def record(self, step, W, h_mean=None, loss=None, *, epoch=None) -> None:
+    def record(self, step, **tensors) -> bool:
         if step == 0:
             self.sched.wait(self.index)
         t = time.perf_counter()
-        if self.inner is not None:
-            self.inner.record(step, W, h_mean=h_mean, loss=loss, epoch=epoch)
+        commit = self.inner.record(step, **tensors) if self.inner is not None else False
         end = time.perf_counter()
         self.record_s.append(end - t)
         if step > 0:
@@ -197,6 +210,7 @@ class TurnTimed(Timed):
         if step < self.steps:
             self.sched.wait(self.index)
             self._turn = time.perf_counter()
+        return commit
 
 
 def _lockstep_child(index, variant, cfg_dict, steps, sched, folder, results) -> None:
@@ -204,16 +218,13 @@ def _lockstep_child(index, variant, cfg_dict, steps, sched, folder, results) -> 
     try:
         from crucible_record.crucible3.config import RunConfig
         from crucible_record.crucible3.engine import load_inputs, train
-        from crucible_record.recorder import Recorder
 
         cfg = RunConfig.from_dict(cfg_dict)
         inputs = load_inputs(cfg)
         if variant in ("none", "none_again"):
             inner = None
         elif variant == "recorder":
-            group = make_store(Path(folder), steps=steps, vocab=cfg.vocab_size, hidden=cfg.hidden_dim,
-                               dead_mask=inputs.masks.dead_mask.numpy())
-            inner = Recorder(group, device="cpu")
+            inner = new_recorder(Path(folder), cfg, inputs)
         elif variant == "notebook":
             inner = NotebookHistory(steps, cfg.vocab_size, cfg.hidden_dim)
         else:
@@ -284,11 +295,16 @@ def lockstep_compare(config, inputs, variants, warm, measured, log) -> dict:
 
 # ----- writer contention -----------------------------------------------------------------------
 class ChunkWriterLoad:
-    """A thread that writes whole default-layout W chunks through zarr, non-stop while `on`."""
+    """A thread that writes whole W blocks non-stop while `on`, the way the recorder writes a block:
+    format.encode_block + store.set (one file per shard), or zarr's array[...] = block where this
+    version of src has no encode_block."""
 
     def __init__(self, folder: Path, chunk: np.ndarray, codec: str):
+        from crucible_record.storage import open_store
+
         T, V, H = chunk.shape
         self.group = make_store(folder, steps=4 * T - 1, vocab=V, hidden=H, time_chunk=T, codec=codec)
+        self.store = open_store(folder, read_only=False, durability="none")
         self.codec = codec
         self.array = self.group["W"]
         self.chunk = chunk
@@ -299,16 +315,24 @@ class ChunkWriterLoad:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _write(self, block: int) -> None:
+        from crucible_record import format as fmt
+
         T = self.chunk.shape[0]
+        if hasattr(fmt, "encode_block"):
+            for key, data in fmt.encode_block(self.array, block, self.chunk).items():
+                self.store.set(key, data)
+        else:
+            self.array[block * T:(block + 1) * T] = self.chunk
+
+    def _run(self) -> None:
         i = 0
         while not self.stop:
             if not self.on.wait(0.05) or self.stop:
                 continue
             self.writing = True
             t = time.perf_counter()
-            start = (i % 4) * T
-            self.array[start:start + T] = self.chunk
+            self._write(i % 4)
             self.busy.append((t, time.perf_counter()))
             self.writing = False
             i += 1
@@ -336,7 +360,7 @@ def contention(config, inputs, codec: str, blocks: int, chunk: np.ndarray, log) 
         begin, end = [], []
 
         class Shim(Timed):
-            def record(self, step, W, h_mean=None, loss=None, *, epoch=None):
+            def record(self, step, **tensors):
                 begin.append(time.perf_counter())
                 idx = step + 1 - warm - 1  # the step about to run, counted from the first measured one
                 if idx >= 0 and (idx // 2) % 2 == 0:
@@ -346,6 +370,7 @@ def contention(config, inputs, codec: str, blocks: int, chunk: np.ndarray, log) 
                     while load.writing:
                         time.sleep(0.005)
                 end.append(time.perf_counter())
+                return False
 
         train(config.replace(steps=steps, device="cpu"), inputs, Shim(None), progress=False)
         load.on.clear()
@@ -409,10 +434,90 @@ def real_chunk(run: Path, T: int, log) -> np.ndarray:
     return np.stack(steps).astype(np.uint16)
 
 
+# ----- end to end: whole runs, each in a fresh process -------------------------------------------
+def e2e_child(spec: dict) -> dict:
+    """One whole run in this (fresh) process: wall and CPU seconds from loading the inputs to close."""
+    import resource
+
+    from crucible_record.codecs import Layout
+    from crucible_record.crucible3 import engine, run
+    from crucible_record.crucible3.config import RunConfig
+
+    cfg = RunConfig.from_dict(spec["config"])
+    variant = spec["variant"]
+    loading = []
+
+    def load_inputs(config):  # timed: tokenizing the corpus is the same fixed cost in every variant
+        t = time.perf_counter()
+        try:
+            return engine.load_inputs(config)
+        finally:
+            loading.append(time.perf_counter() - t)
+
+    run.load_inputs = load_inputs
+    with scratch_dir("e2e") as d:
+        t0, c0 = time.perf_counter(), time.process_time()
+        if variant.startswith("recorded"):
+            summary = run.start_run(cfg, d / "run", layout=Layout(time_chunk=spec["time_chunk"]),
+                                    checkpoints=variant != "recorded_no_checkpoints", progress=False)
+            on_disk = summary.bytes_on_disk
+        else:
+            engine.train(cfg, load_inputs(cfg), None, progress=False)
+            on_disk = 0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"variant": variant, "wall_s": wall, "cpu_s": cpu, "load_inputs_s": sum(loading),
+            "after_inputs_wall_s": wall - sum(loading), "bytes_on_disk": on_disk,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def end_to_end(cfg, variants: list[str], time_chunk: int, rounds: int, log) -> dict:
+    """Interleaved rounds (order rotated each round) of whole runs, each variant in a fresh process."""
+    import json
+
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for rnd in range(rounds):
+        order = variants[rnd % len(variants):] + variants[: rnd % len(variants)]
+        for v in order:
+            spec = {"variant": v, "config": cfg.to_dict(), "time_chunk": time_chunk}
+            out = run_child([sys.executable, __file__, "--e2e-child", json.dumps(spec)], timeout=1800)
+            line = [x for x in out["output_tail"].splitlines() if x.startswith("RESULT ")]
+            if out["rc"] != 0 or not line:
+                raise RuntimeError(f"end-to-end run {v} failed:\n{out['output_tail'][-800:]}")
+            res = json.loads(line[-1][7:])
+            runs[v].append(res)
+            log(f"  e2e round {rnd + 1} {v:24s} {res['wall_s']:.2f} s wall, {res['cpu_s']:.2f} s CPU")
+    base = runs["none"]
+    summary = {}
+    for v in variants:
+        walls, cpus = [x["wall_s"] for x in runs[v]], [x["cpu_s"] for x in runs[v]]
+        after = [x["after_inputs_wall_s"] for x in runs[v]]
+        paired = [a["wall_s"] / b["wall_s"] for a, b in zip(runs[v], base)]
+        summary[v] = {"median_wall_s": r(median(walls), 3), "min_wall_s": r(min(walls), 3),
+                      "max_wall_s": r(max(walls), 3), "median_cpu_s": r(median(cpus), 3),
+                      "median_load_inputs_s": r(median([x["load_inputs_s"] for x in runs[v]]), 3),
+                      "ratio_median_wall": r(median(walls) / median([x["wall_s"] for x in base]), 4),
+                      "ratio_paired_rounds": [r(x, 4) for x in paired],
+                      "ratio_median_wall_after_inputs": r(median(after) / median([x["after_inputs_wall_s"] for x in base]), 4),
+                      "ratio_median_cpu": r(median(cpus) / median([x["cpu_s"] for x in base]), 4)}
+    return {"config": {"batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "steps": cfg.steps,
+                       "vocab_size": cfg.vocab_size, "hidden_dim": cfg.hidden_dim, "time_chunk": time_chunk,
+                       "W_rows": cfg.steps + 1, "blocks": -(-(cfg.steps + 1) // time_chunk), "rounds": rounds},
+            "runs": {v: [{k: r(x, 3) if isinstance(x, float) else x for k, x in run.items()} for run in rs]
+                     for v, rs in runs.items()},
+            "summary": summary}
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--e2e-rounds", type=int, default=None, help="rounds of the end-to-end runs [full 3, quick 2]")
+    p.add_argument("--e2e-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.e2e_child:
+        import json
+
+        print("RESULT " + json.dumps(e2e_child(json.loads(args.e2e_child))), flush=True)
+        return
     name = "overhead" if args.device == "cpu" else "overhead_cuda"
     res = Result(name, args.quick)
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -520,6 +625,29 @@ def main() -> None:
                    est["small"]["default"], est["small"]["default"] <= 1.05, unit="x", note=f"per preset: {est['small']}")
         res.target("1c", "CPU: the notebook's way / unrecorded (info, same lockstep)", s["notebook"][key], None,
                    unit="x", note=f"batch 16 seq 64: {s2['notebook'][key]}x")
+    # ----- CPU: whole recorded runs spanning >= 2 blocks vs unrecorded ---------------------------
+    if args.quick:
+        e2e_cfg, e2e_tc, e2e_label = RunConfig(batch_size=8, seq_len=32, steps=17), 8, "tiny"
+    else:
+        e2e_cfg, e2e_tc, e2e_label = small.replace(steps=2 * 64 + 1), 64, "small"
+    e2e_cfg = e2e_cfg.replace(device="cpu")
+    log(f"end to end: {e2e_label} config, {e2e_cfg.steps} steps, time chunk {e2e_tc}")
+    e2e = end_to_end(e2e_cfg, ["none", "recorded", "none_again"], e2e_tc, args.e2e_rounds or (2 if args.quick else 3), log)
+    res.details["end_to_end"] = e2e
+    es = e2e["summary"]
+    c = e2e["config"]
+    res.target("1g", f"CPU end to end, a whole recorded run ({e2e_label} config: batch {c['batch_size']}, seq "
+               f"{c['seq_len']}, {c['steps']} steps = {c['blocks']} blocks of {e2e_tc}) / unrecorded (info)",
+               es["recorded"]["ratio_median_wall"], None, unit="x",
+               note=f"`crucible-record train`'s way (start_run: checkpoints, fsync) vs load_inputs + engine.train; "
+                    f"medians of {c['rounds']} interleaved rounds, fresh process each: {es['recorded']['median_wall_s']} s "
+                    f"(range {es['recorded']['min_wall_s']}-{es['recorded']['max_wall_s']}) vs "
+                    f"{es['none']['median_wall_s']} s (range {es['none']['min_wall_s']}-{es['none']['max_wall_s']}); "
+                    f"paired per-round ratios {es['recorded']['ratio_paired_rounds']}; without loading the inputs "
+                    f"(tokenizing, {es['none']['median_load_inputs_s']} s) {es['recorded']['ratio_median_wall_after_inputs']}x; "
+                    f"CPU seconds ratio "
+                    f"{es['recorded']['ratio_median_cpu']}x; A/A control (2nd unrecorded) {es['none_again']['ratio_median_wall']}x")
+
     d = cont[0]
     res.target("1d", "writer compression running on the other core slows a training step by (at 100% writer duty, "
                f"{c_label} config)", d["slowdown_at_100pct_writer_duty"], None, unit="x",

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, codec_label, dir_bytes, make_store, median, parser, r, scratch_dir, src_layout, wait_for_run  # noqa: E402
+from _common import (QUICK_RUN_NOTE, Result, codec_label, commit, dir_bytes, make_store, median, parser, r,  # noqa: E402
+                     recorded_run, scratch_dir, src_layout)
 
 
 def timed(f, repeat=1):
@@ -38,7 +39,7 @@ def zarr_reads(t, rows: int, dead_idx, steps_probe, tokens_probe) -> dict:
 
     W = t.W
     vocab, hidden = W.shape[1:]
-    T = t.group["W"].chunks[0]
+    T = W.array.chunks[0]
     one_step = [timed(lambda s=s: W[s]) * 1000 for s in steps_probe]
     one_token = [timed(lambda k=k: W[:rows, k]) * 1000 for k in tokens_probe]
     nbytes = rows * vocab * hidden * 2
@@ -109,8 +110,6 @@ def safetensors_reads(path: Path, rows: int, dead_idx, steps_probe, tokens_probe
 
 
 def reencode(src_bits_reader, rows, vocab, hidden, dead_mask, folder: Path, T: int, tokens: int, codec: str) -> dict:
-    from crucible_record.store import write_commit
-
     group = make_store(folder, steps=rows - 1, vocab=vocab, hidden=hidden, time_chunk=T, token_chunk=tokens,
                        codec=codec, dead_mask=dead_mask)
     W = group["W"]
@@ -121,7 +120,7 @@ def reencode(src_bits_reader, rows, vocab, hidden, dead_mask, folder: Path, T: i
         t1 = time.perf_counter()
         W[a:a + len(block)] = block
         write_s += time.perf_counter() - t1
-    write_commit(group, rows - 1, 0)
+    commit(folder, rows)
     return {"write_MBps": r(rows * vocab * hidden * 2 / 2**20 / write_s, 1),
             "ratio": r(rows * vocab * hidden * 2 / dir_bytes(folder / "trajectory.zarr" / "W"), 2),
             "reencode_total_s": r(time.perf_counter() - t0, 1)}
@@ -135,7 +134,9 @@ def main() -> None:
     import crucible_record as cr
     from crucible_record.crucible3.export import export_safetensors
 
-    t = wait_for_run(args.run, 500, args.max_wait)
+    t = recorded_run(args, 500, args.max_wait)
+    if getattr(args, "quick_run", False):
+        res.smoke_note = QUICK_RUN_NOTE
     rows = min(t.steps + 1, 65 if args.quick else 10**9)
     vocab, hidden = t.W.shape[1:]
     dead_mask = t.dead_mask.numpy()
@@ -150,15 +151,15 @@ def main() -> None:
 
     layouts = {}
     real = zarr_reads(t, rows, dead_idx, steps_probe, tokens_probe)
-    rec = t.attrs.get("layout", {})
-    REC = f"the recorded run as written: T={rec.get('time_chunk')} tokens={rec.get('token_chunk')} " \
-          f"{rec.get('codec')} preset of then (T+blosc-zstd3-bitshuffle)"
-    layouts[REC] = {"time_chunk": rec.get("time_chunk"), "token_chunk": rec.get("token_chunk"), "codec": rec.get("codec"), **real}
+    rec = t.info.layout
+    REC = (f"the recorded run as written: T={t.W.array.chunks[0]} tokens={rec.row_chunk} {codec_label(rec.codec)}"
+           f" (format {t.version})")
+    layouts[REC] = {"time_chunk": t.W.array.chunks[0], "token_chunk": rec.row_chunk, "codec": rec.codec, **real}
     print(f"  {REC}: {real}", flush=True)
     L = src_layout()
-    alts = [(L.time_chunk, L.token_chunk, "default"), (32, 100, "default"), (64, 500, "default"), (32, 500, "default")]
+    alts = [(L.time_chunk, L.row_chunk, "default"), (32, 100, "default"), (64, 500, "default"), (32, 500, "default")]
     if args.quick:
-        alts = [(L.time_chunk, L.token_chunk, "default"), (32, 100, "default")]
+        alts = [(L.time_chunk, L.row_chunk, "default"), (32, 100, "default")]
     alts = list(dict.fromkeys(alts))
 
     def reader(a, b):
@@ -170,7 +171,7 @@ def main() -> None:
             w = reencode(reader, rows, vocab, hidden, dead_mask, folder, T, tokens, codec)
             tt = cr.open(folder)
             m = zarr_reads(tt, rows, dead_idx, steps_probe, tokens_probe)
-            key = f"T={T} tokens={tokens} {codec_label(codec)}" + (" = src default Layout" if (T, tokens, codec) == (L.time_chunk, L.token_chunk, "default") else "")
+            key = f"T={T} tokens={tokens} {codec_label(codec)}" + (" = src default Layout" if (T, tokens, codec) == (L.time_chunk, L.row_chunk, "default") else "")
             layouts[key] = {"time_chunk": T, "token_chunk": tokens, "codec": codec, **w, **m}
             print(f"  {key}: {layouts[key]}", flush=True)
         t0 = time.perf_counter()

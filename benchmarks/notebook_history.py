@@ -2,9 +2,10 @@
 
 The Crucible-3 notebook preallocates the whole history in RAM and, every step, copies the
 embedding to the host with ``.cpu()`` and the loss with ``.item()`` (both synchronise with a
-GPU). This class does exactly that behind the Recorder's interface, so
+GPU). This class does exactly that behind the Recorder's interface (``record(step, **tensors)``,
+``next_step``, ``latest``, ``after_commit``, ``close``), so
 ``engine.train(config, inputs, NotebookHistory(...))`` measures the notebook's cost on the same
-engine.
+engine. Step 0 (the initial embedding) has no h_mean, as in the notebook.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ class NotebookHistory:
         self.h_mean_history = torch.zeros((steps, hidden_dim), dtype=torch.float32)
         self.loss_history = torch.full((steps + 1,), float("nan"), dtype=torch.float32)
         self.latest_loss = float("nan")
-        self.steps_recorded = 0
+        self.next_step = 0  # the engine records from here (a fresh run: from step 0)
 
-    def record(self, step, W, h_mean=None, loss=None, *, epoch=None) -> None:
+    def record(self, step, *, W, h_mean, loss, epoch=None) -> bool:
         self.W_history[step] = W.detach().cpu()
-        if h_mean is not None:
+        if step > 0:
             self.h_mean_history[step - 1] = h_mean.detach().cpu()
-        if loss is not None:
             self.latest_loss = loss.item()
             self.loss_history[step] = self.latest_loss
-        self.steps_recorded = step + 1
+        self.next_step = step + 1
+        return False  # never a commit point: nothing is ever durable
 
-    def checkpoint(self, step, save) -> None:
-        save()  # everything is already "recorded" in RAM
+    def latest(self, name: str) -> float | None:
+        return self.latest_loss if name == "loss" else None
+
+    def after_commit(self, step, fn) -> None:
+        fn()  # everything is already "recorded" in RAM
 
     def close(self) -> None:
         pass

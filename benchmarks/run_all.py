@@ -5,8 +5,9 @@
     python benchmarks/run_all.py --only reads,export
 
 Each benchmark runs in its own process (so RSS and zarr's once-per-process settings start clean)
-and writes benchmarks/results/<name>.json (results/quick/<name>.json with --quick). A benchmark
-that fails is reported and the others still run; the exit code is 1 if any failed.
+and writes benchmarks/results/<name>.json (results/quick/<name>.json with --quick), each with the
+commit it measured (`git rev-parse HEAD`). A benchmark that fails is reported and the others still
+run; the exit code is 1 if any failed. A full run regenerates README.md; --quick leaves it alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,17 @@ BENCHMARKS = {
     "export": ("bench_export.py", []),
     "reads": ("bench_reads.py", []),
     "compression": ("bench_compression.py", []),
+    "durability": ("bench_durability.py", []),
+    "analysis_memory": ("analysis_memory.py", []),
 }
+
+
+def git_head() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE.parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
 
 
 def main() -> int:
@@ -64,8 +75,9 @@ def main() -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run_all.json").write_text(json.dumps(
         {"mode": "quick" if args.quick else "full", "seconds": total, "per_benchmark_s": timings, "failed": failed,
-         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}, indent=2) + "\n")
-    subprocess.call([sys.executable, str(HERE / "make_readme.py")])
+         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_head()}, indent=2) + "\n")
+    if not args.quick:  # README.md shows full results; quick ones are a smoke test
+        subprocess.call([sys.executable, str(HERE / "make_readme.py")])
     print(f"all done in {total} s; failed: {failed or 'none'}", flush=True)
     return 1 if failed else 0
 
