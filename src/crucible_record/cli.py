@@ -163,7 +163,8 @@ def info(run_dir):
     from .crucible3.analysis import format_quick_stats, quick_stats
 
     config = run.config
-    click.echo(f"Crucible-3: {run.steps} of {config.steps} training steps (epochs: {run.epochs})")
+    epochs = run.epochs if run.epochs >= 0 else "unknown (imported without metadata)"
+    click.echo(f"Crucible-3: {run.steps} of {config.steps} training steps (epochs: {epochs})")
     click.echo("Config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
     prov = run.attrs.get("provenance", {})
     click.echo("Recorded with: " + ", ".join(f"{k} {v}" for k, v in prov.items()))
