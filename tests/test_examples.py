@@ -17,7 +17,8 @@ from crucible_record.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-TESTED = {"gpt2_embedding.py", "sampled_rows.py", "record_custom_loop.py", "dask_centroid.py", "reproduce_notebook.py"}
+TESTED = {"gpt2_embedding.py", "sampled_rows.py", "record_custom_loop.py", "dask_centroid.py", "reproduce_notebook.py",
+          "ddp_crucible.py"}  # ddp_crucible.py: tests/test_multirank.py::test_ddp_example
 
 
 def run(*args, timeout: float = 120) -> str:

@@ -4,13 +4,16 @@
     with cr.record("runs/x", {"wte": cr.Field((V, H), torch.bfloat16)}) as rec:
         rec.record(step, wte=model.wte.weight)
     cr.open("runs/x")["wte"][10:20, 5]
+
+Under torch.distributed, every rank calls ``cr.record`` and passes its rows of a split field as
+``cr.Shard(rows, offset=first_row)``; a plain tensor is replicated (rank 0 writes it).
 """
 
 __version__ = "0.2.0"
 
 from .codecs import Layout  # noqa: E402
 from .errors import CrucibleError, RecorderError  # noqa: E402
-from .fields import Field  # noqa: E402
+from .fields import Field, Shard  # noqa: E402
 from .reader import LazyField, Run  # noqa: E402
 from .recorder import Recorder, record  # noqa: E402
 
@@ -28,5 +31,5 @@ def open(path):  # noqa: A001 - the public name is cr.open
     return Trajectory(run) if is_crucible(run) else run  # (which refuses 0 committed steps in one line)
 
 
-__all__ = ["CrucibleError", "Field", "Layout", "LazyField", "Recorder", "RecorderError", "Run", "open",
-           "record", "__version__"]
+__all__ = ["CrucibleError", "Field", "Layout", "LazyField", "Recorder", "RecorderError", "Run", "Shard",
+           "open", "record", "__version__"]

@@ -2,7 +2,8 @@
 
 A :class:`Field` describes the tensor handed to ``rec.record(step, name=tensor)``: its shape and
 dtype, how often it is recorded (``every``) and, optionally, which rows of its first axis are kept
-(``rows``). Refusals name the field and the fix, like safetensors' errors do.
+(``rows``). Refusals name the field and the fix, like safetensors' errors do. In a run recorded by
+several ranks of a torch.distributed job, a :class:`Shard` hands over one rank's rows of a field.
 """
 
 from __future__ import annotations
@@ -126,6 +127,60 @@ class Field:
 
     def __hash__(self) -> int:
         return hash((self.shape, self.dtype, self.every))
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """Rows ``offset .. offset + len(tensor) - 1`` of a field's first axis, held by this rank.
+
+    ``rec.record(step, wte=cr.Shard(local_rows, offset=first_row))`` on every rank of a
+    torch.distributed job: the ranks' shards must tile the field's first axis (checked at the first
+    step), each rank writes only its own rows. The tensor has the field's shape except its first
+    axis (``len(tensor)`` rows, 0 allowed) and the field's dtype. With one process a Shard must hold
+    every row (offset 0).
+    """
+
+    tensor: Any
+    offset: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, np.integer)) or self.offset < 0:
+            raise CrucibleError(f"Shard offset must be an integer >= 0 (the shard's first row), got {self.offset!r}")
+        object.__setattr__(self, "offset", int(self.offset))
+
+    @property
+    def rows(self) -> int:
+        shape = getattr(self.tensor, "shape", None)
+        return int(shape[0]) if shape else 0
+
+    def __repr__(self) -> str:
+        shape = tuple(getattr(self.tensor, "shape", ()))
+        return f"Shard(rows {self.offset}..{self.offset + self.rows - 1}, shape={shape})"
+
+
+def as_shard_tensor(name: str, shard: Shard, spec: Field) -> torch.Tensor:
+    """The tensor of one rank's shard of `name`, checked against its Field (dtype exact, the shape
+    of the field's but for the first axis, rows within the field)."""
+    value = shard.tensor
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise CrucibleError(f"field {name!r}: a Shard holds a tensor, got {type(value).__name__}")
+    if not spec.shape:
+        raise CrucibleError(f"field {name!r} is a scalar (shape ()): it cannot be sharded; pass the tensor itself")
+    if spec.row_indices is not None:
+        raise CrucibleError(f"field {name!r} keeps a subset of its rows (rows=...): a Shard of it is not supported; "
+                            f"pass the whole tensor on every rank")
+    if value.dtype != spec.dtype:
+        raise CrucibleError(f"field {name!r}: dtype {value.dtype} given, the field records {spec.dtype} (cast it yourself: .to({spec.dtype}))")
+    if value.dim() != len(spec.shape) or tuple(value.shape[1:]) != spec.shape[1:]:
+        expected = ("n",) + spec.shape[1:]
+        raise CrucibleError(f"field {name!r}: Shard of shape {tuple(value.shape)} given, the field's rows have shape "
+                            f"{expected} (field shape {spec.shape})")
+    if shard.offset + value.shape[0] > spec.shape[0]:
+        raise CrucibleError(f"field {name!r}: Shard rows {shard.offset}..{shard.offset + value.shape[0] - 1} lie past "
+                            f"the field's {spec.shape[0]} rows")
+    return value.detach()
 
 
 def _check_rows(rows: Any, shape: tuple[int, ...]) -> np.ndarray:

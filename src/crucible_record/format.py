@@ -123,8 +123,8 @@ def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partit
                                 f"(a gap before {who(key)}); the ranks' Shards must tile rows 0..{n_rows - 1}")
         if offset < end:
             previous = next(k for k in ordered if k[0] < offset + rows and k[0] + k[1] > offset and k != key)
-            raise CrucibleError(f"field {name!r}: {_show_rows(offset, min(end, offset + rows))} are given by both "
-                                f"{who(previous)} and {who(key)}; the ranks' Shards must not overlap")
+            raise CrucibleError(f"field {name!r}: {who(previous)} and {who(key)} both give "
+                                f"{_show_rows(offset, min(end, offset + rows))}; the ranks' Shards must not overlap")
         end = offset + rows
     if end < n_rows:
         raise CrucibleError(f"field {name!r}: no rank gives {_show_rows(end, n_rows)} of its {n_rows} "
@@ -250,6 +250,7 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
         "layout": layout.to_dict(),
         "steps": steps,
         "attributes": attributes,
+        **({"world_size": int(world_size)} if world_size > 1 else {}),
     })
     store.sync_all()  # everything written so far is durable before the first marker
     write_commit(store, 0)
