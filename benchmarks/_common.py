@@ -393,7 +393,7 @@ SRC_PRESETS = tuple(_codecs.CODEC_PRESETS)
 
 def src_codecs(preset: str, time_chunk: int | None = None) -> dict[str, Any]:
     """The src preset's codecs for W (3-d, uint16 bf16 bits)."""
-    return _SRC_CODECS_FOR(preset, 3, "uint16")
+    return _SRC_CODECS_FOR(preset, (time_chunk or 64, 100, 64), "uint16")
 
 
 def describe(codecs: dict[str, Any]) -> str:
@@ -483,12 +483,12 @@ def codec_label(name: str) -> str:
 def extra_presets():
     """Let Layout / format.create_run (and so cr.record) accept the benchmark codec names for W
     (monkeypatch, this process); other fields of a run get the src default preset."""
-    def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
+    def codecs_for(preset: str, chunk_shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
         if preset in SRC_PRESETS:
-            return _SRC_CODECS_FOR(preset, ndim, storage_dtype)
-        if ndim == 3:
+            return _SRC_CODECS_FOR(preset, chunk_shape, storage_dtype)
+        if len(chunk_shape) == 3:
             return bench_codecs(preset)
-        return _SRC_CODECS_FOR("default", ndim, storage_dtype)
+        return _SRC_CODECS_FOR("default", chunk_shape, storage_dtype)
 
     class _Any(tuple):
         def __contains__(self, item):  # every name passes validate(); bench_codecs rejects unknowns

@@ -107,7 +107,7 @@ def make_array(folder: Path, block: np.ndarray, preset: str, row_chunk: int = 10
     T = block.shape[0]
     array = zarr.create_array(store, name="W", shape=block.shape, dtype=block.dtype, fill_value=0x7FC0,
                               config=WRITE_ALL, **chunking(block.shape[1:], T, row_chunk),
-                              **codecs_for(preset, block.ndim, str(block.dtype)))
+                              **codecs_for(preset, chunking(tuple(block.shape[1:]), block.shape[0], row_chunk)["chunks"], str(block.dtype)))
     return store, array
 
 

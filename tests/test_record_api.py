@@ -607,3 +607,40 @@ def test_xarray_open_zarr_reads_a_closed_run(tmp_path):
     assert np.array_equal(ds["every3"].values[:, 0, 0], [0.0, 3.0, 6.0, 9.0])
     assert ds["count"].values.tolist() == list(range(10))
     assert json.loads((path / "trajectory.zarr" / "commit.json").read_text())["steps"] == 10
+
+
+@pytest.mark.parametrize("shape,rows,row_chunk", [((1, 6), None, 100), ((5, 1), None, 100), ((5, 6), [2], 100),
+                                                  ((5, 6), None, 1), ((7,), None, 100), ((5, 6), None, 100)])
+def test_max_preset_round_trips_every_chunk_shape(tmp_path, shape, rows, row_chunk):
+    """numcodecs' Delta after the step-last transpose corrupts Fortran-ordered chunks: max must not use it there."""
+    fields = {"i": cr.Field(shape, torch.int32, rows=rows), "b": cr.Field(shape, torch.bfloat16, rows=rows)}
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.randint(-1000, 1000, shape, generator=gen, dtype=torch.int32) for _ in range(6)]
+    with cr.record(tmp_path / "run", fields, layout=cr.Layout(time_chunk=4, row_chunk=row_chunk, codec="max")) as rec:
+        for step, v in enumerate(values):
+            rec.record(step, i=v, b=v.to(torch.bfloat16))
+    t = cr.open(tmp_path / "run")
+    keep = slice(None) if rows is None else rows
+    assert torch.equal(t["i"][:], torch.stack(values)[:, keep])
+    assert torch.equal(t["b"][:].view(torch.uint16), torch.stack(values).to(torch.bfloat16)[:, keep].view(torch.uint16))
+
+
+def test_scalar_constant_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(cr.CrucibleError, match="scalar"):
+        cr.record(tmp_path / "run", {"x": cr.Field((2,), torch.float32)}, constants={"lr": torch.tensor(0.5)})
+    assert not (tmp_path / "run" / "trajectory.zarr").exists()
+
+
+def test_damaged_row_indices_are_found_by_verify(tmp_path):
+    from crucible_record.verify import verify_run
+
+    with cr.record(tmp_path / "run", {"e": cr.Field((50, 2), torch.float32, rows=[3, 9, 40])}) as rec:
+        rec.record(0, e=torch.zeros(50, 2))
+    chunk = tmp_path / "run" / "trajectory.zarr" / ".rows" / "e" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x08
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(cr.CrucibleError, match="row indices of e.*checksum"):  # found on open, in one line
+        verify_run(tmp_path / "run")
+    with pytest.raises(cr.CrucibleError, match="row indices of e"):
+        cr.open(tmp_path / "run")

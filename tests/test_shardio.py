@@ -42,7 +42,7 @@ def make_array(root, name: str, field_shape, dtype_name: str, preset: str, *, co
     array = zarr.create_array(
         store, name=name, shape=(STEPS,) + tuple(field_shape), dtype=np_dtype, fill_value=fill_value(torch_dtype),
         config=config, **chunking(tuple(field_shape), T, ROW_CHUNK),
-        **codecs_for(preset, 1 + len(field_shape), np.dtype(np_dtype).str))
+        **codecs_for(preset, chunking(tuple(field_shape), T, ROW_CHUNK)["chunks"], np.dtype(np_dtype).str))
     return store, array
 
 
@@ -182,7 +182,7 @@ def test_staging_choices_and_step_last_block_give_the_same_bytes(tmp_path, monke
     store = zarr.storage.LocalStore(tmp_path)
     data = trajectory((steps, 300, 16), "bf16")
     array = zarr.create_array(store, name="W", shape=data.shape, dtype=np.uint16, fill_value=0x7FC0, config=WRITE_ALL,
-                              **chunking((300, 16), steps, 40), **codecs_for("default", 3, "<u2"))
+                              **chunking((300, 16), steps, 40), **codecs_for("default", (steps, 40, 16), "<u2"))
     array[:] = data
     expected = stored_bytes(store, shard_key(array, 0))
     assert encode_shard(array, data, 2) == expected

@@ -50,7 +50,7 @@ class Layout:
                    values.get("codec", "default"))
 
 
-def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
+def codecs_for(preset: str, chunk_shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
     """Filters/serializer/compressors for one array; all lossless, crc32c on every chunk.
 
     ``default`` uses only codecs of the Zarr v3 specification, so any v3 reader opens the run;
@@ -58,6 +58,7 @@ def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
     """
     from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
+    ndim = len(chunk_shape)
     crc = Crc32cCodec()
     step_last = [TransposeCodec(order=tuple(range(1, ndim)) + (0,))] if ndim >= 2 else []
     itemsize = np.dtype(storage_dtype).itemsize
@@ -67,9 +68,11 @@ def codecs_for(preset: str, ndim: int, storage_dtype: str) -> dict[str, Any]:
         from zarr.codecs.numcodecs import Delta
 
         # Delta in floating point does not invert exactly; on integers (bf16 bits) it wraps: lossless.
-        # Not on 2-D arrays: there the transposed chunk is Fortran-ordered, and numcodecs' Delta
-        # encodes it in memory order but decodes in C order (a silent corruption; tests catch it).
-        lossless = np.dtype(storage_dtype).kind in "iu" and ndim != 2
+        # Only where the transposed inner chunk is not Fortran-ordered (two or more non-step axes
+        # longer than 1, or no transpose at all): numcodecs' Delta encodes a Fortran-ordered chunk in
+        # memory order but decodes it in C order, a silent corruption (tests catch it).
+        c_ordered = ndim == 1 or sum(size > 1 for size in chunk_shape[1:]) >= 2
+        lossless = np.dtype(storage_dtype).kind in "iu" and c_ordered
         delta = [Delta(dtype=np.dtype(storage_dtype).str)] if lossless else []
         return {"filters": step_last + delta, "compressors": [ZstdCodec(level=9), crc]}
     if preset == "fast":

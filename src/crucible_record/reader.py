@@ -16,7 +16,7 @@ import torch
 
 from .errors import CrucibleError
 from .fields import Field
-from .format import RunInfo, missing_blocks, open_group, read_commit
+from .format import missing_blocks, open_group, read_commit
 from .storage import RunStore, open_store
 
 

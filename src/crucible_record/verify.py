@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CrucibleError
-from .format import missing_blocks, open_group, read_commit, write_commit
+from .format import ROWS_GROUP, missing_blocks, open_group, read_commit, write_commit
 from .heap import limit_heap_growth
-from .storage import open_store
+from .storage import RunStore, open_store
 
 
 @dataclass
@@ -36,7 +36,8 @@ def verify_run(run_dir: str | Path) -> VerifyReport:
         first = info.first_step.get(name, 0)
         _check_array(store, group[name], name, spec.rows_at(steps - first), report,
                      lambda row, s=spec, f=first: f + row * s.every)
-    for name in info.constants:
+    row_arrays = [f"{ROWS_GROUP}/{name}" for name, spec in info.fields.items() if spec.row_indices is not None]
+    for name in info.constants + row_arrays:
         array = group[name]
         bad_before = len(report.problems)
         _check_array(store, array, name, array.shape[0] if array.ndim else 1, report, None)
