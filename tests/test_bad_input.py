@@ -87,7 +87,7 @@ TRAIN_CASES = [
     ("negative commit interval", ["--commit-interval", "-1"], ["--commit-interval"]),
     ("nan commit interval", ["--commit-interval", "nan"], ["--commit-interval"]),
     ("unknown durability", ["--durability", "maybe"], ["durability"]),
-    ("URL as out", ["--out", "s3://bucket/run"], ["URL"]),
+    ("unsupported URL as out", ["--out", "ftp://host/run"], ["unsupported URL scheme"]),
 ]
 
 

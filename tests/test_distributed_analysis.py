@@ -186,10 +186,15 @@ def test_bad_scheduler_is_one_line_error(tiny_run, tmp_path, monkeypatch):
     assert not out.exists()
     with pytest.raises(CrucibleError, match=r"^cannot connect to the Dask scheduler at nonsense: .*port"):
         analyze_run(tiny_run, out, plots=False, scheduler="nonsense")
-    with LocalCluster(n_workers=0, processes=True, dashboard_address=None,
-                      scheduler_kwargs=dist.NO_DASHBOARD) as empty:  # a scheduler, no workers
-        with pytest.raises(CrucibleError, match=r"^the Dask scheduler at tcp://\S+ has no workers"):
-            analyze_run(tiny_run, out, plots=False, scheduler=empty.scheduler_address)
+    environ = dict(os.environ)  # LocalCluster sets OMP_NUM_THREADS=1 and more here: put them back after
+    try:
+        with LocalCluster(n_workers=0, processes=True, dashboard_address=None,
+                          scheduler_kwargs=dist.NO_DASHBOARD) as empty:  # a scheduler, no workers
+            with pytest.raises(CrucibleError, match=r"^the Dask scheduler at tcp://\S+ has no workers"):
+                analyze_run(tiny_run, out, plots=False, scheduler=empty.scheduler_address)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     with pytest.raises(CrucibleError, match="not both"):
         analyze_run(tiny_run, out, plots=False, scheduler=address, workers=2)
     with pytest.raises(CrucibleError, match="positive integer"):
@@ -205,3 +210,12 @@ def test_cli_analyze_on_the_cluster(tiny_run, client, tmp_path, capsys):
     single = analyze_run(tiny_run, tmp_path / "single", plots=False)
     assert single and (tmp_path / "dask" / "analysis.json").read_bytes() == (tmp_path / "single" / "analysis.json").read_bytes()
     assert_one_line_error(run_cli(capsys, "analyze", tiny_run, "--out", tmp_path / "x", "--workers", "0"), "workers")
+
+
+def test_local_workers_leave_this_process_environment_alone(tiny_run, tmp_path):
+    """LocalCluster sets OMP_NUM_THREADS=1 in its parent's environment for its workers; a later
+    training subprocess would inherit it and compute other numbers. dask_client restores it."""
+    before = dict(os.environ)
+    with dist.dask_client(workers=1):
+        pass
+    assert dict(os.environ) == before

@@ -38,6 +38,7 @@ A ``memory://`` run lives inside one process: workers cannot open it, so it is r
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -233,12 +234,16 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
     if workers is not None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise CrucibleError(f"the number of Dask workers must be a positive integer, got {workers!r}")
+        environ = dict(os.environ)
         try:
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                dashboard_address=None, memory_limit=memory_limit,
                                                scheduler_kwargs=NO_DASHBOARD)
         except Exception as e:
             raise CrucibleError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(e)}") from None
+        finally:  # LocalCluster sets OMP_NUM_THREADS=1 (and more) in this process's environment for
+            os.environ.clear()  # its workers; every later subprocess would inherit it (a training run
+            os.environ.update(environ)  # with 1 thread computes other numbers): leave ours as it was
         try:
             with distributed.Client(cluster) as client:
                 yield client
