@@ -431,20 +431,7 @@ class RankRecorder(Recorder):
                 self._finish(received, item[1])
                 self._run_after_commit(pending)
                 return
-            if item[0] == "after_commit":
-                pending.append(item[1:])
-                self._run_after_commit(pending)
-                continue
-            _, step, index, commit = item
-            began = time.perf_counter()
-            self._place(self._slots[index])
-            self._free.put(index)
-            received = step + 1
-            if commit:
-                self._commit(received)
-            self.writer_seconds += time.perf_counter() - began
-            if commit:
-                self._run_after_commit(pending)
+            received = self._handle(item, pending) or received
 
     def _commit(self, steps: int) -> None:
         """This rank's rows of steps 0..steps-1 made durable; then its progress (rank 0: the marker)."""

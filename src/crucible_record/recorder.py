@@ -380,20 +380,25 @@ class Recorder:
                     self.writer_seconds += time.perf_counter() - began
                 self._run_after_commit(pending)
                 return
-            if item[0] == "after_commit":
-                pending.append(item[1:])
-                self._run_after_commit(pending)
-                continue
-            _, step, index, commit = item
-            began = time.perf_counter()
-            self._place(self._slots[index])
-            self._free.put(index)
-            received = step + 1
-            if commit:
-                self._commit(received)
-            self.writer_seconds += time.perf_counter() - began
-            if commit:
-                self._run_after_commit(pending)
+            received = self._handle(item, pending) or received
+
+    def _handle(self, item: tuple, pending: list) -> int | None:
+        """One queued item: a step (placed, written when its block fills, committed at a commit
+        point; returns the steps received) or a callback to run after a commit."""
+        if item[0] == "after_commit":
+            pending.append(item[1:])
+            self._run_after_commit(pending)
+            return None
+        _, step, index, commit = item
+        began = time.perf_counter()
+        self._place(self._slots[index])
+        self._free.put(index)
+        if commit:
+            self._commit(step + 1)
+        self.writer_seconds += time.perf_counter() - began
+        if commit:
+            self._run_after_commit(pending)
+        return step + 1
 
     def _place(self, slot: _Slot) -> None:
         for event in slot.events:

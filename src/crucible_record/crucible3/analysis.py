@@ -165,6 +165,19 @@ class WScan:
     path_length: torch.Tensor
     net_displacement: torch.Tensor
 
+    @classmethod
+    def from_parts(cls, c_dead, c_live, ch_dead, ch_live, path, first, last) -> "WScan":
+        """Joined per-block parts (in step order), from the first and last steps of W."""
+        empty = torch.zeros(0, dtype=torch.float64)
+        return cls(
+            centroid_dead=torch.cat(c_dead),
+            centroid_live=torch.cat(c_live),
+            changed_dead=torch.cat(ch_dead) if ch_dead else empty,
+            changed_live=torch.cat(ch_live) if ch_live else empty,
+            path_length=path,
+            net_displacement=torch.norm(last.float() - first.float(), dim=1),
+        )
+
 
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
@@ -183,17 +196,8 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
         prev = W[-1].clone()
         del W  # drop this block before the next one is read: one block in memory at a time
     if prev is None:
-        raise CrucibleError(f"{traj.run_dir} has no committed step of W")
-    net = torch.norm(prev.float() - first.float(), dim=1)
-    empty = torch.zeros(0, dtype=torch.float64)
-    return WScan(
-        centroid_dead=torch.cat(c_dead),
-        centroid_live=torch.cat(c_live),
-        changed_dead=torch.cat(ch_dead) if ch_dead else empty,
-        changed_live=torch.cat(ch_live) if ch_live else empty,
-        path_length=path,
-        net_displacement=net,
-    )
+        raise CrucibleError(f"{traj.location} has no committed step of W")
+    return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, prev)
 
 
 def _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path) -> None:

@@ -202,15 +202,7 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
         client.cancel([f for f in futures if not f.done()])
     if first is None or last is None:
         raise CrucibleError(f"{traj.location} has no committed step of W")
-    empty = torch.zeros(0, dtype=torch.float64)
-    return WScan(
-        centroid_dead=torch.cat(c_dead),
-        centroid_live=torch.cat(c_live),
-        changed_dead=torch.cat(ch_dead) if ch_dead else empty,
-        changed_live=torch.cat(ch_live) if ch_live else empty,
-        path_length=path,
-        net_displacement=torch.norm(last.float() - first.float(), dim=1),
-    )
+    return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, last)
 
 
 @contextlib.contextmanager
