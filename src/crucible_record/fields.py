@@ -8,7 +8,7 @@ several ranks of a torch.distributed job, a :class:`Shard` hands over one rank's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -274,6 +274,3 @@ def stored_dims(name: str, spec: Field) -> tuple[str, ...]:
         dims = (f"{name}_row",) + dims[1:]
     return (step_dim(spec),) + dims
 
-
-def as_sequence(value: Sequence[int] | None) -> list[int] | None:
-    return None if value is None else [int(v) for v in value]
