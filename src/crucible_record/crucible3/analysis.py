@@ -363,7 +363,7 @@ def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = Non
     n = traj.steps
     if n < 2:
         raise CrucibleError(
-            f"{traj.run_dir} has {max(n, 0)} committed step(s); the analysis needs at least 2"
+            f"{traj.location} has {max(n, 0)} committed step(s); the analysis needs at least 2"
         )
     if scan is None:
         scan = scan_W(traj, block)
@@ -371,7 +371,7 @@ def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = Non
         raise CrucibleError(f"the scan of W covers {scan.centroid_dead.shape[0]} steps, the run {n + 1}")
     dead = traj.dead_mask.bool()
     result: dict[str, Any] = {
-        "run_dir": str(traj.run_dir),
+        "run_dir": traj.location,
         "committed_steps": n,
         "configured_steps": int(traj.attrs.get("config", {}).get("steps", n)),
         "vocab_size": int(traj.W.shape[1]),
