@@ -8,6 +8,7 @@ analysis.json are bit-identical to the single-process analysis (crucible3/distri
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import pickle
@@ -199,6 +200,23 @@ def test_bad_scheduler_is_one_line_error(tiny_run, tmp_path, monkeypatch):
         analyze_run(tiny_run, out, plots=False, scheduler=address, workers=2)
     with pytest.raises(CrucibleError, match="positive integer"):
         analyze_run(tiny_run, out, plots=False, workers=0)
+
+
+def test_failed_connection_leaves_no_client_for_a_later_collection(monkeypatch):
+    """A Client that failed to connect, collected later at a random moment, closes its IO loop from
+    __del__ and can deadlock inside the next LocalCluster's start (CI hung there): dask_client
+    collects it before raising, so none is left for the garbage collector to find later."""
+    monkeypatch.setattr(dist, "CONNECT_TIMEOUT_S", 1.0)
+
+    def clients() -> int:
+        return sum(isinstance(o, distributed.Client) for o in gc.get_objects())
+
+    before = clients()
+    for _ in range(3):
+        with pytest.raises(CrucibleError, match="cannot connect"):
+            with dist.dask_client(f"tcp://127.0.0.1:{free_port()}"):
+                pass
+        assert clients() == before
 
 
 def test_cli_analyze_on_the_cluster(tiny_run, client, tmp_path, capsys):

@@ -38,6 +38,7 @@ A ``memory://`` run lives inside one process: workers cannot open it, so it is r
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -247,7 +248,16 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
     try:
         client = distributed.Client(address, timeout=wait)
     except Exception as e:
-        raise CrucibleError(f"cannot connect to the Dask scheduler at {address}: {_one_line(e)}") from None
+        failure = _one_line(e)
+    else:
+        failure = None
+    if failure is not None:
+        # The half-built Client keeps an IO-loop thread until its __del__ closes it. Left to a later,
+        # random garbage collection, that __del__ can run inside another LoopRunner.start (the next
+        # Client or LocalCluster) and deadlock on distributed's class-wide loop lock: collect it here,
+        # where no such lock is held, and raise outside the except block so no traceback keeps it.
+        gc.collect()
+        raise CrucibleError(f"cannot connect to the Dask scheduler at {address}: {failure}")
     try:
         try:  # a scheduler without workers would leave the graph waiting forever
             client.wait_for_workers(1, timeout=wait)
