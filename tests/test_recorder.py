@@ -97,15 +97,15 @@ def failing_writes(monkeypatch, name, ok_writes, delay=0.0, error=None):
     real_write = _Block.write
     calls = {"ok": 0}
 
-    def write(self):
+    def write(self, threads=1):
         if self.key == name:
             time.sleep(delay)
             if calls["ok"] >= ok_writes:
                 raise error or OSError(28, "No space left on device")
-            keys = real_write(self)
+            keys = real_write(self, threads)
             calls["ok"] += 1
             return keys
-        return real_write(self)
+        return real_write(self, threads)
 
     monkeypatch.setattr(_Block, "write", write)
     return calls

@@ -69,6 +69,8 @@ def cli() -> None:
               help="seconds of training a crash may lose at most (also bounded by one block)")
 @click.option("--durability", type=click.Choice(DURABILITY), default="fsync", show_default=True,
               help="fsync: committed steps survive a power loss; none: they survive a process kill")
+@click.option("--writer-threads", type=int, default=None,
+              help="threads compressing each block [default: 1 on the CPU, all cores but one on a GPU]")
 @click.option("--checkpoints/--no-checkpoints", default=True, show_default=True,
               help="save model/optimizer/RNG state at each commit, for exact resume")
 @click.option("--time-chunk", type=int, default=64, show_default=True,
@@ -79,21 +81,24 @@ def cli() -> None:
               help="compression preset (all lossless)")
 @click.option("--progress/--no-progress", default=True, help="show the progress bar")
 @click.pass_context
-def train(ctx, out, config_file, resume, commit_interval, durability, checkpoints, time_chunk, token_chunk, codec,
-          progress, **values):
+def train(ctx, out, config_file, resume, commit_interval, durability, writer_threads, checkpoints, time_chunk,
+          token_chunk, codec, progress, **values):
     """Train the notebook's model and record every step into OUT/trajectory.zarr."""
     from .crucible3.run import resume_run, start_run
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if not commit_interval > 0:
         raise CrucibleError(f"--commit-interval must be a positive number of seconds, got {commit_interval}")
+    if writer_threads is not None and writer_threads < 1:
+        raise CrucibleError(f"--writer-threads must be at least 1, got {writer_threads}")
     if resume is not None:
-        extra = sorted(given - {"resume", "progress", "commit_interval", "durability"})
+        extra = sorted(given - {"resume", "progress", "commit_interval", "durability", "writer_threads"})
         if extra:
             raise CrucibleError(
                 f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
             )
-        summary = resume_run(resume, commit_interval=commit_interval, durability=durability, progress=progress)
+        summary = resume_run(resume, commit_interval=commit_interval, durability=durability, progress=progress,
+                             writer_threads=writer_threads)
     else:
         settings = load_config_file(config_file) if config_file else {}
         settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
@@ -102,7 +107,7 @@ def train(ctx, out, config_file, resume, commit_interval, durability, checkpoint
             out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
         layout = Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec)
         summary = start_run(config, out, layout=layout, checkpoints=checkpoints, commit_interval=commit_interval,
-                            durability=durability, progress=progress)
+                            durability=durability, progress=progress, writer_threads=writer_threads)
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
         f"steps committed: {summary.steps}, time: {summary.seconds:.1f} s"

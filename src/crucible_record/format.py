@@ -374,7 +374,7 @@ def write_commit(store: RunStore, steps: int) -> None:
     store.write_marker({"steps": int(steps)})
 
 
-def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0) -> dict[str, bytes]:
+def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, threads: int = 1) -> dict[str, bytes]:
     """The chunk (shard) files of time block `block` of `array` holding `rows`, encoded by zarr's own
     codec pipeline: store key -> bytes.
 
@@ -398,7 +398,7 @@ def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0) -> dic
         from .shardio import encode_shard
 
         try:
-            data = encode_shard(array, rows)
+            data = encode_shard(array, rows, threads)
         except NotImplementedError:  # a layout shardio does not reproduce: zarr's pipeline below
             data = None
         if data is not None:

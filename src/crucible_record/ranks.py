@@ -9,6 +9,7 @@ rank 0 moves the commit marker to the minimum of every rank's durable progress.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -24,7 +25,7 @@ from .errors import CrucibleError, RecorderError
 from .fields import Field, Shard, as_shard_tensor, as_tensor, check_fields
 from .format import (COMMIT_KEY, Partition, check_run_arguments, create_run, open_group, rank_key, read_commit,
                      read_partition, tile, write_commit)
-from .recorder import Recorder, _Block, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot
+from .recorder import Recorder, _Block, default_writer_threads, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot
 from .storage import RunStore, open_store
 
 _RANK_POLL_S = 0.1  # how often a closing rank reads the others' progress
@@ -92,13 +93,13 @@ def _fingerprint(path: Any, fields: Any, steps: Any, resume: bool, layout: Any, 
 
 
 def record_ranks(ranks: Ranks, path, fields, steps, attributes, *, constants, resume, layout, commit_interval,
-                  durability, slots, rank_timeout) -> "RankRecorder":
+                  durability, slots, rank_timeout, writer_threads=None) -> "RankRecorder":
     """cr.record on one rank of several: rank 0 checks and claims the path (or reopens the run), every
     rank checks its arguments, then one all_gather so that every rank raises the same error or none."""
     stack = ExitStack()
     error, info, store, checked = None, None, None, None
     try:
-        _check_arguments(commit_interval, slots, rank_timeout)
+        _check_arguments(commit_interval, slots, rank_timeout, writer_threads)
         if resume:
             if steps is not None or attributes is not None or constants is not None or layout is not None:
                 raise CrucibleError("resume=True continues a run with its own steps, attributes, constants and layout; drop them")
@@ -129,7 +130,8 @@ def record_ranks(ranks: Ranks, path, fields, steps, attributes, *, constants, re
     create = None if resume else {"steps": steps, "layout": layout or Layout(time_chunk=None),
                                   "attributes": attributes, "constants": constants}
     return RankRecorder(ranks, store, checked, info, create=create, commit_interval=float(commit_interval),
-                         slots=slots, rank_timeout=float(rank_timeout), release=stack.pop_all())
+                         slots=slots, rank_timeout=float(rank_timeout), release=stack.pop_all(),
+                         writer_threads=writer_threads)
 
 
 def _claim_run(store: RunStore, stack: ExitStack, fields: Mapping[str, Field], resume: bool, size: int) -> dict:
@@ -199,10 +201,12 @@ class RankRecorder(Recorder):
     """
 
     def __init__(self, ranks: Ranks, store: RunStore, fields: dict[str, Field], info: dict, *,
-                 create: dict | None, commit_interval: float, slots: int, rank_timeout: float, release: ExitStack):
+                 create: dict | None, commit_interval: float, slots: int, rank_timeout: float, release: ExitStack,
+                 writer_threads: int | None = None):
         self.store, self.fields, self.steps = store, fields, (info["steps"] if create is None else None)
         self.location = store.location
         self.commit_interval = commit_interval
+        self.writer_threads = writer_threads  # None until the first step shows the tensors' device
         self.rank_timeout = rank_timeout
         self._ranks = ranks
         self.rank, self.world_size = ranks.rank, ranks.size
@@ -259,6 +263,9 @@ class RankRecorder(Recorder):
         slot = self._slots[index]
         devices = {slot.stage(name, tensor) for name, tensor in sources.items()}
         slot.mark(list(sources), devices - {None})
+        if self.writer_threads is None:  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+            self.writer_threads = default_writer_threads(on_gpu=bool(devices - {None}), processes=local)
         agreed, commit = self._commit_points(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1
@@ -445,7 +452,7 @@ class RankRecorder(Recorder):
     def _write_own(self, steps: int) -> None:
         for block in self._blocks.values():
             if block.dirty:
-                self._written.extend(block.write())
+                self._written.extend(block.write(self.writer_threads))
         for key in ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]:
             if not self.store.exists(key):  # never commit into a deleted run
                 raise FileNotFoundError(f"the run {self.location} disappeared during the run ({key} is gone)")

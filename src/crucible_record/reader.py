@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .blockread import read_blocks, wants_whole_blocks
 from .errors import CrucibleError
 from .fields import Field
 from .format import missing_blocks, open_group, read_commit
@@ -60,6 +61,10 @@ class LazyField:
     def numpy(self, key=slice(None)) -> np.ndarray:
         """The stored values of a selection (bf16 as its uint16 bits), C-contiguous."""
         selection, advanced = normalize_key(key, self.shape)
+        if wants_whole_blocks(selection, self.shape):
+            data = read_blocks(self._store, self._array, selection, self.name)
+            if data is not None:
+                return data
         self.check_present(_rows(selection[0]))
         try:
             data = self._array.oindex[selection] if advanced else self._array[selection]
@@ -167,6 +172,11 @@ def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
 
     store = open_store(location)
     array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
+    if stop > start:
+        selection = (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
+        data = read_blocks(store, array, selection, name)
+        if data is not None:
+            return data
     missing = missing_blocks(store, array, name, range(start, stop))
     if missing:
         raise CrucibleError(f"{name} is damaged: a chunk holding rows {start}-{stop - 1} is missing")

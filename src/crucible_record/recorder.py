@@ -43,6 +43,7 @@ from .errors import CrucibleError, RecorderError
 from .fields import Field, Shard, as_tensor
 from .format import (WRITE_ALL, create_run, encode_block, fill_value, missing_blocks, open_group, read_commit,
                      write_commit)
+from .shardio import default_threads
 from .storage import RunStore, open_store
 
 DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
@@ -55,7 +56,7 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
            resume: bool = False, layout: Layout | None = None,
            commit_interval: float = DEFAULT_COMMIT_INTERVAL, durability: str = "fsync",
            slots: int = 3, rank_timeout: float = DEFAULT_RANK_TIMEOUT,
-           distributed: bool | None = None) -> "Recorder":
+           distributed: bool | None = None, writer_threads: int | None = None) -> "Recorder":
     """Create a run at `path` (refusing an existing one) and return its Recorder.
 
     steps: None = open-ended (arrays grow as the run goes); N = steps 0..N-1, arrays sized up front.
@@ -74,6 +75,9 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     a rank that does not call them leaves the others waiting (up to the process group's timeout).
     distributed=False: this process records alone, as without torch.distributed (e.g. full
     tensors from rank 0 only: ``if rank == 0: cr.record(..., distributed=False)``).
+    writer_threads: threads that compress a block's inner chunks in parallel. None: chosen at the
+    first step (see default_writer_threads): 1 when the tensors are on the CPU, where training
+    already uses every core; all cores but one when they are on a GPU, where the host is idle.
     """
     from .ranks import Ranks, record_ranks  # several ranks: crucible_record/ranks.py
 
@@ -86,8 +90,8 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     if ranks is not None:
         return record_ranks(ranks, path, fields, steps, attributes, constants=constants, resume=resume,
                              layout=layout, commit_interval=commit_interval, durability=durability, slots=slots,
-                             rank_timeout=rank_timeout)
-    _check_arguments(commit_interval, slots, rank_timeout)
+                             rank_timeout=rank_timeout, writer_threads=writer_threads)
+    _check_arguments(commit_interval, slots, rank_timeout, writer_threads)
     store = open_store(path, read_only=False, durability=durability)
     with ExitStack() as stack:
         if not resume:
@@ -109,17 +113,30 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
             store.claim_existing()
             store.sweep_partial_files()
         recorder = Recorder(store, group, info.fields, info.steps, read_commit(store, group)["steps"],
-                            commit_interval=float(commit_interval), slots=slots, release=stack.pop_all())
+                            commit_interval=float(commit_interval), slots=slots, release=stack.pop_all(),
+                            writer_threads=writer_threads)
     return recorder
 
 
-def _check_arguments(commit_interval, slots, rank_timeout) -> None:
+def default_writer_threads(on_gpu: bool, processes: int = 1) -> int:
+    """Writer threads when none are asked for. On the CPU, torch's intra-op threads already use every
+    core: one writer thread, which compresses a block in the gaps (benchmarks/bench_overhead.py
+    measures what it costs). On a GPU the host cores only launch kernels: all but the training
+    thread's one compress (benchmarks/bench_writer.py measures the scaling). `processes`: recording
+    processes sharing this machine's cores (one per GPU under torchrun)."""
+    return max(1, default_threads() // max(1, processes) - 1) if on_gpu else 1
+
+
+def _check_arguments(commit_interval, slots, rank_timeout, writer_threads=None) -> None:
     if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or not commit_interval > 0:
         raise CrucibleError(f"commit_interval must be a positive number of seconds, got {commit_interval!r}")
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
         raise CrucibleError(f"slots must be an integer >= 1, got {slots!r}")
     if isinstance(rank_timeout, bool) or not isinstance(rank_timeout, (int, float)) or not rank_timeout > 0:
         raise CrucibleError(f"rank_timeout must be a positive number of seconds, got {rank_timeout!r}")
+    if writer_threads is not None and (isinstance(writer_threads, bool) or not isinstance(writer_threads, int)
+                                       or writer_threads < 1):
+        raise CrucibleError(f"writer_threads must be an integer >= 1 or None (automatic), got {writer_threads!r}")
 
 
 def _check_world_size(location: str, stored: int, given: int) -> None:
@@ -178,8 +195,9 @@ class _Block:
         self.filled += 1
         self.dirty = True
 
-    def write(self) -> list[str]:
-        """Write the block's rows whole (fill after the last row); return the keys written."""
+    def write(self, threads: int = 1) -> list[str]:
+        """Write the block's rows whole (fill after the last row), its inner chunks compressed by
+        `threads` threads; return the keys written."""
         keys = []
         stop = self.start + self.filled
         if self.resize and not self.sized and self.array.shape[0] != stop:
@@ -187,7 +205,7 @@ class _Block:
             keys.append(f"{self.key}/zarr.json")
         end = min(self.start + self.rows, self.array.shape[0]) if self.sized else stop
         block = self.buf[: end - self.start]
-        for key, data in encode_block(self.array, self.start // self.rows, block, self.shard).items():
+        for key, data in encode_block(self.array, self.start // self.rows, block, self.shard, threads).items():
             self.store.set(key, data)
             keys.append(key)
         self.dirty = False
@@ -230,10 +248,11 @@ class Recorder:
     """Records the fields of one run; see the module docstring for the call order."""
 
     def __init__(self, store: RunStore, group, fields: dict[str, Field], steps: int | None, committed: int, *,
-                 commit_interval: float, slots: int, release: ExitStack):
+                 commit_interval: float, slots: int, release: ExitStack, writer_threads: int | None = None):
         self.store, self.fields, self.steps = store, fields, steps
         self.location = store.location
         self.commit_interval = commit_interval
+        self.writer_threads = writer_threads  # None until the first step shows the tensors' device
         self._release = release  # the run lock, released at close
         self._blocks = {name: _Block(store, group[name], name, spec, steps is not None, spec.rows_at(committed))
                         for name, spec in fields.items()}
@@ -272,6 +291,8 @@ class Recorder:
             source = tensor if self.fields[name].row_indices is None else tensor.index_select(0, self._rows(name, tensor.device))
             devices.add(slot.stage(name, source))
         slot.mark(due, devices - {None})
+        if self.writer_threads is None:  # read by the writer only after the queue hands it this step
+            self.writer_threads = default_writer_threads(on_gpu=bool(devices - {None}))
         commit = self._is_commit_point(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1
@@ -412,14 +433,14 @@ class Recorder:
                 self._latest[name] = float(value)
             if block.full:  # the buffer is needed for the next rows: write it now, commit soon
                 self.store.check_writer()  # (object stores: never overwrite a newer writer's shards)
-                self._written.extend(block.write())
+                self._written.extend(block.write(self.writer_threads))
 
     def _commit(self, steps: int) -> None:
         """Write every partial block whole, make the files durable, then move the marker."""
         self.store.check_writer()
         for name, block in self._blocks.items():
             if block.dirty:
-                self._written.extend(block.write())
+                self._written.extend(block.write(self.writer_threads))
         for key in ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]:
             # zarr would silently recreate a deleted store's folders; refuse to commit into nothing.
             if not self.store.exists(key):

@@ -80,6 +80,13 @@ class RunStore:
         buf = sync(self.store.get(key, default_buffer_prototype()))
         return None if buf is None else buf.to_bytes()
 
+    def get_buffer(self, key: str):
+        """A key's bytes as the store hands them over (a zarr Buffer, no copy), or None if absent."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        return sync(self.store.get(key, default_buffer_prototype()))
+
     def set(self, key: str, data: bytes) -> None:
         """One atomic write (a PUT; a temporary file + rename on disk)."""
         from zarr.core.buffer import default_buffer_prototype

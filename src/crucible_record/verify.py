@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .blockread import DamagedBlock, read_blocks
 from .errors import CrucibleError
 from .format import ROWS_GROUP, missing_blocks, open_group, read_commit, write_commit
 from .heap import limit_heap_growth
@@ -57,15 +58,28 @@ def _check_array(store: RunStore, array, name: str, rows: int, report: VerifyRep
             problem = "chunk file missing"
         else:
             try:
-                array[start:stop] if array.ndim else array[...]
+                _read(store, array, name, start, stop)
                 report.blocks_read += 1
-            except Exception as e:  # codec errors: checksum mismatch, truncated data
+            except DamagedBlock as e:  # shardio: checksum mismatch, truncated data
+                problem = e.detail
+            except Exception as e:  # zarr's codec errors, likewise
                 text = str(e).splitlines()[0] if str(e) else type(e).__name__
                 problem = f"{type(e).__name__}: {text}"
         if problem:
             report.problems.append(f"{where}: {problem}")
             if step_of is not None and name not in report.first_bad_step:
                 report.first_bad_step[name] = step_of(start)
+
+
+def _read(store: RunStore, array, name: str, start: int, stop: int) -> None:
+    """Decode rows [start, stop): whole shards by shardio where it can, else through zarr."""
+    if array.ndim:
+        selection = (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
+        if read_blocks(store, array, selection, name) is not None:
+            return
+        array[start:stop]
+    else:
+        array[...]
 
 
 def repair_run(run_dir: str | Path) -> tuple[int, int]:

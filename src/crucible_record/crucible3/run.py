@@ -47,6 +47,7 @@ def start_run(
     commit_interval: float = DEFAULT_COMMIT_INTERVAL,
     durability: str = "fsync",
     progress: bool = True,
+    writer_threads: int | None = None,
 ) -> RunSummary:
     """Train a new run into RUN_DIR (which must not exist, or be empty)."""
     if not is_url(run_dir):
@@ -73,12 +74,14 @@ def start_run(
         layout=layout,
         commit_interval=commit_interval,
         durability=durability,
+        writer_threads=writer_threads,
     )
     return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress)
 
 
 def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
-               durability: str = "fsync", progress: bool = True) -> RunSummary:
+               durability: str = "fsync", progress: bool = True,
+               writer_threads: int | None = None) -> RunSummary:
     """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run."""
     store = open_store(run_dir)
     group, info = open_group(store)  # a clear error if this is not a run
@@ -95,7 +98,8 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
     resolve_device(config.device)
     ckpt = checkpoint.load(store)  # before taking the run: a refusal leaves it as it was
-    recorder = record(run_dir, fields(config), resume=True, commit_interval=commit_interval, durability=durability)
+    recorder = record(run_dir, fields(config), resume=True, commit_interval=commit_interval, durability=durability,
+                      writer_threads=writer_threads)
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
     checkpoints = bool(info.attributes.get("checkpoints", True))

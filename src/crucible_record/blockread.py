@@ -1,0 +1,109 @@
+"""Whole time blocks read at the codec's own speed: one GET per shard file, decoded by shardio
+straight into the result.
+
+zarr-python reads a shard through its general pipeline, which decodes every inner chunk into a
+fresh buffer, transposes it and copies it into the output (0.38x of the bare decompressor on a
+Crucible-size block, 0.22x at GPT-2 size: benchmarks/bench_codec_path.py). Reads that take whole
+blocks of steps (a scan, export, verify, a dask task) are the ones that need the speed; they go
+through here. A read that touches a few inner chunks of each shard (one token's trajectory) stays
+with zarr, which fetches only those chunks.
+
+Where shardio cannot match an array's layout (a field split among ranks keeps several files per
+block; an unknown codec), the reason is logged once per array at INFO on the
+``crucible_record`` logger and the caller reads through zarr: same values, zarr's speed. A shard
+that *can* be decoded but is damaged is never handed to zarr instead: it is a CrucibleError.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .errors import CrucibleError
+from .shardio import ShardError, ShardLayout, decode_shard_with, default_threads, shard_layout
+
+log = logging.getLogger("crucible_record")
+
+class DamagedBlock(CrucibleError):
+    """A shard file that is absent or fails to decode; `detail` says how, without the rows."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
+_logged: set[tuple[str, str]] = set()
+
+
+def block_layout(array) -> tuple[ShardLayout | None, str]:
+    """(the layout shardio decodes every time block of `array` with, or None; why not)."""
+    if array.ndim == 0:
+        return None, "a 0-d array has no time blocks"
+    unit = array.shards or array.chunks
+    if any(u < s for s, u in zip(array.shape[1:], unit[1:])):
+        return None, "a time block is split over several files (a field split among ranks)"
+    try:
+        return shard_layout(array), ""
+    except NotImplementedError as e:
+        return None, str(e)
+
+
+def _layout_or_log(array) -> ShardLayout | None:
+    layout, why = block_layout(array)
+    if layout is None and (array.path, why) not in _logged:
+        _logged.add((array.path, why))
+        log.info("%s: whole blocks are read through zarr-python, not shardio: %s", array.path, why)
+    return layout
+
+
+def wants_whole_blocks(selection: tuple, shape) -> bool:
+    """A normalized selection that reads every inner chunk of the blocks it touches: a step-1 slice
+    of rows, and on every other axis the whole axis or one list/mask (its values: numpy arrays)."""
+    rows, rest = selection[0], selection[1:]
+    if not isinstance(rows, slice) or rows.step != 1 or rows.stop <= rows.start:
+        return False
+    whole = [isinstance(k, slice) and (k.start, k.stop, k.step) == (0, n, 1) for k, n in zip(rest, shape[1:])]
+    lists = [isinstance(k, np.ndarray) for k in rest]
+    return all(w or li for w, li in zip(whole, lists)) and sum(lists) <= 1
+
+
+def read_blocks(store, array, selection: tuple, name: str, threads: int | None = None) -> np.ndarray | None:
+    """``array[selection]`` (orthogonal indexing; see wants_whole_blocks for what `selection` may
+    be) decoded shard by shard, or None if shardio cannot decode this array's shards. A shard file
+    that is absent or damaged raises a CrucibleError naming the field and its rows."""
+    layout = _layout_or_log(array)
+    if layout is None:
+        return None
+    threads = default_threads() if threads is None else threads
+    rows, rest = selection[0], selection[1:]
+    unit = layout.shard_shape[0]
+    whole_rest = not any(isinstance(k, np.ndarray) for k in rest)
+    out = np.empty((rows.stop - rows.start,) + tuple(len(k) if isinstance(k, np.ndarray) else n
+                                                     for k, n in zip(rest, array.shape[1:])), dtype=layout.dtype)
+    for block in range(rows.start // unit, (rows.stop - 1) // unit + 1):
+        first, end = block * unit, min((block + 1) * unit, array.shape[0])
+        lo, hi = max(first, rows.start), min(end, rows.stop)
+        if whole_rest and (lo, hi) == (first, end):  # straight into the result
+            _decode_block(store, array, layout, block, out[lo - rows.start:hi - rows.start], name, threads)
+            continue
+        scratch = np.empty((end - first,) + tuple(array.shape[1:]), dtype=layout.dtype)
+        _decode_block(store, array, layout, block, scratch, name, threads)
+        # one list or mask, the other axes whole: numpy's indexing is the orthogonal one here
+        out[lo - rows.start:hi - rows.start] = scratch[(slice(lo - first, hi - first),) + rest]
+    return out
+
+
+def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray, name: str, threads: int) -> None:
+    coords = (block,) + (0,) * (array.ndim - 1)
+    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+    first = block * layout.shard_shape[0]
+    where = f"{name} rows {first}-{first + len(out) - 1}"
+    data = store.get_buffer(key)
+    if data is None:
+        raise DamagedBlock(f"{name} is damaged: the chunk holding rows {first}-{first + len(out) - 1} "
+                           f"is missing (run `crucible-record verify`)", "chunk file missing")
+    try:
+        decode_shard_with(layout, data, out, threads)
+    except ShardError as e:
+        raise DamagedBlock(f"cannot read {where}: {e}", f"ShardError: {e}") from None

@@ -1,0 +1,125 @@
+"""Whole-block reads through shardio (blockread.py): the same values as zarr-python for every
+selection it takes, damage reported (never handed to zarr), and its fallback to zarr logged."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import crucible_record as cr
+from crucible_record import blockread
+from crucible_record.reader import normalize_key
+from crucible_record.storage import open_store
+from crucible_record.codecs import CODEC_PRESETS
+from crucible_record.verify import verify_run
+
+
+def _record(path, preset: str, steps: int = 11, rows: int = 30, time_chunk: int = 4):
+    """An open-ended run whose last block is partial (11 steps in blocks of 4)."""
+    fields = {"w": cr.Field((rows, 6), torch.bfloat16), "g": cr.Field((rows,), torch.float32, every=2),
+              "n": cr.Field((), torch.int64)}
+    gen = torch.Generator().manual_seed(0)
+    with cr.record(path, fields, layout=cr.Layout(time_chunk=time_chunk, row_chunk=7, codec=preset)) as rec:
+        for step in range(steps):
+            tensors = {"w": torch.randn(rows, 6, generator=gen).bfloat16(), "n": torch.tensor(step)}
+            if step % 2 == 0:
+                tensors["g"] = torch.randn(rows, generator=gen)
+            rec.record(step, **tensors)
+    return cr.open(path)
+
+
+def _spy(monkeypatch) -> list:
+    """Count the blocks shardio decodes."""
+    calls = []
+    real = blockread._decode_block
+
+    def counting(*args):
+        calls.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(blockread, "_decode_block", counting)
+    return calls
+
+
+@pytest.mark.parametrize("preset", list(CODEC_PRESETS))
+def test_same_values_as_zarr_for_every_selection_it_takes(tmp_path, preset, monkeypatch):
+    t = _record(tmp_path / "run", preset)
+    calls = _spy(monkeypatch)
+    mask = torch.zeros(30, dtype=torch.bool)
+    mask[[0, 3, 17, 29]] = True
+    for name in ("w", "g", "n"):
+        field = t[name]
+        assert blockread.block_layout(field.array)[0] is not None, name
+        keys = [slice(None), slice(0, 4), slice(1, 3), slice(3, 9), slice(2, None), (slice(None), mask),
+                (slice(5, 10), [4, 1, 1]), Ellipsis]
+        for key in keys:
+            if name == "n" and isinstance(key, tuple):
+                continue
+            before = len(calls)
+            ours = field.numpy(key)
+            selection, advanced = normalize_key(key, field.shape)
+            expected = np.asarray(field.array.oindex[selection] if advanced else field.array[selection])
+            assert len(calls) > before, (name, key)  # shardio read it, not zarr
+            assert ours.flags.c_contiguous and ours.dtype == expected.dtype, (name, key)
+            np.testing.assert_array_equal(ours, expected, err_msg=f"{name}{key}")
+
+
+def test_partial_selections_stay_with_zarr(tmp_path, monkeypatch):
+    """One token's trajectory or a strided slice touches a few inner chunks: zarr reads only those."""
+    t = _record(tmp_path / "run", "default")
+    calls = _spy(monkeypatch)
+    for key in ((slice(None), 5), (slice(None), slice(0, 7)), slice(0, 11, 2), 3, [1, 2]):
+        assert torch.equal(t["w"][key].view(torch.uint16),
+                           torch.from_numpy(np.asarray(t["w"].array.oindex[normalize_key(key, t["w"].shape)[0]]))
+                           .view(torch.uint16)), key
+    assert calls == []
+
+
+def test_damaged_shard_is_an_error_not_a_fallback(tmp_path):
+    t = _record(tmp_path / "run", "default")
+    shard = tmp_path / "run" / "trajectory.zarr" / "w" / "c" / "1" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    t = cr.open(tmp_path / "run")
+    with pytest.raises(cr.CrucibleError, match=r"^cannot read w rows 4-7: .*(checksum|decompress)"):
+        t["w"][:]
+    assert torch.equal(t["w"][:4].view(torch.uint16), t["w"][0:4].view(torch.uint16))  # other blocks read
+    report = verify_run(tmp_path / "run")
+    assert [p.split(":")[0] for p in report.problems] == ["w steps 4-7"]
+    assert "ShardError" in report.problems[0]
+    shard.unlink()
+    with pytest.raises(cr.CrucibleError, match=r"w is damaged: the chunk holding rows 4-7 is missing"):
+        cr.open(tmp_path / "run")["w"][:]
+    assert verify_run(tmp_path / "run").problems == ["w steps 4-7: chunk file missing"]
+
+
+def test_unmatched_layout_falls_back_to_zarr_and_says_so(tmp_path, caplog, monkeypatch):
+    """An array shardio cannot decode (here: gzip, which it does not reproduce) is read by zarr,
+    with the same values, and the reason is logged once."""
+    from zarr.codecs import GzipCodec
+
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(8, 5), chunks=(4, 5), dtype="float32",
+                              compressors=[GzipCodec()])
+    values = np.arange(40, dtype="float32").reshape(8, 5)
+    array[...] = values
+    layout, why = blockread.block_layout(array)
+    assert layout is None and "gzip" in why
+    store = open_store(tmp_path)
+    selection = (slice(0, 8, 1), slice(0, 5, 1))
+    with caplog.at_level(logging.INFO, logger="crucible_record"):
+        assert blockread.read_blocks(store, array, selection, "a") is None
+        assert blockread.read_blocks(store, array, selection, "a") is None
+    said = [r.getMessage() for r in caplog.records if "not shardio" in r.getMessage()]
+    assert len(said) == 1 and "gzip" in said[0]
+
+
+def test_split_blocks_fall_back(tmp_path):
+    """A block split over several files (a field split among ranks) is not one shardio shard."""
+    array = zarr.create_array(tmp_path / "a.zarr", shape=(8, 10, 3), chunks=(4, 5, 3), shards=(4, 5, 3),
+                              dtype="uint16")
+    assert blockread.block_layout(array) == (None, "a time block is split over several files (a field split among ranks)")
