@@ -75,3 +75,20 @@ def test_cli_writer_threads(capsys, tmp_path, tiny_corpus):
                      "--writer-threads", "2")
     assert result.code == 0, result
     assert cr.open(tmp_path / "two").committed_steps == 6
+
+
+def test_cpu_writer_runs_at_a_lower_priority(tmp_path):
+    """On a CPU run the writer thread yields the cores to torch's threads (nice + CPU_WRITER_NICE)."""
+    import os
+    import sys
+    import threading
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are a Linux feature")
+    seen = []
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with cr.record(tmp_path / "run", FIELDS) as rec:
+        rec.record(0, w=torch.zeros(500, 32, dtype=torch.bfloat16), loss=torch.tensor(0.0))
+        rec.after_commit(0, lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # the caller's is untouched
+    assert seen == [min(19, base + recorder_module.CPU_WRITER_NICE)]

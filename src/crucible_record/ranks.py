@@ -207,6 +207,8 @@ class RankRecorder(Recorder):
         self.location = store.location
         self.commit_interval = commit_interval
         self.writer_threads = writer_threads  # None until the first step shows the tensors' device
+        self._on_gpu: bool | None = None  # likewise
+        self._niced = False  # the writer thread has set its priority
         self.rank_timeout = rank_timeout
         self._ranks = ranks
         self.rank, self.world_size = ranks.rank, ranks.size
@@ -263,9 +265,11 @@ class RankRecorder(Recorder):
         slot = self._slots[index]
         devices = {slot.stage(name, tensor) for name, tensor in sources.items()}
         slot.mark(list(sources), devices - {None})
-        if self.writer_threads is None:  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-            self.writer_threads = default_writer_threads(on_gpu=bool(devices - {None}), processes=local)
+        if self._on_gpu is None:  # read by the writer only after the queue hands it this step
+            self._on_gpu = bool(devices - {None})
+            if self.writer_threads is None:  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu, processes=local)
         agreed, commit = self._commit_points(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1

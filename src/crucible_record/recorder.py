@@ -27,7 +27,9 @@ is the path above, unchanged.
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -116,6 +118,23 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
                             commit_interval=float(commit_interval), slots=slots, release=stack.pop_all(),
                             writer_threads=writer_threads)
     return recorder
+
+
+# The writer's nice value when training runs on the CPU: torch's intra-op threads busy-wait at their
+# barriers, so a writer that takes a core from one of them stalls all of them; at a lower priority
+# it compresses in the cores' idle moments instead (and the bounded slots still stop training if it
+# falls behind). On a GPU the host cores are idle and the writer keeps the normal priority.
+CPU_WRITER_NICE = 10
+
+
+def lower_this_threads_priority(nice: int) -> None:
+    """Raise this thread's nice value by `nice` (Linux: per thread; elsewhere: nothing)."""
+    if nice > 0 and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+        except OSError:  # not permitted (a sandbox): the normal priority is still correct
+            pass
 
 
 def default_writer_threads(on_gpu: bool, processes: int = 1) -> int:
@@ -253,6 +272,8 @@ class Recorder:
         self.location = store.location
         self.commit_interval = commit_interval
         self.writer_threads = writer_threads  # None until the first step shows the tensors' device
+        self._on_gpu: bool | None = None  # likewise
+        self._niced = False  # the writer thread has set its priority
         self._release = release  # the run lock, released at close
         self._blocks = {name: _Block(store, group[name], name, spec, steps is not None, spec.rows_at(committed))
                         for name, spec in fields.items()}
@@ -291,8 +312,10 @@ class Recorder:
             source = tensor if self.fields[name].row_indices is None else tensor.index_select(0, self._rows(name, tensor.device))
             devices.add(slot.stage(name, source))
         slot.mark(due, devices - {None})
-        if self.writer_threads is None:  # read by the writer only after the queue hands it this step
-            self.writer_threads = default_writer_threads(on_gpu=bool(devices - {None}))
+        if self._on_gpu is None:  # read by the writer only after the queue hands it this step
+            self._on_gpu = bool(devices - {None})
+            if self.writer_threads is None:
+                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu)
         commit = self._is_commit_point(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1
@@ -411,6 +434,9 @@ class Recorder:
             self._run_after_commit(pending)
             return None
         _, step, index, commit = item
+        if not self._niced:  # the first step: its device is known now
+            self._niced = True
+            lower_this_threads_priority(0 if self._on_gpu else CPU_WRITER_NICE)
         began = time.perf_counter()
         self._place(self._slots[index])
         self._free.put(index)
