@@ -389,8 +389,13 @@ def main(argv=None) -> int:
     p.add_argument("--gpt2-rounds", type=int, default=5, help="rounds for the (50257, 768) x 4-step block")
     p.add_argument("--no-gpt2", action="store_true")
     p.add_argument("--threads", default="1,2", help="thread counts for encode_shard/decode_shard [1,2]")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "codec_path.json")
+    p.add_argument("--out", type=Path, default=None, help="[results/codec_path.json; --quick: results/quick/]")
+    p.add_argument("--quick", action="store_true", help="2 rounds, 1 GPT-2 round (a smoke test)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.gpt2_rounds = min(args.rounds, 2), min(args.gpt2_rounds, 1)
+    if args.out is None:
+        args.out = HERE / "results" / ("quick" if args.quick else "") / "codec_path.json"
     threads = tuple(int(n) for n in args.threads.split(","))
     t_start = time.time()
     import numcodecs

@@ -17,12 +17,15 @@ Writer (goal 1: >= 0.8x one core of zstd-3; scales with writer_threads; memory b
   writer   cr.record(..., durability="none", writer_threads=N), N = 1 and 2: the producer calls
            rec.record(step, W=tensor) with pre-built CPU tensors as fast as it accepts them (it
            blocks while the staging slots are full, so the rate is the writer's), timed from the
-           first record() to close() returning; RSS after each quarter of the steps. fsync is the
-           default durability: the Crucible size is also measured with it (info row)
+           first record() to close() returning. RSS: after each quarter of the steps, and the peak
+           (RssSampler) while each block is recorded; "flat" = the last block's peak minus the
+           second's (block-aligned: a GPT-2 block is only 3 steps)
+           fsync is the default durability: the Crucible size is also run with it (info row)
 Reads (goal 2), on a 1,200-step Crucible-size run written once by cr.record (W from trajectory(),
 a 0-d float32 loss; default Layout(time_chunk=64, row_chunk=100)), page cache warm:
   limit    numcodecs Zstd.decode of every inner chunk of W, read from the shard files (crc32c
-           stripped), into one preallocated chunk buffer, 1 thread
+           stripped), into one preallocated chunk buffer (as shardio decodes into a per-thread
+           scratch), 1 thread; counted as W's raw bytes, as the scan is: same frames, a time ratio
   scan     t = cr.open(run); t["W"][a:a+64] for every block; with the reader's default threads
            (a whole block is decoded on all cores) and with 1 (blockread.default_threads patched)
   verify   crucible_record.verify.verify_run(run): raw bytes of all fields per second
@@ -31,9 +34,10 @@ a 0-d float32 loss; default Layout(time_chunk=64, row_chunk=100)), page cache wa
   centroid t["W"][a:b][:, mask].float().mean(1) over every block, ~20 % of the rows masked:
            "at scan speed" = its rate over the default-thread scan's
 Compression ratio of the default preset on that run (info; real-run ratios: bench_compression.py).
---quick: smaller sizes and 2 rounds, not judged (a smoke test).
+--quick: 136-step read run, 3 Crucible / 1 GPT-2 blocks a writer run, no fsync variant, 2 rounds;
+not judged (a smoke test).
 
-    python benchmarks/bench_speed.py [--quick] [--rounds 5] [--read-rounds 5]
+    python benchmarks/bench_speed.py [--quick] [--rounds 5] [--read-rounds 3]
 
 Results: benchmarks/results/speed.json (results/quick/speed.json with --quick).
 """
@@ -50,7 +54,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, dir_bytes, median, parser, r, rss_mb, scratch_dir  # noqa: E402
+from _common import Result, RssSampler, dir_bytes, median, parser, r, rss_mb, scratch_dir  # noqa: E402
 from bench_codec_path import interleaved, stats, trajectory  # noqa: E402
 
 import crucible_record as cr  # noqa: E402
@@ -60,6 +64,7 @@ SMALL, GPT2 = (10000, 64), (50257, 768)
 ROW_CHUNK = 100
 LIMIT, AA = "limit: bare zstd x1", "limit A/A (same again)"
 RSS_DRIFT_MB = 32
+SLOTS = 3  # cr.record's default number of staging slots
 
 
 # ----- measuring -----------------------------------------------------------------------------
@@ -103,6 +108,15 @@ def reader_threads(n: int):
         blockread.default_threads = saved
 
 
+@contextlib.contextmanager
+def phase(seconds: dict, name: str):
+    """Wall seconds of one part of the benchmark, kept in the details (to size the rounds)."""
+    t0 = time.perf_counter()
+    yield
+    seconds[name] = r(time.perf_counter() - t0, 1)
+    print(f"{name}: {seconds[name]} s", flush=True)
+
+
 def step_last_chunks(block: np.ndarray, rc: int) -> list[np.ndarray]:
     """A block's inner chunks of `rc` rows with the step axis fastest: the bytes the store compresses."""
     return [np.ascontiguousarray(block[:, a:a + rc].transpose(1, 2, 0)) for a in range(0, block.shape[1], rc)]
@@ -135,28 +149,40 @@ class WriterRun:
         self.block = block
         self.tensors = [bf16(block[t]) for t in range(len(block))]
         self.field = {"W": cr.Field(tuple(block.shape[1:]), torch.bfloat16)}
-        self.rss: list[list[float]] = []  # per run: RSS MB after each quarter of the steps
+        self.rss: list[list[float]] = []  # per run: RSS MB right after each quarter of the steps
+        self.rss_peaks: list[list[float]] = []  # per run: the peak RSS MB while each block is recorded
         self.max_queued = 0  # most steps ever waiting for the writer (bounded by the slots?)
         self.rec = None
 
     def setup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.rec = cr.record(self.folder, self.field, steps=self.steps, layout=self.layout,
+        self.rec = cr.record(self.folder, self.field, steps=self.steps, layout=self.layout, slots=SLOTS,
                              durability=self.durability, writer_threads=self.threads)
 
     def run(self) -> None:
-        rec, tensors, n = self.rec, self.tensors, len(self.tensors)
-        marks = [max(1, self.steps * q // 4) for q in (1, 2, 3, 4)]  # steps done at each quarter
+        rec, tensors, T = self.rec, self.tensors, len(self.tensors)
+        quarters = [max(1, self.steps * q // 4) for q in (1, 2, 3, 4)]  # steps done at each quarter
         work = getattr(rec, "_work", None)  # the writer's queue (private): sampled, never changed
-        rss = []
-        for step in range(self.steps):
-            rec.record(step, W=tensors[step % n])
-            if work is not None:
-                self.max_queued = max(self.max_queued, work.qsize())
-            if step + 1 in marks:
-                rss += [r(rss_mb(), 1)] * marks.count(step + 1)
-        rec.close()
+        rss, block_ends = [], []
+        base = time.perf_counter()
+        with RssSampler(0.02) as sampler:  # (a thread reading /proc/self/statm 50 times a second)
+            for step in range(self.steps):
+                rec.record(step, W=tensors[step % T])
+                if work is not None:
+                    self.max_queued = max(self.max_queued, work.qsize())
+                rss += [r(rss_mb(), 1)] * quarters.count(step + 1)
+                if (step + 1) % T == 0:
+                    block_ends.append(time.perf_counter() - base)
+            rec.close()
+            block_ends[-1] = time.perf_counter() - base  # the last block: up to close() returning
+        self.rec = None  # its buffers go now, not at the next setup()
         self.rss.append(rss)
+        # Per block: from record() of the previous block's last step returning to that of its own
+        # (the last block: to close() returning). The writer starts encoding the previous block at
+        # the window's start and the producer, out of free slots, waits for it within the window: each
+        # window holds one whole block encode and its transient buffers.
+        edges = [0.0] + block_ends
+        self.rss_peaks.append([r(sampler.peak_between(a, b), 1) for a, b in zip(edges, edges[1:])])
 
     def last_step_exact(self) -> bool:
         """The last step of the last run reads back bit-exact (the run was written, not skipped)."""
@@ -180,7 +206,6 @@ def bench_writer(name: str, shape: tuple[int, int], layout, blocks: int, rounds:
         for c in pieces:
             zstd.encode(c)
 
-    encoded = sum(len(zstd.encode(c)) for c in pieces)  # (also a warm-up)
     steps = blocks * T
     raw = steps * block[0].nbytes
     writers = {f"writer x{k}, durability {d}": WriterRun(folder / f"w{k}{d}", block, steps, layout, k, d)
@@ -192,11 +217,13 @@ def bench_writer(name: str, shape: tuple[int, int], layout, blocks: int, rounds:
     out = {"name": name, "shape": list(shape), "layout": layout.to_dict(), "chunks": list(chunks), "shards": list(shards),
            "time_chunk": T, "blocks_per_run": blocks, "steps_per_run": steps, "raw_MB_per_run": r(raw / 1e6, 1),
            "block_MB": r(block.nbytes / 1e6, 1), "inner_chunks_per_block": len(pieces),
-           "compression_ratio_zstd3": r(block.nbytes / encoded, 3),
            "rounds": rounds, "MBps": table}
+    written = next(iter(writers.values())).folder / STORE_NAME / "W"
+    out["compression_ratio_on_disk"] = r(raw / dir_bytes(written), 3)
     for k, w in writers.items():
-        out["MBps"][k].update({"rss_mb_by_quarter_per_run": w.rss, "max_steps_queued": w.max_queued,
-                               "slots": 3, "last_step_bit_exact": w.last_step_exact()})
+        out["MBps"][k].update({"rss_mb_after_each_quarter_per_run": w.rss,
+                               "rss_peak_mb_by_block_per_run": w.rss_peaks, "max_steps_queued": w.max_queued,
+                               "slots": SLOTS, "last_step_bit_exact": w.last_step_exact()})
         shutil.rmtree(w.folder, ignore_errors=True)
     for k, s in table.items():
         print(f"  {name} {k:34s} {spread(s)} x{s['ratio_to_limit']:.2f} of the limit", flush=True)
@@ -204,8 +231,12 @@ def bench_writer(name: str, shape: tuple[int, int], layout, blocks: int, rounds:
 
 
 def rss_drift(writer: dict) -> list[tuple[str, float]]:
-    """(variant, RSS after the last quarter minus after the second) of every writer run."""
-    return [(f"{writer['name']}, {k}", q[3] - q[1]) for k, s in writer["MBps"].items() for q in s.get("rss_mb_by_quarter_per_run", [])]
+    """(variant, peak RSS while the last block is recorded minus while the second one is) of every
+    writer run of >= 3 blocks. Peaks over block-aligned windows, not quarters: at the GPT-2 size a
+    block is 3 steps and the quarters of a 3-block run would set a window holding a block's encode
+    against one holding none."""
+    return [(f"{writer['name']}, {k}", q[-1] - q[1]) for k, s in writer["MBps"].items()
+            for q in s.get("rss_peak_mb_by_block_per_run", []) if len(q) >= 3 and not np.isnan(q[-1] - q[1])]
 
 
 # ----- reads ---------------------------------------------------------------------------------
@@ -224,14 +255,15 @@ def write_read_run(run: Path, bits: np.ndarray) -> dict:
 
 
 def check_and_warm(run: Path, bits: np.ndarray) -> None:
-    """Read every file of the run once (page cache warm for every variant) and check that a scan
-    gives back the recorded bits."""
+    """Read every file of the run once (page cache warm for every variant) and check that the
+    first, a middle and the last block read back as the recorded bits."""
     for path in sorted(run.rglob("*")):
         if path.is_file():
             path.read_bytes()
     W = cr.open(run)["W"]
     T = W.array.chunks[0]
-    for a in range(0, len(W), T):
+    last = (len(W) - 1) // T * T
+    for a in sorted({0, last // T // 2 * T, last}):
         if not np.array_equal(W.numpy(slice(a, min(a + T, len(W)))), bits[a:a + T]):
             raise SystemExit(f"the read run's W rows {a}.. do not read back bit-exact")
 
@@ -312,8 +344,8 @@ def read_methods(run: Path, export_dir: Path, rounds: int, token_ms: list[float]
     W[:, 0]  # the warm-up read
     threads = blockread.default_threads()
     methods = {
-        LIMIT: (None, bare_decode, len(frames) * chunk_nbytes),
-        AA: (None, bare_decode, len(frames) * chunk_nbytes),
+        LIMIT: (None, bare_decode, w_bytes),  # the same frames as the scan: a ratio of times
+        AA: (None, bare_decode, w_bytes),
         f"scan, default threads ({threads})": (None, scan, w_bytes),
         "scan, 1 thread": (None, scan_1_thread, w_bytes),
         "verify_run": (None, verify, all_bytes),
@@ -322,7 +354,7 @@ def read_methods(run: Path, export_dir: Path, rounds: int, token_ms: list[float]
         "token trajectories": (None, tokens, per_round * rows * int(W.shape[2]) * 2),
     }
     facts = {"steps": rows, "time_chunk": T, "W_raw_MB": r(w_bytes / 1e6, 1), "all_fields_raw_MB": r(all_bytes / 1e6, 1),
-             "inner_chunks": len(frames), "limit_decoded_MB": r(len(frames) * chunk_nbytes / 1e6, 1),
+             "inner_chunks": len(frames), "limit_decoded_MB_incl_last_block_padding": r(len(frames) * chunk_nbytes / 1e6, 1),
              "reader_default_threads": threads, "masked_rows": int(mask.sum()), "tokens_per_round": per_round,
              "W_on_disk_MB": r(dir_bytes(run / STORE_NAME / "W") / 1e6, 1),
              "run_on_disk_MB": r(t.bytes_on_disk() / 1e6, 1)}
@@ -335,7 +367,9 @@ def bench_reads(run: Path, export_dir: Path, rounds: int) -> dict:
     wall, cpu = timed_rounds(methods, rounds)
     table = summarize(wall, cpu)
     for k, s in table.items():
-        print(f"  reads {k:34s} {spread(s)} x{s['ratio_to_limit']:.2f} of the limit", flush=True)
+        if k != "token trajectories":  # (its number is the ms per token, below)
+            print(f"  reads {k:34s} {spread(s)} x{s['ratio_to_limit']:.2f} of the limit", flush=True)
+    print(f"  reads one token's trajectory: median {median(token_ms):.1f} ms of {len(token_ms)}", flush=True)
     return {**facts, "rounds": rounds, "MBps": table, "token_ms": [r(x, 2) for x in token_ms]}
 
 
@@ -355,12 +389,16 @@ def report_writer(res: Result, small: dict, gpt2: dict) -> None:
                         f"zstd-3 x1 ({tab[LIMIT]['median']:.0f} MB/s); A/A control {tab[AA]['ratio_to_limit']:.2f}x; "
                         f"the producer shares the {res.data['machine'].get('nproc')} cores")
     drifts = rss_drift(small) + rss_drift(gpt2)
-    worst = max(drifts, key=lambda d: abs(d[1]))
+    worst = max(drifts, key=lambda d: abs(d[1])) if drifts else ("none", float("nan"))
     queued = max(s.get("max_steps_queued", 0) for w in (small, gpt2) for s in w["MBps"].values())
-    res.target("S1e", f"writer RSS flat: after the last quarter of the steps minus after the second <= {RSS_DRIFT_MB} MB "
-               "(worst writer run)", r(worst[1], 1), abs(worst[1]) <= RSS_DRIFT_MB, unit=" MB",
-               note=f"worst: {worst[0]}; {len(drifts)} runs; "
-                    f"most steps ever queued for the writer {queued} (3 staging slots: the queue is bounded by them)")
+    x1 = "writer x1, durability none"
+    quarters = {w["name"]: w["MBps"][x1]["rss_mb_after_each_quarter_per_run"][-1] for w in (small, gpt2)}
+    res.target("S1e", f"writer RSS flat: peak while the last block is recorded minus while the second is <= "
+               f"{RSS_DRIFT_MB} MB (worst writer run of >= 3 blocks)", r(worst[1], 1) if drifts else "n/a",
+               abs(worst[1]) <= RSS_DRIFT_MB if drifts else None,
+               unit=" MB", note=f"worst: {worst[0]}; {len(drifts)} runs; RSS after each quarter of the steps, last "
+                                f"x1 run: {quarters} MB; most steps ever queued for the writer {queued} ({SLOTS} "
+                                "staging slots bound the queue)")
     fs = "writer x1, durability fsync"
     if fs in small["MBps"]:
         tab = small["MBps"]
@@ -409,33 +447,38 @@ def report_reads(res: Result, rd: dict) -> None:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=None, help="writer rounds [5; --quick 2]")
-    p.add_argument("--read-rounds", type=int, default=None, help="read rounds [5; --quick 2]")
+    p.add_argument("--read-rounds", type=int, default=None, help="read rounds [3; --quick 2]")
     args = p.parse_args()
     quick = args.quick
     rounds = args.rounds or (2 if quick else 5)
-    read_rounds = args.read_rounds or (2 if quick else 5)
-    read_steps = 200 if quick else 1200
-    small_blocks, gpt2_blocks = (2, 1) if quick else (3, 3)
+    read_rounds = args.read_rounds or (2 if quick else 3)  # (5 would take the full mode past 8 min)
+    read_steps = 136 if quick else 1200  # quick: 2 whole blocks and a partial one
+    small_blocks, gpt2_blocks = (3, 1) if quick else (3, 3)
     res = Result("speed", quick)
     if quick:
         res.smoke_note = (f"not judged: --quick ({read_steps}-step read run, {small_blocks} Crucible / {gpt2_blocks} "
                           f"GPT-2 blocks a writer run, {rounds} rounds)")
     res.details["note"] = __doc__.split("\n\n")[0] + " MB = 1e6 bytes, raw."
+    phases = res.details["phase_s"] = {}
     with scratch_dir("speed") as d:
-        bits = trajectory(*SMALL, read_steps)
-        res.details["read_run"] = write_read_run(d / "run", bits)
-        check_and_warm(d / "run", bits)
-        first_block = bits[:64].copy()
-        del bits
+        with phase(phases, "read run: trajectory, write, check"):
+            bits = trajectory(*SMALL, read_steps)
+            res.details["read_run"] = write_read_run(d / "run", bits)
+            check_and_warm(d / "run", bits)
+            first_block = bits[:64].copy()
+            del bits
         print(f"read run: {res.details['read_run']}", flush=True)
-        res.details["writer_crucible"] = bench_writer(
-            "crucible", SMALL, cr.Layout(time_chunk=64, row_chunk=ROW_CHUNK), small_blocks, rounds, d,
-            [(1, "none"), (2, "none"), (1, "fsync")],
-            lambda T: first_block[:T] if T <= len(first_block) else trajectory(*SMALL, T))
-        res.details["writer_gpt2"] = bench_writer(
-            "gpt2", GPT2, cr.Layout(time_chunk=None), gpt2_blocks, rounds, d, [(1, "none"), (2, "none")],
-            lambda T: trajectory(*GPT2, T))
-        res.details["reads"] = bench_reads(d / "run", d / "export", read_rounds)
+        with phase(phases, "writer, Crucible size"):
+            res.details["writer_crucible"] = bench_writer(
+                "crucible", SMALL, cr.Layout(time_chunk=64, row_chunk=ROW_CHUNK), small_blocks, rounds, d,
+                [(1, "none"), (2, "none")] + ([] if quick else [(1, "fsync")]),
+                lambda T: first_block[:T] if T <= len(first_block) else trajectory(*SMALL, T))
+        with phase(phases, "writer, GPT-2 size"):
+            res.details["writer_gpt2"] = bench_writer(
+                "gpt2", GPT2, cr.Layout(time_chunk=None), gpt2_blocks, rounds, d, [(1, "none"), (2, "none")],
+                lambda T: trajectory(*GPT2, T))
+        with phase(phases, "reads"):
+            res.details["reads"] = bench_reads(d / "run", d / "export", read_rounds)
     report_writer(res, res.details["writer_crucible"], res.details["writer_gpt2"])
     report_reads(res, res.details["reads"])
     res.save()

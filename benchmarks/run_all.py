@@ -1,8 +1,8 @@
 """Run every benchmark, one after another, then regenerate benchmarks/README.md.
 
-    python benchmarks/run_all.py            # full mode (< 15 min on 2 cores)
-    python benchmarks/run_all.py --quick    # small sizes (~2-3 min)
-    python benchmarks/run_all.py --only reads,export
+    python benchmarks/run_all.py            # full mode
+    python benchmarks/run_all.py --quick    # small sizes
+    python benchmarks/run_all.py --only speed,overhead
 
 Each benchmark runs in its own process (so RSS and zarr's once-per-process settings start clean)
 and writes benchmarks/results/<name>.json (results/quick/<name>.json with --quick), each with the
@@ -26,13 +26,15 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "overhead": ("bench_overhead.py", []),
     "overhead_cuda": ("bench_overhead.py", ["--device", "cuda"]),
+    "speed": ("bench_speed.py", []),
+    "codec_path": ("bench_codec_path.py", []),
     "memory": ("bench_memory.py", []),
-    "writer": ("bench_writer.py", []),
-    "export": ("bench_export.py", []),
-    "reads": ("bench_reads.py", []),
     "compression": ("bench_compression.py", []),
     "durability": ("bench_durability.py", []),
     "analysis_memory": ("analysis_memory.py", []),
+    "dask_analysis": ("bench_dask_analysis.py", []),
+    "multirank": ("bench_multirank.py", []),
+    "s3": ("bench_s3.py", []),
 }
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 
@@ -263,3 +264,20 @@ def test_after_commit_error_is_raised_with_its_cause(tmp_path):
         rec.close()
     assert isinstance(info.value.__cause__, ValueError)
     assert_run_holds(tmp_path / "run", 1)  # the step it waited for was committed first
+
+
+def test_a_partial_block_after_a_full_one_is_padded_with_fill_not_old_rows(tmp_path):
+    """The block buffer is reused without a refill; the rows after the last one of a sized run's
+    partial block must still be written as the fill value, never as the previous block's rows."""
+    import zarr
+
+    from crucible_record.format import fill_value
+
+    path = tmp_path / "run"
+    with new_run(path, steps=12) as rec:  # blocks of 4 steps
+        for step in range(6):  # block 0 full, block 1 holds steps 4-5 when the run is closed
+            rec.record(step, **fake_step(step))
+    assert_run_holds(path, 6)
+    raw = zarr.open_array(path / "trajectory.zarr", path="W", mode="r")[6:8]
+    assert raw.shape == (2, V, H)
+    assert (raw == np.asarray(fill_value(torch.bfloat16), dtype=raw.dtype)).all()

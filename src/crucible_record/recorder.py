@@ -141,7 +141,7 @@ def default_writer_threads(on_gpu: bool, processes: int = 1) -> int:
     """Writer threads when none are asked for. On the CPU, torch's intra-op threads already use every
     core: one writer thread, which compresses a block in the gaps (benchmarks/bench_overhead.py
     measures what it costs). On a GPU the host cores only launch kernels: all but the training
-    thread's one compress (benchmarks/bench_writer.py measures the scaling). `processes`: recording
+    thread's one compress (benchmarks/bench_speed.py measures the scaling). `processes`: recording
     processes sharing this machine's cores (one per GPU under torchrun)."""
     return max(1, default_threads() // max(1, processes) - 1) if on_gpu else 1
 
@@ -223,14 +223,15 @@ class _Block:
             self.array.resize((stop,) + tuple(self.array.shape[1:]))
             keys.append(f"{self.key}/zarr.json")
         end = min(self.start + self.rows, self.array.shape[0]) if self.sized else stop
+        if end > stop:  # a sized array's partial block: fill after the last row, never an old block's rows
+            self.buf[stop - self.start: end - self.start] = self.fill
         block = self.buf[: end - self.start]
         for key, data in encode_block(self.array, self.start // self.rows, block, self.shard, threads).items():
             self.store.set(key, data)
             keys.append(key)
         self.dirty = False
-        if self.full:
+        if self.full:  # the next block's rows overwrite this one's (no refill: a 231 MB memset at GPT-2 size)
             self.start, self.filled = stop, 0
-            self.buf[...] = self.fill
         return keys
 
 
