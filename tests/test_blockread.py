@@ -123,3 +123,22 @@ def test_split_blocks_fall_back(tmp_path):
     array = zarr.create_array(tmp_path / "a.zarr", shape=(8, 10, 3), chunks=(4, 5, 3), shards=(4, 5, 3),
                               dtype="uint16")
     assert blockread.block_layout(array) == (None, "a time block is split over several files (a field split among ranks)")
+
+
+def test_write_fallback_to_zarr_says_so(tmp_path, caplog):
+    """encode_block on a layout shardio does not reproduce: zarr's pipeline writes the block (the
+    same bytes zarr writes itself), and the reason is logged once."""
+    from zarr.codecs import GzipCodec
+
+    from crucible_record.format import encode_block
+
+    array = zarr.create_array(tmp_path / "a.zarr", name="a", shape=(8, 5), chunks=(4, 5), dtype="float32",
+                              compressors=[GzipCodec()], fill_value=0.0)
+    values = np.arange(20, dtype="float32").reshape(4, 5)
+    with caplog.at_level(logging.INFO, logger="crucible_record"):
+        first = encode_block(array, 1, values)
+        second = encode_block(array, 1, values)
+    array[4:8] = values
+    assert first == second == {"a/c/1/0": (tmp_path / "a.zarr" / "a" / "c" / "1" / "0").read_bytes()}
+    said = [r.getMessage() for r in caplog.records if "written through zarr-python" in r.getMessage()]
+    assert len(said) == 1 and "gzip" in said[0]

@@ -9,9 +9,10 @@ through here. A read that touches a few inner chunks of each shard (one token's 
 with zarr, which fetches only those chunks.
 
 Where shardio cannot match an array's layout (a field split among ranks keeps several files per
-block; an unknown codec), the reason is logged once per array at INFO on the
-``crucible_record`` logger and the caller reads through zarr: same values, zarr's speed. A shard
-that *can* be decoded but is damaged is never handed to zarr instead: it is a CrucibleError.
+block; an unknown codec), the reason is logged once per array at INFO on the ``crucible_record``
+logger (format.encode_block does the same for writes) and the caller reads through zarr: same
+values, zarr's speed. A shard that *can* be decoded but is damaged is never handed to zarr
+instead: it is a CrucibleError.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .shardio import ShardError, ShardLayout, decode_shard_with, default_threads
 
 log = logging.getLogger("crucible_record")
 
+
 class DamagedBlock(CrucibleError):
     """A shard file that is absent or fails to decode; `detail` says how, without the rows."""
 
@@ -33,7 +35,7 @@ class DamagedBlock(CrucibleError):
         self.detail = detail
 
 
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 
 def block_layout(array) -> tuple[ShardLayout | None, str]:
@@ -49,11 +51,17 @@ def block_layout(array) -> tuple[ShardLayout | None, str]:
         return None, str(e)
 
 
+def log_fallback(path: str, what: str, why: str) -> None:
+    """Say once per array and reason that its blocks take zarr-python's path instead of shardio's."""
+    if (path, what, why) not in _logged:
+        _logged.add((path, what, why))
+        log.info("%s: whole blocks are %s through zarr-python, not shardio: %s", path, what, why)
+
+
 def _layout_or_log(array) -> ShardLayout | None:
     layout, why = block_layout(array)
-    if layout is None and (array.path, why) not in _logged:
-        _logged.add((array.path, why))
-        log.info("%s: whole blocks are read through zarr-python, not shardio: %s", array.path, why)
+    if layout is None:
+        log_fallback(array.path, "read", why)
     return layout
 
 
@@ -98,12 +106,12 @@ def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray
     coords = (block,) + (0,) * (array.ndim - 1)
     key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
     first = block * layout.shard_shape[0]
-    where = f"{name} rows {first}-{first + len(out) - 1}"
+    rows = f"{first}-{first + len(out) - 1}"
     data = store.get_buffer(key)
     if data is None:
-        raise DamagedBlock(f"{name} is damaged: the chunk holding rows {first}-{first + len(out) - 1} "
-                           f"is missing (run `crucible-record verify`)", "chunk file missing")
+        raise DamagedBlock(f"{name} is damaged: the chunk holding rows {rows} is missing "
+                           f"(run `crucible-record verify`)", "chunk file missing")
     try:
         decode_shard_with(layout, data, out, threads)
     except ShardError as e:
-        raise DamagedBlock(f"cannot read {where}: {e}", f"ShardError: {e}") from None
+        raise DamagedBlock(f"cannot read {name} rows {rows}: {e}", f"ShardError: {e}") from None

@@ -15,6 +15,7 @@ import os
 import struct
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +58,23 @@ def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "wb") as f:
+        # One thread writes a block while this one decodes the next: the file's writes (page cache
+        # copies, throttled to the disk's speed) overlap the decoding instead of following it. At
+        # most one block is being written at a time, so memory stays two blocks.
+        with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
             f.write(header)
+            pending = None
             for name in order:
                 written = 0
                 for chunk in tensors[name][3]():
-                    f.write(chunk)
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(f.write, chunk)
                     written += memoryview(chunk).nbytes
                 if written != tensors[name][2]:
                     raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
+            if pending is not None:
+                pending.result()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

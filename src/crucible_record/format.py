@@ -393,17 +393,22 @@ def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, thread
     import zarr
     from zarr.core.buffer import default_buffer_prototype
 
+    from .blockread import log_fallback
+
     single = array.ndim == 1 or all(u >= s for s, u in zip(array.shape[2:], (array.shards or array.chunks)[2:]))
     if single:
         from .shardio import encode_shard
 
         try:
             data = encode_shard(array, rows, threads)
-        except NotImplementedError:  # a layout shardio does not reproduce: zarr's pipeline below
+        except NotImplementedError as e:  # a layout shardio does not reproduce: zarr's pipeline below
+            log_fallback(array.path, "written", str(e))
             data = None
         if data is not None:
             coords = (block,) if array.ndim == 1 else (block, row_shard) + (0,) * (array.ndim - 2)
             return {f"{array.path}/{array.metadata.encode_chunk_key(coords)}": data}
+    else:
+        log_fallback(array.path, "written", "a time block is split over several files (a field split among ranks)")
     meta = json.loads(array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
     meta["shape"] = list(rows.shape)
     scratch = zarr.storage.MemoryStore()

@@ -25,7 +25,8 @@ from .errors import CrucibleError, RecorderError
 from .fields import Field, Shard, as_shard_tensor, as_tensor, check_fields
 from .format import (COMMIT_KEY, Partition, check_run_arguments, create_run, open_group, rank_key, read_commit,
                      read_partition, tile, write_commit)
-from .recorder import Recorder, _Block, default_writer_threads, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot
+from .recorder import (Recorder, _Block, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot,
+                       default_writer_threads)
 from .storage import RunStore, open_store
 
 _RANK_POLL_S = 0.1  # how often a closing rank reads the others' progress
