@@ -6,7 +6,11 @@ fresh buffer, transposes it and copies it into the output (0.38x of the bare dec
 Crucible-size block, 0.22x at GPT-2 size: benchmarks/bench_codec_path.py). Reads that take whole
 blocks of steps (a scan, export, verify, a dask task) are the ones that need the speed; they go
 through here. A read that touches a few inner chunks of each shard (one token's trajectory) stays
-with zarr, which fetches only those chunks.
+with zarr, which fetches only those chunks, or, for one row of the second axis (one token's
+trajectory: ``W[:, tok]``), goes through read_one_row: per block, the shard's index and the one
+inner chunk holding that row, fetched as byte ranges for every block at once (two rounds of
+concurrent reads) and decoded by shardio (zarr spends ~2 ms a shard on its own bookkeeping
+there: benchmarks/bench_token_layout.py).
 
 Where shardio cannot match an array's layout (a field split among ranks keeps several files per
 block; an unknown codec), the reason is logged once per array at INFO on the ``crucible_record``
@@ -17,12 +21,14 @@ instead: it is a CrucibleError.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import numpy as np
 
 from .errors import CrucibleError
-from .shardio import ShardError, ShardLayout, decode_shard_with, default_threads, shard_layout
+from .shardio import MAX_U64, ShardError, ShardLayout, _crc32c, _decode_chunk, decode_shard_with, default_threads, \
+    shard_layout
 
 log = logging.getLogger("crucible_record")
 
@@ -115,3 +121,79 @@ def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray
         decode_shard_with(layout, data, out, threads)
     except ShardError as e:
         raise DamagedBlock(f"cannot read {name} rows {rows}: {e}", f"ShardError: {e}") from None
+
+
+def wants_one_row(selection: tuple, shape) -> bool:
+    """A step-1 slice of steps, one index on the second axis, the other axes whole: ``W[a:b, tok]``."""
+    rows = selection[0]
+    if len(selection) < 2 or not isinstance(rows, slice) or rows.step != 1 or rows.stop <= rows.start:
+        return False
+    whole = [isinstance(k, slice) and (k.start, k.stop, k.step) == (0, n, 1) for k, n in zip(selection[2:], shape[2:])]
+    return isinstance(selection[1], int) and all(whole)
+
+
+def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None:
+    """``array[rows, k]`` (see wants_one_row) read inner chunk by inner chunk, or None where the
+    layout is not one inner chunk per block along every axis but the second (zarr reads it then)."""
+    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    layout = _layout_or_log(array)
+    if layout is None or not layout.sharded or any(g != 1 for i, g in enumerate(layout.grid) if i != 1):
+        return None
+    rows, k = selection[0], selection[1]
+    unit, per_chunk = layout.shard_shape[0], layout.chunk_shape[1]
+    coords = (0, k // per_chunk) + (0,) * (array.ndim - 2)
+    blocks = list(range(rows.start // unit, (rows.stop - 1) // unit + 1))
+    keys = [f"{array.path}/{array.metadata.encode_chunk_key((b,) + (0,) * (array.ndim - 1))}" for b in blocks]
+    prototype = default_buffer_prototype()
+
+    async def fetch(requests):
+        return await asyncio.gather(*(store.store.get(key, prototype, byte_range=req) for key, req in requests))
+
+    n = layout.index_nbytes
+    where = RangeByteRequest(0, n) if layout.index_at_start else SuffixByteRequest(n)
+    indexes = sync(fetch([(key, where) for key in keys]))
+    spans = []
+    for block, buf in zip(blocks, indexes):
+        first = block * unit
+        if buf is None:
+            raise DamagedBlock(f"{name} is damaged: the chunk holding rows {first}-{first + unit - 1} is missing "
+                               f"(run `crucible-record verify`)", "chunk file missing")
+        spans.append(_index_entry(layout, buf.as_numpy_array(), coords, f"{name} rows {first}-{first + unit - 1}"))
+    wanted = [(key, RangeByteRequest(span[0], span[0] + span[1])) for key, span in zip(keys, spans) if span]
+    payloads = iter(sync(fetch(wanted)))
+    out = np.empty((rows.stop - rows.start,) + tuple(array.shape[2:]), dtype=layout.dtype)
+    for block, span in zip(blocks, spans):
+        first = block * unit
+        lo, hi = max(first, rows.start), min(first + unit, rows.stop)
+        dest = out[lo - rows.start:hi - rows.start]
+        if span is None:  # an inner chunk left out of the index reads as the fill value, as in zarr
+            dest[...] = layout.fill
+            continue
+        payload = next(payloads)
+        try:
+            if payload is None or len(payload) != span[1]:
+                raise ShardError(f"inner chunk {coords} is truncated")
+            stored = _decode_chunk(payload.as_numpy_array(), layout, coords)
+        except ShardError as e:
+            raise DamagedBlock(f"cannot read {name} rows {first}-{first + unit - 1}: {e}", f"ShardError: {e}") from None
+        chunk = stored.transpose(layout.inverse) if layout.perm else stored  # back to the array's axis order
+        dest[...] = chunk[lo - first:hi - first, k % per_chunk]
+    return out
+
+
+def _index_entry(layout: ShardLayout, raw: np.ndarray, coords: tuple, where: str) -> tuple[int, int] | None:
+    """(offset, nbytes) of one inner chunk from a shard's index bytes; None if it is not stored."""
+    try:
+        if len(raw) != layout.index_nbytes:
+            raise ShardError(f"shard index of {len(raw)} bytes, not {layout.index_nbytes}")
+        if layout.index_crc:
+            if _crc32c(raw[:-4]) != raw[-4:].tobytes():
+                raise ShardError("shard index checksum mismatch")
+            raw = raw[:-4]
+    except ShardError as e:
+        raise DamagedBlock(f"cannot read {where}: {e}", f"ShardError: {e}") from None
+    offset, nbytes = (int(x) for x in raw.view("<u8").reshape(layout.grid + (2,))[coords])
+    return None if offset == int(MAX_U64) and nbytes == int(MAX_U64) else (offset, nbytes)

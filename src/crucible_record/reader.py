@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blockread import read_blocks, wants_whole_blocks
+from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks
 from .errors import CrucibleError
 from .fields import Field
 from .format import missing_blocks, open_group, read_commit
@@ -63,6 +63,10 @@ class LazyField:
         selection, advanced = normalize_key(key, self.shape)
         if wants_whole_blocks(selection, self.shape):
             data = read_blocks(self._store, self._array, selection, self.name)
+            if data is not None:
+                return data
+        elif wants_one_row(selection, self.shape):
+            data = read_one_row(self._store, self._array, selection, self.name)
             if data is not None:
                 return data
         self.check_present(_rows(selection[0]))
