@@ -431,7 +431,7 @@ def report_reads(res: Result, rd: dict) -> None:
     res.target("S2e", f"one token's whole trajectory t['W'][:, tok] ({rd['steps']} steps), warm: <= 10 ms", r(ms, 2),
                ms <= 10, unit=" ms",
                note=f"median of {len(rd['token_ms'])} random tokens (min {min(rd['token_ms']):.1f}, max "
-                    f"{max(rd['token_ms']):.1f} ms) after one warm-up read; read through zarr (a few inner chunks a shard)")
+                    f"{max(rd['token_ms']):.1f} ms) after one warm-up read; read inner chunk by inner chunk (blockread.read_one_row)")
     cen = r(tab["centroid scan"]["median"] / tab[scan]["median"])
     res.target("S2f", "dead-token centroid scan t['W'][a:b][:, mask].float().mean(1): at scan speed (>= 0.8x the "
                "default-thread full scan)", cen, cen >= 0.8, unit="x",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["overhead", "speed", "codec_path", "compression", "memory", "durability", "analysis_memory", "dask_analysis",
+ORDER = ["overhead", "speed", "token_layout", "codec_path", "compression", "memory", "durability", "analysis_memory", "dask_analysis",
          "multirank", "s3", "overhead_cuda"]
 
 HEADER = """# crucible-record benchmarks
@@ -30,6 +30,7 @@ bash benchmarks/gpu_check.sh            # on a GPU machine: the CUDA tests and t
 | --- | --- |
 | `bench_overhead.py` | what recording costs a training run on the CPU, end to end: whole runs spanning >= 2 blocks, recorded vs unrecorded, a fresh process each, interleaved rounds, medians, A/A control (`--details`: step-by-step lockstep and writer contention; `--device cuda`: the GPU) |
 | `bench_speed.py` | the writer through the real `Recorder` (Crucible-size and GPT-2-size embeddings, 1 and 2 writer threads) and the reads (full scan, verify, export, one token's trajectory, dead-token centroids) of a 1,200-step run, each against one core of the bare zstd codec on the same bytes, in the same run |
+| `bench_token_layout.py` | one token's whole trajectory vs the inner chunk's row count (100, 25, 10): ms, the bare decode of the same inner chunks, full-scan rate, compression |
 | `bench_codec_path.py` | one whole block: zarr-python's write/read path vs `shardio` vs the bare codec, per thread count; the staging transposes; which C calls release the GIL |
 | `bench_compression.py` | W of the recorded run re-written with each codec preset and time chunk: ratio, write/read MB/s, bit-exact read-back; TensorStore opens a default-preset store |
 | `bench_memory.py` | peak RSS (the child's VmHWM) of `crucible-record train` and `export` for 10x more steps |
@@ -40,13 +41,14 @@ bash benchmarks/gpu_check.sh            # on a GPU machine: the CUDA tests and t
 | `bench_s3.py` | recording to and scanning from S3 (a local moto server) vs the local disk |
 | `gpu_check.sh` | the CUDA tests and GPU benchmarks, for a GPU machine (none was available so far) |
 
-Inputs: the run being recorded at `/work/runs/default500` (default data and config; override with
-`--run` or `$CRUCIBLE_BENCH_RUN`); scratch stores go to `$CRUCIBLE_BENCH_TMP` (default `/tmp`) and
-are deleted. The TensorStore check imports `tensorstore` if installed, else from
-`$CRUCIBLE_BENCH_EXTRA_PATH` (default `/tmp/benchtools`, e.g. `pip install --target /tmp/benchtools
-tensorstore`), appended to `sys.path` so it cannot shadow the project's packages; without it the
-row says skipped. On this 2-core machine other jobs were running; every ratio is measured side by
-side in one process (interleaved) and each result records the load average at its start and end.
+Inputs: `bench_compression.py`, `analysis_memory.py` and `bench_overhead.py --details` read a
+recorded Crucible-3 run at `/work/runs/default500` (default data and config; override with `--run`
+or `$CRUCIBLE_BENCH_RUN`); the others make their own data (`bench_speed.py` and
+`bench_token_layout.py`: a realistic bf16 trajectory from `bench_codec_path.trajectory`). Scratch
+stores go to `$CRUCIBLE_BENCH_TMP` (default `/tmp`) and are deleted. Every ratio is measured side
+by side in one process or in interleaved rounds, against the bare codec or an unrecorded run
+measured in the same run, with an A/A control; each result records its commit and the load
+average at its start and end.
 """
 
 
@@ -98,22 +100,24 @@ def main() -> None:
             procs = "; ".join(re.sub(r"/\S*/bin/", "", p.split(": ", 1)[-1])[:90] + " (" + p.split(" cpu ")[1].split("%")[0]
                               + "% CPU, nice " + p.split(" nice ")[1].split(" ")[0] + ")"
                               for p in d.get("load", {}).get("busy_processes_start", []))
-            load = d.get("load", {"start": d.get("load_start"), "end": d.get("load_end")})
-            out.append(f"- {name}{tag}: {load.get('start')} -> {load.get('end')}, {d.get('seconds')} s, "
-                       f"{d['date']}; busy at start: {esc(procs) or 'none'}")
+            load_avg = d.get("load", {"start": d.get("load_start"), "end": d.get("load_end")})
+            out.append(f"- {name}{tag}: {load_avg.get('start')} -> {load_avg.get('end')}, {d.get('seconds')} s, "
+                       f"{d.get('date', '')}; busy at start: {esc(procs) or 'none'}")
         out.append("")
 
     out.append("## Results\n")
-    out.append("| # | target | measured | met? | notes |")
-    out.append("| --- | --- | --- | --- | --- |")
+    out.append("| # | target | measured | met? | commit | notes |")
+    out.append("| --- | --- | --- | --- | --- | --- |")
     for name in ORDER:
         d, tag = results[name]
         if not d:
-            out.append(f"| — | {name} | not run yet | | |")
+            out.append(f"| — | {name} | not run yet | | | |")
             continue
         for t in d.get("targets", []):
             met = {True: "**yes**", False: "**no**", None: "—"}[t["met"]]
-            out.append(f"| {t['id']} | {esc(t['target'])}{tag} | {esc(fmt(t['measured']))}{esc(t.get('unit', ''))} | {met} | {esc(t.get('note', ''))} |")
+            commit = (d.get("commit") or "?")[:7]
+            out.append(f"| {t['id']} | {esc(t['target'])}{tag} | {esc(fmt(t['measured']))}{esc(t.get('unit', ''))} | {met} "
+                       f"| `{commit}` | {esc(t.get('note', ''))} |")
     out.append("")
 
     out.append("Each benchmark's full details (every round, every variant) are in `results/<name>.json`, "

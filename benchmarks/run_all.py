@@ -27,6 +27,7 @@ BENCHMARKS = {
     "overhead": ("bench_overhead.py", []),
     "overhead_cuda": ("bench_overhead.py", ["--device", "cuda"]),
     "speed": ("bench_speed.py", []),
+    "token_layout": ("bench_token_layout.py", []),
     "codec_path": ("bench_codec_path.py", []),
     "memory": ("bench_memory.py", []),
     "compression": ("bench_compression.py", []),
