@@ -25,11 +25,17 @@ from .test_cli import tiny_flags
 STEPS = 40
 
 
+# The command as a terminal runs it: Ctrl-C raises KeyboardInterrupt. (A test run started in the
+# background by a shell without job control has SIGINT ignored, and Python then keeps it ignored in
+# its children: `python -m crucible_record` would not see the signal at all.)
+CLI_WITH_SIGINT = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "from crucible_record.cli import main; main()")
+
+
 def train_cmd(corpus, out, *extra):
     flags = tiny_flags(corpus)
     flags[flags.index("--steps") + 1] = str(STEPS)
-    return [sys.executable, "-m", "crucible_record", "train", *flags, "--out", str(out),
-            "--time-chunk", "4", *extra]
+    return [sys.executable, "-c", CLI_WITH_SIGINT, "train", *flags, "--out", str(out), "--time-chunk", "4", *extra]
 
 
 def committed(run_dir) -> int:
