@@ -27,8 +27,8 @@ import logging
 import numpy as np
 
 from .errors import CrucibleError
-from .shardio import MAX_U64, ShardError, ShardLayout, _crc32c, _decode_chunk, decode_shard_with, default_threads, \
-    shard_layout
+from .shardio import (MAX_U64, ShardError, ShardLayout, _decode_chunk, decode_shard_with, default_threads, parse_index,
+                      shard_layout)
 
 log = logging.getLogger("crucible_record")
 
@@ -71,15 +71,27 @@ def _layout_or_log(array) -> ShardLayout | None:
     return layout
 
 
+def whole_rows(array, start: int, stop: int) -> tuple:
+    """The normalized selection of rows [start, stop) with every other axis whole."""
+    return (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
+
+
+def _is_step_range(key) -> bool:
+    return isinstance(key, slice) and key.step == 1 and key.stop > key.start
+
+
+def _is_whole(key, size: int) -> bool:
+    return isinstance(key, slice) and (key.start, key.stop, key.step) == (0, size, 1)
+
+
 def wants_whole_blocks(selection: tuple, shape) -> bool:
     """A normalized selection that reads every inner chunk of the blocks it touches: a step-1 slice
     of rows, and on every other axis the whole axis or one list/mask (its values: numpy arrays)."""
-    rows, rest = selection[0], selection[1:]
-    if not isinstance(rows, slice) or rows.step != 1 or rows.stop <= rows.start:
+    rest = selection[1:]
+    if not _is_step_range(selection[0]):
         return False
-    whole = [isinstance(k, slice) and (k.start, k.stop, k.step) == (0, n, 1) for k, n in zip(rest, shape[1:])]
     lists = [isinstance(k, np.ndarray) for k in rest]
-    return all(w or li for w, li in zip(whole, lists)) and sum(lists) <= 1
+    return all(_is_whole(k, n) or li for k, n, li in zip(rest, shape[1:], lists)) and sum(lists) <= 1
 
 
 def read_blocks(store, array, selection: tuple, name: str, threads: int | None = None) -> np.ndarray | None:
@@ -108,28 +120,37 @@ def read_blocks(store, array, selection: tuple, name: str, threads: int | None =
     return out
 
 
+def _shard_key(array, block: int) -> str:
+    """The store key of the one shard file holding time block `block`."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
+
+
+def _missing(name: str, rows: str) -> DamagedBlock:
+    return DamagedBlock(f"{name} is damaged: the chunk holding rows {rows} is missing (run `crucible-record verify`)",
+                        "chunk file missing")
+
+
+def _undecodable(name: str, rows: str, error: ShardError) -> DamagedBlock:
+    return DamagedBlock(f"cannot read {name} rows {rows}: {error}", f"ShardError: {error}")
+
+
 def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray, name: str, threads: int) -> None:
-    coords = (block,) + (0,) * (array.ndim - 1)
-    key = f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
     first = block * layout.shard_shape[0]
     rows = f"{first}-{first + len(out) - 1}"
-    data = store.get_buffer(key)
+    data = store.get_buffer(_shard_key(array, block))
     if data is None:
-        raise DamagedBlock(f"{name} is damaged: the chunk holding rows {rows} is missing "
-                           f"(run `crucible-record verify`)", "chunk file missing")
+        raise _missing(name, rows)
     try:
         decode_shard_with(layout, data, out, threads)
     except ShardError as e:
-        raise DamagedBlock(f"cannot read {name} rows {rows}: {e}", f"ShardError: {e}") from None
+        raise _undecodable(name, rows, e) from None
 
 
 def wants_one_row(selection: tuple, shape) -> bool:
     """A step-1 slice of steps, one index on the second axis, the other axes whole: ``W[a:b, tok]``."""
-    rows = selection[0]
-    if len(selection) < 2 or not isinstance(rows, slice) or rows.step != 1 or rows.stop <= rows.start:
+    if len(selection) < 2 or not _is_step_range(selection[0]):
         return False
-    whole = [isinstance(k, slice) and (k.start, k.stop, k.step) == (0, n, 1) for k, n in zip(selection[2:], shape[2:])]
-    return isinstance(selection[1], int) and all(whole)
+    return isinstance(selection[1], int) and all(_is_whole(k, n) for k, n in zip(selection[2:], shape[2:]))
 
 
 def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None:
@@ -146,7 +167,7 @@ def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None
     unit, per_chunk = layout.shard_shape[0], layout.chunk_shape[1]
     coords = (0, k // per_chunk) + (0,) * (array.ndim - 2)
     blocks = list(range(rows.start // unit, (rows.stop - 1) // unit + 1))
-    keys = [f"{array.path}/{array.metadata.encode_chunk_key((b,) + (0,) * (array.ndim - 1))}" for b in blocks]
+    keys = [_shard_key(array, b) for b in blocks]
     prototype = default_buffer_prototype()
 
     async def fetch(requests):
@@ -157,11 +178,15 @@ def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None
     indexes = sync(fetch([(key, where) for key in keys]))
     spans = []
     for block, buf in zip(blocks, indexes):
-        first = block * unit
+        rows_of_block = f"{block * unit}-{block * unit + unit - 1}"
         if buf is None:
-            raise DamagedBlock(f"{name} is damaged: the chunk holding rows {first}-{first + unit - 1} is missing "
-                               f"(run `crucible-record verify`)", "chunk file missing")
-        spans.append(_index_entry(layout, buf.as_numpy_array(), coords, f"{name} rows {first}-{first + unit - 1}"))
+            raise _missing(name, rows_of_block)
+        try:
+            offset, nbytes = (int(x) for x in parse_index(layout, buf.as_numpy_array())[coords])
+        except ShardError as e:
+            raise _undecodable(name, rows_of_block, e) from None
+        absent = offset == int(MAX_U64) and nbytes == int(MAX_U64)  # a fill-valued inner chunk
+        spans.append(None if absent else (offset, nbytes))
     wanted = [(key, RangeByteRequest(span[0], span[0] + span[1])) for key, span in zip(keys, spans) if span]
     payloads = iter(sync(fetch(wanted)))
     out = np.empty((rows.stop - rows.start,) + tuple(array.shape[2:]), dtype=layout.dtype)
@@ -178,22 +203,8 @@ def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None
                 raise ShardError(f"inner chunk {coords} is truncated")
             stored = _decode_chunk(payload.as_numpy_array(), layout, coords)
         except ShardError as e:
-            raise DamagedBlock(f"cannot read {name} rows {first}-{first + unit - 1}: {e}", f"ShardError: {e}") from None
+            raise _undecodable(name, f"{first}-{first + unit - 1}", e) from None
         chunk = stored.transpose(layout.inverse) if layout.perm else stored  # back to the array's axis order
         dest[...] = chunk[lo - first:hi - first, k % per_chunk]
     return out
 
-
-def _index_entry(layout: ShardLayout, raw: np.ndarray, coords: tuple, where: str) -> tuple[int, int] | None:
-    """(offset, nbytes) of one inner chunk from a shard's index bytes; None if it is not stored."""
-    try:
-        if len(raw) != layout.index_nbytes:
-            raise ShardError(f"shard index of {len(raw)} bytes, not {layout.index_nbytes}")
-        if layout.index_crc:
-            if _crc32c(raw[:-4]) != raw[-4:].tobytes():
-                raise ShardError("shard index checksum mismatch")
-            raw = raw[:-4]
-    except ShardError as e:
-        raise DamagedBlock(f"cannot read {where}: {e}", f"ShardError: {e}") from None
-    offset, nbytes = (int(x) for x in raw.view("<u8").reshape(layout.grid + (2,))[coords])
-    return None if offset == int(MAX_U64) and nbytes == int(MAX_U64) else (offset, nbytes)

@@ -25,8 +25,7 @@ from .errors import CrucibleError, RecorderError
 from .fields import Field, Shard, as_shard_tensor, as_tensor, check_fields
 from .format import (COMMIT_KEY, Partition, check_run_arguments, create_run, open_group, rank_key, read_commit,
                      read_partition, tile, write_commit)
-from .recorder import (Recorder, _Block, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot,
-                       default_writer_threads)
+from .recorder import Recorder, _Block, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot
 from .storage import RunStore, open_store
 
 _RANK_POLL_S = 0.1  # how often a closing rank reads the others' progress
@@ -266,11 +265,8 @@ class RankRecorder(Recorder):
         slot = self._slots[index]
         devices = {slot.stage(name, tensor) for name, tensor in sources.items()}
         slot.mark(list(sources), devices - {None})
-        if self._on_gpu is None:  # read by the writer only after the queue hands it this step
-            self._on_gpu = bool(devices - {None})
-            if self.writer_threads is None:  # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
-                local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu, processes=local)
+        # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
+        self._note_device(devices, processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
         agreed, commit = self._commit_points(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1

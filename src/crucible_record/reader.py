@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks
+from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
 from .errors import CrucibleError
 from .fields import Field
 from .format import missing_blocks, open_group, read_commit
@@ -177,8 +177,7 @@ def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
     store = open_store(location)
     array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
     if stop > start:
-        selection = (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
-        data = read_blocks(store, array, selection, name)
+        data = read_blocks(store, array, whole_rows(array, start, stop), name)
         if data is not None:
             return data
     missing = missing_blocks(store, array, name, range(start, stop))

@@ -313,14 +313,20 @@ class Recorder:
             source = tensor if self.fields[name].row_indices is None else tensor.index_select(0, self._rows(name, tensor.device))
             devices.add(slot.stage(name, source))
         slot.mark(due, devices - {None})
-        if self._on_gpu is None:  # read by the writer only after the queue hands it this step
-            self._on_gpu = bool(devices - {None})
-            if self.writer_threads is None:
-                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu)
+        self._note_device(devices)
         commit = self._is_commit_point(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1
         return commit
+
+    def _note_device(self, devices: set, processes: int = 1) -> None:
+        """At the first step: whether the tensors are on a GPU, and so the writer's default threads
+        (`processes`: recording processes sharing this machine's cores). The writer reads both only
+        after the queue hands it that step."""
+        if self._on_gpu is None:
+            self._on_gpu = bool(devices - {None})
+            if self.writer_threads is None:
+                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu, processes=processes)
 
     def after_commit(self, step: int, fn: Callable[[], Any]) -> None:
         """Run `fn()` on the writer thread once `step` is committed (e.g. save a checkpoint)."""

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "encode_shard_with", "decode_shard_with",
-           "shard_layout", "default_threads"]
+           "shard_layout", "default_threads", "parse_index"]
 
 MAX_U64 = np.uint64(2**64 - 1)
 _TORCH_MIN = 60 * 60  # torch's blocked transpose copy needs at least this many elements
@@ -570,16 +570,23 @@ def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int =
     return out
 
 
-def _read_index(layout: ShardLayout, buf: np.ndarray) -> dict:
-    n = layout.index_nbytes
-    if len(buf) < n:
-        raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
-    raw = buf[:n] if layout.index_at_start else buf[len(buf) - n:]
+def parse_index(layout: ShardLayout, raw: np.ndarray) -> np.ndarray:
+    """A shard index's bytes (checksum verified) -> its (offset, nbytes) ``<u8`` pairs, shaped
+    ``grid + (2,)``; absent inner chunks hold MAX_U64 twice."""
+    if len(raw) != layout.index_nbytes:
+        raise ShardError(f"shard index of {len(raw)} bytes, not {layout.index_nbytes}")
     if layout.index_crc:
         if _crc32c(raw[:-4]) != raw[-4:].tobytes():
             raise ShardError("shard index checksum mismatch")
         raw = raw[:-4]
-    index = raw.view("<u8").reshape(layout.grid + (2,))
+    return raw.view("<u8").reshape(layout.grid + (2,))
+
+
+def _read_index(layout: ShardLayout, buf: np.ndarray) -> dict:
+    n = layout.index_nbytes
+    if len(buf) < n:
+        raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
+    index = parse_index(layout, buf[:n] if layout.index_at_start else buf[len(buf) - n:])
     lo, hi = (n, len(buf)) if layout.index_at_start else (0, len(buf) - n)
     spans = {}
     for coords in np.ndindex(*layout.grid):

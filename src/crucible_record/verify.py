@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blockread import DamagedBlock, read_blocks
+from .blockread import DamagedBlock, read_blocks, whole_rows
 from .errors import CrucibleError
 from .format import ROWS_GROUP, missing_blocks, open_group, read_commit, write_commit
 from .heap import limit_heap_growth
@@ -74,8 +74,7 @@ def _check_array(store: RunStore, array, name: str, rows: int, report: VerifyRep
 def _read(store: RunStore, array, name: str, start: int, stop: int) -> None:
     """Decode rows [start, stop): whole shards by shardio where it can, else through zarr."""
     if array.ndim:
-        selection = (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
-        if read_blocks(store, array, selection, name) is not None:
+        if read_blocks(store, array, whole_rows(array, start, stop), name) is not None:
             return
         array[start:stop]
     else:
