@@ -160,6 +160,10 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         print(f"the recorded h_mean of step {last} equals the mean of the ranks' local means: {same_h}")
         print(f"loss: step 1 {t['loss'][1].item():.4f} -> step {last} {t['loss'][last].item():.4f}; "
               f"{t.committed_steps} steps committed in {args.out}")
+    # Every rank tears the process group down together: a rank that destroys it and exits while a
+    # peer still holds its gloo connection can be aborted by gloo ("terminate called without an
+    # active exception", seen once in CI on rank 1 while rank 0 was still checking the run).
+    dist.barrier()
 
 
 def spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
