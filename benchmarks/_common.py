@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+# CRUCIBLE_BENCH_RESULTS moves the results (gpu_check.sh: under $OUT, the committed files untouched).
+RESULTS = Path(os.environ.get("CRUCIBLE_BENCH_RESULTS", HERE / "results"))
 DEFAULT_RUN = Path(os.environ.get("CRUCIBLE_BENCH_RUN", "/work/runs/default500"))
 # Where scratch stores go; deleted after each benchmark.
 SCRATCH = Path(os.environ.get("CRUCIBLE_BENCH_TMP", tempfile.gettempdir()))

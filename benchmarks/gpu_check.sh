@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One-shot GPU check, ready for whenever a GPU machine is at hand (under 5 minutes on one GPU):
+# One-shot GPU check, ready for whenever a GPU machine is at hand (about 5 minutes on one GPU):
 # the CUDA tests (recording CUDA tensors bit-exact; 0 host syncs per training step under
-# torch.cuda.set_sync_debug_mode("error")), then the GPU benchmarks (recorded/unrecorded step time
-# of Crucible-3 on the GPU, goal <= 1.05x; the writer with all cores but one). Everything it
-# prints and writes goes to $OUT (or benchmarks/results/gpu/), with the commit it ran at.
+# torch.cuda.set_sync_debug_mode("error")), then the GPU benchmarks: recorded/unrecorded wall of
+# Crucible-3 on the GPU (goal <= 1.05x, with A/A); a GPT-2-size embedding recorded while a
+# GPT-2-shaped model trains (steps/s with and without, rows, every=10, writer threads, host cores,
+# stalls); the writer with this machine's cores. Everything goes to $OUT (or
+# benchmarks/results/gpu/): gpu_machine.txt, gpu_check.log and results/*.json, with the commit.
 #
 #   bash benchmarks/gpu_check.sh --download-wheels   # here, with pip: the packages a bare CUDA
 #                                                    # image lacks (zarr and its needs), into .whl/
 #   bash benchmarks/gpu_check.sh                     # there, in the repository root (carry .whl)
+#   bash benchmarks/gpu_check.sh --dry-run           # here, on the CPU: every step but the CUDA
+#                                                    # ones (their tests skip, benchmarks at CPU size)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,19 +25,30 @@ if [ "${1:-}" = "--download-wheels" ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${WHEELS[@]}"
 fi
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; fi
 
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
-if [ -d .whl ]; then
+if [ -d .whl ] && [ $dry = 0 ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/crucible-site .whl/*.whl \
         || { echo "installing the carried wheels failed"; exit 1; }
     export PYTHONPATH=/tmp/crucible-site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check')" || exit 1
+export CRUCIBLE_BENCH_RESULTS="$PWD/$out/results"   # the committed results stay as they are
+case "$out" in /*) export CRUCIBLE_BENCH_RESULTS="$out/results";; esac
+if [ $dry = 0 ]; then
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check (--dry-run for the CPU)')" || exit 1
+    device=cuda; quick=; small=
+else
+    device=cpu; quick=--quick; small=--small
+fi
+log="$out/gpu_check.log"
+: > "$log"
 
 {
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$( [ $dry = 1 ] && echo ' (dry run on the CPU)')"
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
     "$PY" -c "import torch, zarr, numcodecs, os; print('torch', torch.__version__, 'zarr', zarr.__version__, 'numcodecs', numcodecs.__version__, 'cores', len(os.sched_getaffinity(0)))"
@@ -41,17 +56,21 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cat "$out/gpu_machine.txt"
 
 status=0
-echo "== CUDA tests"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py \
-    "tests/test_faults.py::test_cuda_training_steps_do_not_synchronize" 2>&1 | tee "$out/cuda_tests.log" || status=1
+step() {  # step SECONDS TITLE COMMAND...: run one part, its output to the log; a failure marks the check
+    local seconds=$1 title=$2; shift 2
+    echo "== $title" | tee -a "$log"
+    timeout "$seconds" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "== $title: exit $rc" | tee -a "$log"; status=1; }
+}
+step 150 "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py \
+    "tests/test_faults.py::test_cuda_training_steps_do_not_synchronize"
+step 150 "Crucible-3 overhead (bench_overhead.py --device $device $quick)" \
+    "$PY" benchmarks/bench_overhead.py --device $device $quick
+step 150 "GPT-2-size embedding while training (bench_gpu_embedding.py --device $device $small)" \
+    "$PY" benchmarks/bench_gpu_embedding.py --device $device $small
+step 120 "writer and reads with this machine's cores (bench_speed.py --quick)" \
+    "$PY" benchmarks/bench_speed.py --quick
 
-echo "== GPU overhead (bench_overhead.py --device cuda)"
-timeout 150 "$PY" benchmarks/bench_overhead.py --device cuda 2>&1 | tee "$out/overhead_cuda.log" || status=1
-cp benchmarks/results/overhead_cuda.json "$out/" 2>/dev/null
-
-echo "== writer and reads with this machine's cores (bench_speed.py --quick)"
-timeout 120 "$PY" benchmarks/bench_speed.py --quick 2>&1 | tee "$out/speed.log" || status=1
-cp benchmarks/results/quick/speed.json "$out/speed_quick.json" 2>/dev/null
-
-echo "gpu_check: exit $status; results in $out"
+echo "gpu_check: exit $status; results in $out" | tee -a "$log"
 exit $status

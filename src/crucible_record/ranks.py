@@ -231,6 +231,7 @@ class RankRecorder(Recorder):
         self.next_step = self.committed
         self._last_commit_point = time.monotonic()
         self.writer_seconds = 0.0
+        self.stall_seconds, self.stalls = 0.0, 0  # record() waiting for a free slot (as Recorder)
         self._plan: dict[str, Partition | None] | None = None  # set at the first step
         self._group = None
         self._stored: dict[str, Partition | None] = {}

@@ -293,6 +293,8 @@ class Recorder:
         self._last_commit_point = time.monotonic()
         self._queued_commit = committed  # steps of the last commit point handed to the writer
         self.writer_seconds = 0.0  # wall seconds the writer spent placing rows, writing and committing
+        self.stall_seconds = 0.0  # wall seconds record() waited for a free staging slot (writer behind)
+        self.stalls = 0  # record() calls that had to wait
         self._thread = threading.Thread(target=self._run_writer, name="crucible-record-writer", daemon=True)
         self._thread.start()
 
@@ -332,6 +334,11 @@ class Recorder:
         """Run `fn()` on the writer thread once `step` is committed (e.g. save a checkpoint)."""
         self._raise_if_failed()
         self._work.put(("after_commit", step, fn))
+
+    @property
+    def backlog(self) -> int:
+        """Steps staged and not yet taken by the writer (at most the slots; more means nothing)."""
+        return self._work.qsize()
 
     def latest(self, name: str) -> float | None:
         """The last value of a scalar field the writer has seen (no device sync), or None."""
@@ -400,13 +407,22 @@ class Recorder:
         return False
 
     def _take_slot(self) -> int:
-        while True:
-            try:
-                return self._free.get(timeout=_POLL_S)
-            except queue.Empty:
-                self._raise_if_failed()
-                if not self._thread.is_alive():
-                    raise RecorderError("the writer thread stopped")
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        began = time.perf_counter()  # every slot is in use: the writer is behind, training waits
+        self.stalls += 1
+        try:
+            while True:
+                try:
+                    return self._free.get(timeout=_POLL_S)
+                except queue.Empty:
+                    self._raise_if_failed()
+                    if not self._thread.is_alive():
+                        raise RecorderError("the writer thread stopped")
+        finally:
+            self.stall_seconds += time.perf_counter() - began
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
