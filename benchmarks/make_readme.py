@@ -24,6 +24,7 @@ python benchmarks/run_all.py --quick    # small sizes; results go to results/qui
 python benchmarks/run_all.py --only speed,overhead
 python benchmarks/bench_speed.py [--quick]   # any benchmark alone
 bash benchmarks/gpu_check.sh            # on a GPU machine: the CUDA tests and the GPU benchmarks
+bash benchmarks/gpu_check.sh --dry-run  # the same script on the CPU, CUDA steps skipped (results under $OUT)
 ```
 
 | script | what it measures |
@@ -39,7 +40,8 @@ bash benchmarks/gpu_check.sh            # on a GPU machine: the CUDA tests and t
 | `bench_dask_analysis.py` | `analyze --workers N` on a local Dask cluster vs one process: time, bit-identical results, worker memory |
 | `bench_multirank.py` | 2 ranks (torch.distributed, gloo) recording one run vs one process |
 | `bench_s3.py` | recording to and scanning from S3 (a local moto server) vs the local disk |
-| `gpu_check.sh` | the CUDA tests and GPU benchmarks, for a GPU machine (none was available so far) |
+| `bench_gpu_embedding.py` | a GPT-2-size embedding (50257 x 768 bf16) recorded every step, as 2,000 rows and every 10 steps while a GPT-2-shaped model trains on the GPU: steps/s with and without (A/A), writer threads, host cores busy, stalls, step-time p50/p99/max (`--device cpu --small`: a dry run) |
+| `gpu_check.sh` | the CUDA tests and GPU benchmarks, for a GPU machine (none was available so far); `--dry-run`: every step but the CUDA ones, on the CPU |
 
 Inputs: `bench_compression.py`, `analysis_memory.py` and `bench_overhead.py --details` read a
 recorded Crucible-3 run at `/work/runs/default500` (default data and config; override with `--run`
