@@ -219,7 +219,9 @@ BAD_RECORDS = [  # (id, step at which the bad call is made, the call's step and 
     ("missing-due", 0, lambda: (0, {k: v for k, v in good(0).items() if k != "g"}), r"'g' are due and were not given"),
     ("not-due", 1, lambda: (1, {**good(1), "g": torch.zeros(4)}), r"'g' every 3 is not due at this step"),
     ("unknown", 0, lambda: (0, {**good(0), "zz": torch.zeros(1)}), r"'zz' is not a field of this run"),
-    ("python-float", 0, lambda: (0, {**good(0), "loss": 1.5}), r"field 'loss': pass a tensor, got float"),
+    ("inexact-python-float", 0, lambda: (0, {**good(0), "loss": 0.1}), r"field 'loss': 0\.1 is not exactly a torch\.float32"),
+    ("python-float-for-vector", 0, lambda: (0, {**good(0), "g": 1.5}), r"field 'g': pass a tensor, got float"),
+    ("python-bool", 0, lambda: (0, {**good(0), "loss": True}), r"field 'loss': pass a tensor, got bool"),
     ("skips-a-step", 1, lambda: (2, good(2)), r"expected step 1, got 2"),
     ("repeats-a-step", 1, lambda: (0, good(0)), r"expected step 1, got 0"),
     ("str-step", 1, lambda: ("1", good(1)), r"step must be an int"),
@@ -269,7 +271,6 @@ BAD_FIELDS = [
     ("every-bool", lambda: cr.Field((3,), torch.float32, every=True), "every must be an integer"),
     ("rows-out-of-range", lambda: cr.Field((4, 2), torch.float32, rows=[1, 4]), r"must lie in \[0, 4\)"),
     ("rows-negative", lambda: cr.Field((4, 2), torch.float32, rows=[-1, 2]), r"must lie in \[0, 4\)"),
-    ("rows-unsorted", lambda: cr.Field((4, 2), torch.float32, rows=[2, 1]), "increasing"),
     ("rows-duplicate", lambda: cr.Field((4, 2), torch.float32, rows=[1, 1]), "without repeats"),
     ("rows-empty", lambda: cr.Field((4, 2), torch.float32, rows=[]), "empty"),
     ("rows-all-false-mask", lambda: cr.Field((4, 2), torch.float32, rows=np.zeros(4, bool)), "empty"),
@@ -644,3 +645,71 @@ def test_damaged_row_indices_are_found_by_verify(tmp_path):
         verify_run(tmp_path / "run")
     with pytest.raises(cr.CrucibleError, match="row indices of e"):
         cr.open(tmp_path / "run")
+
+
+def test_rows_in_any_order_are_stored_in_the_order_given(tmp_path):
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(3))[:20]
+    assert not torch.equal(order, order.sort().values)
+    fields = {"sub": cr.Field((50, 4), torch.float32, rows=order)}
+    weights = [torch.randn(50, 4, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    with cr.record(tmp_path / "run", fields) as rec:
+        for step, w in enumerate(weights):
+            rec.record(step, sub=w)
+    t = cr.open(tmp_path / "run")
+    assert torch.equal(t["sub"].rows, order)
+    assert torch.equal(t["sub"][:], torch.stack([w[order] for w in weights]))  # like W[rows]
+
+
+@pytest.mark.parametrize("dtype,value", [(torch.float32, 1.5), (torch.float32, 3), (torch.float64, 0.1),
+                                         (torch.float16, float("nan")), (torch.int64, 2**40), (torch.int8, -7)])
+def test_python_numbers_for_scalar_fields_are_stored_exactly(tmp_path, dtype, value):
+    with cr.record(tmp_path / "run", {"x": cr.Field((), dtype)}) as rec:
+        rec.record(0, x=value)
+        rec.record(1, x=torch.tensor(value, dtype=dtype))
+    stored = cr.open(tmp_path / "run")["x"][:]
+    assert stored.dtype == dtype
+    expected = torch.tensor([value, value], dtype=dtype)
+    assert torch.equal(bits(stored), bits(expected))  # bit for bit, NaN included
+
+
+@pytest.mark.parametrize("dtype,value,message", [(torch.int32, 1.0, "a Python float 1.0 given"),
+                                                 (torch.int8, 300, "does not fit in torch.int8"),
+                                                 (torch.bool, 1, "a Python int 1 given"),
+                                                 (torch.float64, 2**53 + 1, "is not exactly a torch.float64")])
+def test_python_numbers_that_would_narrow_are_refused(tmp_path, dtype, value, message):
+    with cr.record(tmp_path / "run", {"x": cr.Field((), dtype)}) as rec:
+        with pytest.raises(cr.CrucibleError, match=message):
+            rec.record(0, x=value)
+        rec.record(0, x=torch.zeros((), dtype=dtype))
+    assert cr.open(tmp_path / "run").committed_steps == 1
+
+
+def test_a_tied_parameter_recorded_twice_warns_once_naming_both(tmp_path, recwarn):
+    wte = torch.nn.Parameter(torch.randn(8, 4))
+    lm_head = torch.nn.Linear(4, 8, bias=False)
+    lm_head.weight = wte  # tied, as in GPT-2
+    fields = {"wte": cr.Field((8, 4), torch.float32), "lm_head": cr.Field((8, 4), torch.float32),
+              "other": cr.Field((8, 4), torch.float32)}
+    with cr.record(tmp_path / "run", fields) as rec:
+        for step in range(3):
+            rec.record(step, wte=wte, lm_head=lm_head.weight, other=wte.detach().clone())
+    tied = [w for w in recwarn if "same tensor" in str(w.message)]
+    assert len(tied) == 1
+    assert "'wte' and 'lm_head'" in str(tied[0].message) and "other" not in str(tied[0].message)
+    assert tied[0].filename == __file__  # points at the caller's record()
+
+
+def test_a_recorder_never_closed_commits_its_steps_at_exit(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch, crucible_record as cr
+        rec = cr.record({str(tmp_path / "run")!r}, {{"w": cr.Field((3,), torch.float32)}}, commit_interval=1e6)
+        for step in range(7):
+            rec.record(step, w=torch.full((3,), float(step)))
+        raise RuntimeError("the training loop failed")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "the training loop failed" in done.stderr
+    assert "was not closed; committing its 7 recorded steps at interpreter exit" in done.stderr
+    t = cr.open(tmp_path / "run")
+    assert t.committed_steps == 7
+    assert torch.equal(t["w"][:], torch.arange(7.0).repeat_interleave(3).view(7, 3))

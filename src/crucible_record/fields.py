@@ -85,7 +85,7 @@ class Field:
 
     @property
     def row_indices(self) -> np.ndarray | None:
-        """The kept rows (int64, increasing), or None when every row is stored."""
+        """The kept rows (int64, unique, in the order given), or None when every row is stored."""
         return self._rows
 
     @property
@@ -164,6 +164,8 @@ def as_shard_tensor(name: str, shard: Shard, spec: Field) -> torch.Tensor:
     value = shard.tensor
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
+    if spec.shape == () and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = _python_number(name, value, spec.dtype)
     if not isinstance(value, torch.Tensor):
         raise CrucibleError(f"field {name!r}: a Shard holds a tensor, got {type(value).__name__}")
     if not spec.shape:
@@ -200,8 +202,8 @@ def _check_rows(rows: Any, shape: tuple[int, ...]) -> np.ndarray:
         raise CrucibleError("Field rows is empty: keep at least one row")
     if array.min() < 0 or array.max() >= shape[0]:
         raise CrucibleError(f"Field rows must lie in [0, {shape[0]}), got {array.min()}..{array.max()}")
-    if np.any(np.diff(array) <= 0):
-        raise CrucibleError("Field rows must be increasing and without repeats (sort them: np.unique(rows))")
+    if np.unique(array).size != array.size:  # any order, stored as given (like W[rows]); repeats are a mistake
+        raise CrucibleError("Field rows must be without repeats (np.unique(rows) keeps each once)")
     return array
 
 
@@ -246,6 +248,8 @@ def as_tensor(name: str, value: Any, spec: Field) -> torch.Tensor:
     """The tensor given for `name`, checked against its Field: exact shape and dtype, no cast."""
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
+    if spec.shape == () and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = _python_number(name, value, spec.dtype)
     if not isinstance(value, torch.Tensor):
         raise CrucibleError(
             f"field {name!r}: pass a tensor, got {type(value).__name__} "
@@ -274,3 +278,20 @@ def stored_dims(name: str, spec: Field) -> tuple[str, ...]:
         dims = (f"{name}_row",) + dims[1:]
     return (step_dim(spec),) + dims
 
+
+
+def _python_number(name: str, value: int | float, dtype: torch.dtype) -> torch.Tensor:
+    """A Python number for a () field, converted only when the field's dtype holds it exactly."""
+    if dtype == torch.bool or (isinstance(value, float) and not dtype.is_floating_point):
+        raise CrucibleError(f"field {name!r}: a Python {type(value).__name__} {value!r} given, the field records "
+                            f"{dtype} (pass torch.tensor(x, dtype={dtype}))")
+    try:
+        tensor = torch.tensor(value, dtype=dtype)
+    except (RuntimeError, OverflowError):
+        raise CrucibleError(f"field {name!r}: {value!r} does not fit in {dtype}") from None
+    exact = tensor.item() == value if isinstance(value, int) else (
+        tensor.double().item() == value or (value != value and tensor.isnan().item()))
+    if not exact:
+        raise CrucibleError(f"field {name!r}: {value!r} is not exactly a {dtype} (it would be stored as "
+                            f"{tensor.item()!r}); cast it yourself: torch.tensor(x, dtype={dtype})")
+    return tensor

@@ -16,7 +16,9 @@ Call order (training thread unless marked):
 4. ``rec.after_commit(step, fn)`` runs ``fn`` on the writer thread once ``step`` is committed
    (checkpoints: never ahead of the data).
 5. ``rec.close()`` (or leaving the ``with`` block) commits what is staged, stops the writer and
-   raises the writer's error, if any, with its cause chained.
+   raises the writer's error, if any, with its cause chained. A recorder never closed (an
+   exception escaped a loop without ``with``) is closed at interpreter exit, with a warning on the
+   ``crucible_record`` logger: its staged steps are committed, not lost.
 
 Memory is bounded by the staging slots and one block per field, never by the number of steps.
 
@@ -27,11 +29,15 @@ is the path above, unchanged.
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
+import logging
 import os
 import queue
 import sys
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -51,6 +57,7 @@ from .storage import RunStore, open_store
 DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
 DEFAULT_RANK_TIMEOUT = 60.0  # multi-rank: how long a closing rank waits for the others
 _POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
+log = logging.getLogger("crucible_record")
 
 
 def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = None,
@@ -297,6 +304,7 @@ class Recorder:
         self.stalls = 0  # record() calls that had to wait
         self._thread = threading.Thread(target=self._run_writer, name="crucible-record-writer", daemon=True)
         self._thread.start()
+        _unclosed.add(self)
 
     # ----- training thread -------------------------------------------------------------------
     def record(self, step: int, **tensors) -> bool:
@@ -315,6 +323,8 @@ class Recorder:
             source = tensor if self.fields[name].row_indices is None else tensor.index_select(0, self._rows(name, tensor.device))
             devices.add(slot.stage(name, source))
         slot.mark(due, devices - {None})
+        if self._on_gpu is None:
+            warn_if_tied(checked)
         self._note_device(devices)
         commit = self._is_commit_point(step)
         self._work.put(("step", step, index, commit))
@@ -348,6 +358,7 @@ class Recorder:
         """Commit what is staged, stop the writer, release the run. Raises the writer's error."""
         if not self._closed:
             self._closed = True
+            _unclosed.discard(self)
             if self._thread.is_alive():
                 self._work.put(("close",))
             self._thread.join()
@@ -503,6 +514,42 @@ class Recorder:
         while pending and pending[0][0] < self.committed:
             pending.pop(0)[1]()
 
+
+
+_unclosed: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
+
+
+def _close_unclosed_at_exit() -> None:
+    """Interpreter exit: commit the recorders the program never closed (their steps would be lost).
+
+    Registered with threading's exit hooks, not atexit: those run before concurrent.futures
+    refuses new work at exit, and zarr's file I/O still needs its executor to commit.
+    """
+    for rec in list(_unclosed):
+        log.warning("crucible-record: %s was not closed; committing its %d recorded steps at interpreter exit",
+                    rec.location, rec.next_step)
+        try:
+            rec.close()
+        except Exception as e:  # at exit there is no caller left to raise to
+            log.error("crucible-record: committing %s at exit failed: %s", rec.location, _describe(e))
+
+
+# These hooks run last-registered first; concurrent.futures registered its own when imported above.
+threading._register_atexit(_close_unclosed_at_exit)
+
+
+def warn_if_tied(tensors: Mapping[str, torch.Tensor]) -> None:
+    """First step: one warning for fields given the same storage (a tied lm_head is wte)."""
+    seen: dict[tuple, str] = {}
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.stride()))
+        if key in seen:
+            warnings.warn(f"fields {seen[key]!r} and {name!r} are the same tensor (a tied parameter?): it is "
+                          f"recorded twice", stacklevel=3)
+        else:
+            seen[key] = name
 
 
 # ===== several ranks of a torch.distributed job =================================================
