@@ -1,7 +1,7 @@
 """Record a GPT-2-shaped model's token embedding every step and its output head every 10 steps.
 
     python examples/gpt2_embedding.py --out /tmp/gpt2-run             # GPT-2 small shapes: for a GPU
-    python examples/gpt2_embedding.py --small --out /tmp/gpt2-small   # a few seconds on a CPU
+    python examples/gpt2_embedding.py --small   # a few seconds on a CPU; into runs/gpt2-embedding-<date>-<time>
 
 The default sizes are GPT-2 small's (124M parameters, vocab 50257, hidden 768, 12 layers): a step
 takes minutes on a CPU (bf16 matmuls) and a fraction of a second on a GPU, where the recorder copies
@@ -85,7 +85,7 @@ SMALL = dict(vocab=1000, hidden=32, layers=2, heads=2, seq_len=32, batch_size=4,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--out", help="new run directory (default: runs/gpt2-embedding-<date>-<time>)")
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--layers", type=int, default=12)
@@ -103,6 +103,8 @@ def main() -> None:
     if "--small" in sys.argv[1:]:
         p.set_defaults(**SMALL)
     args = p.parse_args()
+    args.out = args.out or time.strftime("runs/gpt2-embedding-%Y%m%d-%H%M%S")
+    print(f"recording into {args.out}")
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
 """Record a sample of an embedding's rows every step, and a per-token statistic every 3 steps.
 
     python examples/sampled_rows.py --out /tmp/sampled-run
-    python examples/sampled_rows.py --small --out /tmp/sampled-small   # seconds on a CPU
+    python examples/sampled_rows.py --small   # seconds on a CPU; into runs/sampled-rows-<date>-<time>
 
 A 50,000-row embedding is too big to keep whole at every step for a long run; a fixed random sample
 of its rows (2,000 by default) often answers the question. ``cr.Field(rows=...)`` keeps only those
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ SMALL = dict(vocab=5000, sample=200, hidden=16, steps=10, batch_size=8, seq_len=
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--out", help="new run directory (default: runs/sampled-rows-<date>-<time>)")
     p.add_argument("--vocab", type=int, default=50_000)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--sample", type=int, default=2_000, help="rows of the embedding kept")
@@ -50,9 +51,12 @@ def main() -> None:
     if "--small" in sys.argv[1:]:
         p.set_defaults(**SMALL)
     args = p.parse_args()
+    args.out = args.out or time.strftime("runs/sampled-rows-%Y%m%d-%H%M%S")
+    print(f"recording into {args.out}")
     V, H = args.vocab, args.hidden
 
-    # The sample: increasing, unique row indices (what Field(rows=...) asks for).
+    # The sample: unique row indices (Field(rows=...) takes any order and stores them as given);
+    # sorted here so that a token's position among the stored rows is a searchsorted away.
     sample = np.sort(np.random.default_rng(args.seed).choice(V, size=args.sample, replace=False))
 
     torch.manual_seed(args.seed)

@@ -297,7 +297,7 @@ def test_synthetic_run_known_answers(synthetic):
 
 def test_report_on_run_in_progress(synthetic, tmp_path):
     text = analyze_run(synthetic, tmp_path / "out", plots=False)
-    assert "4 committed steps of 6" in text
+    assert "steps 0..4 committed (4 of 6 training steps); run in progress or stopped" in text
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["analysis.json"]
     doc = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert doc["committed_steps"] == 4 and len(doc["step"]) == 5 and doc["loss"][0] is None
@@ -344,7 +344,7 @@ def test_plots_and_table(report):
     for question in ("Does h_mean keep its direction?", "Do live and dead centroids separate?",
                      "Does h_mean point toward the live centroid?", "Does bf16 stall the drift?"):
         assert question in text
-    assert "analysis.json" in text and "25 committed steps" in text
+    assert "analysis.json" in text and "steps 0..25 committed (25 of 25 training steps)" in text
 
 
 def test_out_dir_with_files_needs_force(tiny_run, report):

@@ -32,7 +32,7 @@ def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
 
     info = run_cli(capsys, "info", run)
     assert info.code == 0, info.err
-    for text in ("Crucible-3: 25 of 25 training steps", "Committed steps: 26 (steps 0..25) of 26", "W: (10000, 16) bfloat16", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
+    for text in ("Crucible-3: epochs: ", "Progress: steps 0..25 committed (25 of 25 training steps)", "W: (10000, 16) bfloat16", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
         assert text in info.out
 
     exported = run_cli(capsys, "export", run, "--format", "safetensors", "--out", tmp_path / "exp")
@@ -93,3 +93,21 @@ def test_help_lists_notebook_defaults(capsys):
     assert result.code == 0
     for text in ("--steps", "500", "--batch-size", "128", "--lr", "0.001", "--seed", "42", "--resume"):
         assert text in result.out
+
+
+def test_every_command_words_progress_alike(capsys, tmp_path, tiny_run):
+    """One vocabulary: the recorded steps 0..n-1, and for a Crucible-3 run its training steps."""
+    crucible = "steps 0..25 committed (25 of 25 training steps)"
+    for command in (["info", tiny_run], ["verify", tiny_run], ["export", tiny_run, "--out", tmp_path / "exp"],
+                    ["analyze", tiny_run, "--out", tmp_path / "an"]):
+        result = run_cli(capsys, *command)
+        assert result.code == 0 and crucible in result.out, (command, result)
+    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run), "already complete: " + crucible)
+
+    generic = tmp_path / "generic"
+    with cr.record(generic, {"w": cr.Field((2,), torch.float32)}) as rec:
+        for step in range(5):
+            rec.record(step, w=torch.zeros(2))
+    for command in (["info", generic], ["verify", generic], ["export", generic, "--out", tmp_path / "gexp"]):
+        result = run_cli(capsys, *command)
+        assert result.code == 0 and "steps 0..4 committed (5 steps, open-ended)" in result.out, (command, result)

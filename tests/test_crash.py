@@ -58,8 +58,8 @@ def start_and_wait(cmd, run_dir, until_step, timeout=120):
     return proc
 
 
-def resume(run_dir):
-    cmd = [sys.executable, "-m", "crucible_record", "train", "--resume", str(run_dir), "--no-progress"]
+def resume(run_dir, progress: bool = False):
+    cmd = [sys.executable, "-m", "crucible_record", "train", "--resume", str(run_dir)] + ([] if progress else ["--no-progress"])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -114,7 +114,8 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
     t = cr.open(run_dir)
-    assert f"{t.steps} of {STEPS} steps committed" in lines[0] and "--resume" in lines[0]
+    assert lines[0].startswith("stopped: ")  # the user's own stop is not reported as an error
+    assert f"steps 0..{t.steps} committed ({t.steps} of {STEPS} training steps)" in lines[0] and "--resume" in lines[0]
     assert t.steps >= 9  # what the writer had was drained and committed, not dropped
     assert_prefix_equal(run_dir, reference)
 
@@ -149,8 +150,11 @@ def killed_without_checkpoint(corpus, run_dir):
 
 def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corpus, reference):
     run_dir = killed_without_checkpoint(tiny_corpus, tmp_path / "run")
-    done = resume(run_dir)
+    kept = committed(run_dir)
+    done = resume(run_dir, progress=True)
     assert done.returncode == 0, done.stderr
+    assert f"at training step {kept + 1}: recomputing and checking steps 0-{kept} against the run" in done.stderr
+    assert "checking=recomputed step" in done.stderr and "nan" not in done.stderr  # the bar shows no loss it lacks
     assert_prefix_equal(run_dir, reference)
     assert cr.open(run_dir).steps == STEPS
 

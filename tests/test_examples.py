@@ -21,9 +21,9 @@ TESTED = {"gpt2_embedding.py", "sampled_rows.py", "record_custom_loop.py", "dask
           "ddp_crucible.py"}  # ddp_crucible.py: tests/test_multirank.py::test_ddp_example
 
 
-def run(*args, timeout: float = 120) -> str:
-    """Run a command with this interpreter from the repository root; its stdout (fails on non-zero exit)."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(*args, timeout: float = 120, cwd: Path = ROOT) -> str:
+    """Run a command with this interpreter (from the repository root by default); its stdout (fails on non-zero exit)."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     return proc.stdout
 
@@ -93,6 +93,14 @@ def test_sampled_rows(tmp_path):
     g = stat[:]
     assert g.shape == (4, 5000) and torch.isfinite(g).all()
     assert (g[:, 0] > 0).all()  # token 0 is the most frequent: it has a gradient at every recorded step
+
+
+@pytest.mark.parametrize("script, prefix", [("sampled_rows.py", "sampled-rows"), ("gpt2_embedding.py", "gpt2-embedding")])
+def test_small_examples_need_no_out(tmp_path, script, prefix):
+    text = run(EXAMPLES / script, "--small", "--steps", 3, cwd=tmp_path)
+    [made] = (tmp_path / "runs").iterdir()
+    assert made.name.startswith(prefix + "-") and f"recording into runs/{made.name}" in text
+    assert cr.open(made).committed_steps == 3
 
 
 def test_record_custom_loop(tmp_path):

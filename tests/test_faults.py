@@ -96,7 +96,7 @@ def test_corrupted_chunk_is_reported(capsys, tmp_path):
         for step in range(16):
             rec.record(step, **data(step))
     ok = run_cli(capsys, "verify", path)
-    assert ok.code == 0 and "OK: 16 committed steps" in ok.out
+    assert ok.code == 0 and "OK: steps 0..15 committed" in ok.out
 
     root = path / "trajectory.zarr"
     for shard in (root / "W" / "c" / "1" / "0" / "0", root / "g" / "c" / "1" / "0"):
@@ -104,7 +104,7 @@ def test_corrupted_chunk_is_reported(capsys, tmp_path):
         data_bytes[len(data_bytes) // 3] ^= 0x40
         shard.write_bytes(bytes(data_bytes))
     result = run_cli(capsys, "verify", path)
-    assert_one_line_error(result, "2 damaged chunk(s) in 16 committed steps")
+    assert_one_line_error(result, "2 damaged chunk(s); steps 0..15 committed")
     corrupt = [line for line in result.out.splitlines() if line.startswith("CORRUPT")]
     assert len(corrupt) == 2
     assert corrupt[0].startswith("CORRUPT W steps 4-7:") and "checksum" in corrupt[0].lower()

@@ -89,10 +89,10 @@ def test_round_trip_is_byte_identical(capsys, tmp_path, notebook_dir, imported):
 
 def test_verify_info_analyze_work_on_the_imported_run(capsys, tmp_path, imported):
     verify = run_cli(capsys, "verify", imported)
-    assert verify.code == 0 and "OK: 26 committed steps" in verify.out, verify
+    assert verify.code == 0 and "OK: steps 0..25 committed (25 of 25 training steps)" in verify.out, verify
     info = run_cli(capsys, "info", imported)
     assert info.code == 0, info.err
-    for text in ("Crucible-3: 25 of 25 training steps (epochs: 3)", "W: (10000, 16) bfloat16", "Live/Dead separation",
+    for text in ("Progress: steps 0..25 committed (25 of 25 training steps)", "Crucible-3: epochs: 3", "W: (10000, 16) bfloat16", "Live/Dead separation",
                  "imported_by crucible-record", "device cpu"):
         assert text in info.out, text
     analyze = run_cli(capsys, "analyze", imported, "--out", tmp_path / "analysis")

@@ -14,6 +14,7 @@ from .codecs import CODEC_PRESETS, Layout
 from .crucible3.config import DEVICES, RunConfig, load_config_file
 from .errors import CrucibleError, Interrupted
 from .recorder import DEFAULT_COMMIT_INTERVAL
+from .steps_text import steps_committed
 from .storage import DURABILITY, is_url
 
 # A run is a local directory or a URL (s3://, file://, memory://): kept as a string, since pathlib
@@ -98,7 +99,7 @@ def train(ctx, out, config_file, resume, commit_interval, durability, writer_thr
                 f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
             )
         summary = resume_run(resume, commit_interval=commit_interval, durability=durability, progress=progress,
-                             writer_threads=writer_threads)
+                             writer_threads=writer_threads, say=lambda line: click.echo(line, err=True))
     else:
         settings = load_config_file(config_file) if config_file else {}
         settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
@@ -110,7 +111,7 @@ def train(ctx, out, config_file, resume, commit_interval, durability, writer_thr
                             durability=durability, progress=progress, writer_threads=writer_threads)
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
-        f"steps committed: {summary.steps}, time: {summary.seconds:.1f} s"
+        f"{steps_committed(summary.steps + 1, of=summary.planned + 1, training=True)}, time: {summary.seconds:.1f} s"
     )
     click.echo(f"Run: {summary.run_dir} ({_size(summary.bytes_on_disk)} on disk)")
 
@@ -132,13 +133,14 @@ def export(run_dir, fmt, out, force):
         from .crucible3.export import export_safetensors
 
         target, meta = export_safetensors(run, out, force=force)
-        click.echo(f"Wrote {target} ({_size(target.stat().st_size)}) and {meta} ({run.steps} steps)")
+        click.echo(f"Wrote {target} ({_size(target.stat().st_size)}) and {meta}: "
+                   f"{steps_committed(run.committed_steps, of=run.info.steps, training=True)}")
     else:
         from .export import export_run
 
         target = export_run(run, out, force=force)
-        click.echo(f"Wrote {target} ({_size(target.stat().st_size)}; {run.committed_steps} committed steps, "
-                   f"fields {', '.join(run.fields)})")
+        click.echo(f"Wrote {target} ({_size(target.stat().st_size)}): {steps_committed(run.committed_steps, of=run.info.steps)}, "
+                   f"fields {', '.join(run.fields)}")
 
 
 @cli.command()
@@ -152,8 +154,8 @@ def info(run_dir):
     on_disk, raw = run.bytes_on_disk(), run.raw_bytes()
     layout = run.info.layout
     click.echo(f"Run: {run_dir} (format {run.version})")
-    click.echo(f"Committed steps: {run.committed_steps} (steps 0..{run.committed_steps - 1})"
-               + (f" of {run.info.steps}" if run.info.steps else " (open-ended)"))
+    crucible = isinstance(run, Trajectory)
+    click.echo("Progress: " + steps_committed(run.committed_steps, of=run.info.steps, training=crucible))
     for name, spec in run.fields.items():
         field = run[name]
         rows = f", {len(spec.row_indices)} of {spec.shape[0]} rows" if spec.row_indices is not None else ""
@@ -169,7 +171,7 @@ def info(run_dir):
 
     config = run.config
     epochs = run.epochs if run.epochs >= 0 else "unknown (imported without metadata)"
-    click.echo(f"Crucible-3: {run.steps} of {config.steps} training steps (epochs: {epochs})")
+    click.echo(f"Crucible-3: epochs: {epochs}")
     click.echo("Config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items()))
     prov = run.attrs.get("provenance", {})
     click.echo("Recorded with: " + ", ".join(f"{k} {v}" for k, v in prov.items()))
@@ -201,20 +203,25 @@ def analyze(run_dir, out, force, scheduler, workers):
               help="move the commit marker back to the last step before the first damaged block")
 def verify(run_dir, repair):
     """Read every committed chunk; report corruption by field and step range."""
+    from .crucible3.trajectory import is_crucible
+    from .reader import Run
     from .verify import repair_run, verify_run
 
     report = verify_run(run_dir)
+    run = Run(run_dir)
+    progress = steps_committed(report.steps, of=run.info.steps, training=is_crucible(run))
     for problem in report.problems:
         click.echo(f"CORRUPT {problem}")
     if not report.ok and repair:
         before, after = repair_run(run_dir)
-        click.echo(f"Repaired: commit marker moved from {before} to {after} steps; "
+        click.echo(f"Repaired: commit marker moved back from steps 0..{before - 1}: "
+                   f"{steps_committed(after, of=run.info.steps, training=is_crucible(run))}; "
                    f"continue with `crucible-record train --resume {run_dir}` (Crucible-3 runs) or cr.record(..., resume=True)")
         return
     if not report.ok:
-        raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s) in {report.steps} committed steps "
+        raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s); {progress} "
                             f"(--repair rolls the commit back before them)")
-    click.echo(f"OK: {report.steps} committed steps, {report.blocks_read} blocks read, all checksums match")
+    click.echo(f"OK: {progress}; {report.blocks_read} blocks read, all checksums match")
 
 
 @cli.command("dead-mask")
@@ -287,14 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except Interrupted as e:
-        click.echo(f"error: {e}", err=True)
+    except Interrupted as e:  # the user's own stop, not an error: what was kept and how to go on
+        click.echo(str(e), err=True)
         sys.exit(130)
     except CrucibleError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        click.echo("stopped (Ctrl-C)", err=True)
         sys.exit(130)
     except Exception as e:  # a bug or an environment fault: still one line, unless debugging
         if os.environ.get("CRUCIBLE_DEBUG"):

@@ -202,7 +202,9 @@ def train(
                     recorder.after_commit(step, lambda s=snap: checkpoint.save(checkpoints_to, s))
                 if bar is not None:  # the writer's copy of the loss: no device sync here
                     shown = recorder.latest("loss") if recorder is not None else None
-                    bar.set_postfix({"loss": f"{shown if shown is not None else float('nan'):.4f}", "epoch": epoch})
+                    status = {"checking": "recomputed step"} if step < recorded_from else \
+                        {"loss": f"{shown:.4f}"} if shown is not None else {}  # (none until the writer has one)
+                    bar.set_postfix({**status, "epoch": epoch})
                     bar.update(1)
     finally:
         if bar is not None:

@@ -18,6 +18,7 @@ import torch
 from .. import __version__
 from .analysis import analyze
 from ..errors import CrucibleError
+from ..steps_text import steps_committed
 from ..storage import atomic_write_text
 from .trajectory import Trajectory
 
@@ -150,7 +151,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The four answers as a short table: question, plain answer, and the supporting numbers."""
     summary = result["summary"]
     n, total = result["committed_steps"], result["configured_steps"]
-    progress = f"{n} committed steps" + (f" of {total} (run in progress or stopped)" if n < total else "")
+    progress = steps_committed(n + 1, of=total + 1, training=True) + ("; run in progress or stopped" if n < total else "")
     head = (f"crucible-record analysis of {result['run_dir']}: {progress}; "
             f"{result['n_dead']} dead, {result['n_live']} live tokens")
     rows = [(f"{i}. {summary[key]['question']}", summary[key]["answer"], summary[key]["evidence"])

@@ -11,6 +11,7 @@ import hashlib
 import platform
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format import open_group, read_commit
 from ..recorder import DEFAULT_COMMIT_INTERVAL, Recorder, record
+from ..steps_text import steps_committed
 from ..storage import is_url, open_store
 from . import checkpoint
 from .config import RunConfig
@@ -31,7 +33,8 @@ from .trajectory import EXPERIMENT
 @dataclass
 class RunSummary:
     run_dir: Path
-    steps: int
+    steps: int  # training steps committed
+    planned: int  # training steps configured
     final_loss: float
     epochs: int
     bytes_on_disk: int
@@ -81,8 +84,12 @@ def start_run(
 
 def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
                durability: str = "fsync", progress: bool = True,
-               writer_threads: int | None = None) -> RunSummary:
-    """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run."""
+               writer_threads: int | None = None, say: Callable[[str], None] = lambda line: None) -> RunSummary:
+    """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run.
+
+    ``say`` gets one line before training: where it resumes, and which recorded steps are first
+    recomputed and checked (those after the checkpoint).
+    """
     store = open_store(run_dir)
     group, info = open_group(store)  # a clear error if this is not a run
     if info.version < 2:
@@ -92,7 +99,7 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     config = RunConfig.from_dict(info.attributes["config"])
     done = read_commit(store, group)["steps"] - 1
     if done >= config.steps:
-        raise CrucibleError(f"{run_dir} is already complete ({done} of {config.steps} steps)")
+        raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}")
     inputs = load_inputs(config)
     if _input_hashes(inputs) != info.attributes.get("inputs"):
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
@@ -102,6 +109,10 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
                       writer_threads=writer_threads)
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
+    first = ckpt["meta"]["step"] + 1 if ckpt is not None else 0  # the first step train() recomputes
+    last = recorder.next_step - 1
+    say(f"resuming {run_dir} at training step {recorder.next_step}"
+        + (f": recomputing and checking steps {first}-{last} against the run first" if first <= last else ""))
     checkpoints = bool(info.attributes.get("checkpoints", True))
     return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt)
 
@@ -127,7 +138,7 @@ def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpo
         except RecorderError as e:
             raise e from None
         raise Interrupted(
-            f"stopped: {max(recorder.committed - 1, 0)} of {config.steps} steps committed in {run_dir}; "
+            f"stopped: {steps_committed(recorder.committed, of=config.steps + 1, training=True)} in {run_dir}; "
             f"continue with: crucible-record train --resume {run_dir}"
         ) from None
     except BaseException:
@@ -139,6 +150,7 @@ def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpo
     return RunSummary(
         run_dir=run_dir,
         steps=recorder.committed - 1,
+        planned=config.steps,
         final_loss=result.final_loss,
         epochs=result.epochs,
         bytes_on_disk=recorder.store.bytes_on_disk(),
