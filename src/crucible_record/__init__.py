@@ -16,6 +16,7 @@ from .errors import CrucibleError, RecorderError  # noqa: E402
 from .fields import Field, Shard  # noqa: E402
 from .reader import LazyField, Run  # noqa: E402
 from .recorder import Recorder, record  # noqa: E402
+from .watch import Watch, watch  # noqa: E402
 
 
 def open(path):  # noqa: A001 - the public name is cr.open
@@ -32,4 +33,4 @@ def open(path):  # noqa: A001 - the public name is cr.open
 
 
 __all__ = ["CrucibleError", "Field", "Layout", "LazyField", "Recorder", "RecorderError", "Run", "Shard",
-           "open", "record", "__version__"]
+           "Watch", "open", "record", "watch", "__version__"]

@@ -1,0 +1,63 @@
+"""Record a Lightning run: parameters, their gradients, optimizer state, the loss.
+
+    from crucible_record.integrations.lightning import RecordCallback
+    trainer = lightning.pytorch.Trainer(..., callbacks=[RecordCallback("runs/x", params="wte.weight",
+                                        grads="wte.weight", optim_state=("exp_avg", "exp_avg_sq"))])
+    trainer.fit(module)
+
+Step s is the s-th optimizer step, recorded by a hook on the optimizer right after it steps (the
+closure has run: the gradients are those it used, not yet zeroed). Step 0 is the state when
+training starts. The loss is the one passed to backward, summed over the step's micro-batches
+(Lightning divides each by ``accumulate_grad_batches``). The run is committed and closed when
+training ends or raises (``on_exception``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lightning.pytorch import Callback
+
+from ..errors import CrucibleError
+from ._session import RecordingSession
+
+log = logging.getLogger("crucible_record")
+
+
+class RecordCallback(Callback):
+    """See the module docstring; keyword arguments as for :func:`crucible_record.watch` and,
+    for the rest (``commit_interval``, ``layout``, ``durability``, ...), :func:`crucible_record.record`."""
+
+    def __init__(self, path: str | Path, *, params=(), grads=(), optim_state=(), every: int = 1, rows=None,
+                 loss: bool = True, **record_options):
+        self.session = RecordingSession(
+            path, dict(params=params, grads=grads, optim_state=optim_state, every=every, rows=rows, loss=loss),
+            record_options)
+        self._hook = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) != 1:
+            raise CrucibleError(f"RecordCallback records a run with one optimizer; this one has {len(trainer.optimizers)}")
+        optimizer = trainer.optimizers[0]
+        self.session.start(pl_module, optimizer)
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.session.optimizer_stepped())
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self.session.records_loss:
+            self.session.add_loss(loss, part_of_sum=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        try:
+            self.close()  # every recorded step committed before the training error propagates
+        except CrucibleError as e:  # the training error stays the one raised; the recorder's is logged
+            log.error("crucible-record: closing %s after a training error failed: %s", self.session.path, e)
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.session.close()
