@@ -19,7 +19,7 @@ import torch
 import crucible_record as cr
 from crucible_record.codecs import CODEC_PRESETS
 from crucible_record.errors import RecorderError
-from crucible_record.recorder import _Block
+from crucible_record.recorder import STAGING_BYTES, _Block, staging_slots
 from crucible_record.verify import verify_run
 
 V, H = 300, 8
@@ -238,6 +238,34 @@ def test_a_writer_that_keeps_up_never_stalls_training(tmp_path):
         rec.record(step, **fake_step(step))
     rec.close()
     assert (rec.stalls, rec.stall_seconds, rec.backlog) == (0, 0.0, 0)
+
+
+@pytest.mark.parametrize("slots", [None, 3], ids=["default", "3 slots"])
+def test_the_writers_pause_at_a_full_block_does_not_hold_training_up(tmp_path, monkeypatch, slots):
+    """Encoding a whole block pauses the writer (here 0.25 s, 5 steps of training): the default
+    staging holds one block's steps, so training runs on; 3 slots made it wait at every block."""
+    written = failing_writes(monkeypatch, "W", ok_writes=10**6, delay=0.25)
+    rec = new_run(tmp_path / "run", steps=24, time_chunk=8, slots=slots, durability="none")
+    assert rec.slots == (9 if slots is None else 3)
+    for step in range(24):
+        rec.record(step, **fake_step(step))
+        time.sleep(0.05)  # a training step
+    rec.close()
+    assert written["ok"] == 3
+    if slots is None:
+        assert rec.stalls == 0 and rec.stall_seconds == 0.0
+    else:
+        assert rec.stalls >= 2 and rec.stall_seconds > 0.1
+    assert_run_holds(tmp_path / "run", 24)
+
+
+def test_staging_is_one_block_of_steps_within_its_byte_budget():
+    small = {"w": cr.Field((10,), torch.float32)}
+    assert staging_slots(small, 64) == 65 and staging_slots(small, 1) == 3
+    big = {"w": cr.Field((50257, 768), torch.float32)}  # 154 MB a step: one step fits the budget, 3 is the floor
+    assert staging_slots(big, 2) == 3
+    mid = {"w": cr.Field((1000, 1000), torch.float32)}  # 4 MB a step
+    assert staging_slots(mid, 100) == STAGING_BYTES // 4_000_000 == 67  # the budget binds before the block
 
 
 def test_after_commit_runs_only_once_its_step_is_committed(tmp_path):

@@ -201,7 +201,7 @@ class RankRecorder(Recorder):
     """
 
     def __init__(self, ranks: Ranks, store: RunStore, fields: dict[str, Field], info: dict, *,
-                 create: dict | None, commit_interval: float, slots: int, rank_timeout: float, release: ExitStack,
+                 create: dict | None, commit_interval: float, slots: int | None, rank_timeout: float, release: ExitStack,
                  writer_threads: int | None = None):
         self.store, self.fields, self.steps = store, fields, (info["steps"] if create is None else None)
         self.location = store.location
@@ -216,9 +216,11 @@ class RankRecorder(Recorder):
         self._create = create  # a new run: what rank 0 creates at the first step
         self._release = release  # rank 0: the run lock
         self._rows_on: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._slots = [_Slot() for _ in range(slots)]
+        # (the blocks are laid out at the first step: no block size yet to size the staging by)
+        self.slots = slots or 3
+        self._slots = [_Slot() for _ in range(self.slots)]
         self._free: queue.Queue[int] = queue.Queue()
-        for i in range(slots):
+        for i in range(self.slots):
             self._free.put(i)
         self._work: queue.Queue[tuple] = queue.Queue()
         self._error: BaseException | None = None

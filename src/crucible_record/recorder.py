@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
 import logging
+import math
 import os
 import queue
 import sys
@@ -64,7 +65,7 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
            attributes: Mapping[str, Any] | None = None, *, constants: Mapping[str, Any] | None = None,
            resume: bool = False, layout: Layout | None = None,
            commit_interval: float = DEFAULT_COMMIT_INTERVAL, durability: str = "fsync",
-           slots: int = 3, rank_timeout: float = DEFAULT_RANK_TIMEOUT,
+           slots: int | None = None, rank_timeout: float = DEFAULT_RANK_TIMEOUT,
            distributed: bool | None = None, writer_threads: int | None = None) -> "Recorder":
     """Create a run at `path` (refusing an existing one) and return its Recorder.
 
@@ -84,6 +85,9 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     a rank that does not call them leaves the others waiting (up to the process group's timeout).
     distributed=False: this process records alone, as without torch.distributed (e.g. full
     tensors from rank 0 only: ``if rank == 0: cr.record(..., distributed=False)``).
+    slots: steps staged for the writer before record() waits; None: staging_slots() (one block's
+    steps within STAGING_BYTES, at least 3), so the writer's pause to encode a full block never
+    holds training up (3 under torch.distributed).
     writer_threads: threads that compress a block's inner chunks in parallel. None: chosen at the
     first step (see default_writer_threads): 1 when the tensors are on the CPU, where training
     already uses every core; all cores but one when they are on a GPU, where the host is idle.
@@ -153,11 +157,23 @@ def default_writer_threads(on_gpu: bool, processes: int = 1) -> int:
     return max(1, default_threads() // max(1, processes) - 1) if on_gpu else 1
 
 
+STAGING_BYTES = 256 * 2**20  # staging beyond 3 steps stays under this
+
+
+def staging_slots(fields: Mapping[str, Field], block_steps: int) -> int:
+    """Steps to stage: the writer pauses to encode full blocks (the longest pause of its loop);
+    training goes on into the staging meanwhile. One block's steps cover any pause shorter than
+    filling a block takes; a writer slower than that on average makes training wait whatever
+    the depth. Bounded by STAGING_BYTES, at least 3."""
+    step_bytes = sum(math.prod(spec.stored_shape) * spec.dtype.itemsize for spec in fields.values())
+    return max(3, min(block_steps + 1, STAGING_BYTES // max(1, step_bytes)))
+
+
 def _check_arguments(commit_interval, slots, rank_timeout, writer_threads=None) -> None:
     if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or not commit_interval > 0:
         raise CrucibleError(f"commit_interval must be a positive number of seconds, got {commit_interval!r}")
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise CrucibleError(f"slots must be an integer >= 1, got {slots!r}")
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise CrucibleError(f"slots must be an integer >= 1 or None (automatic), got {slots!r}")
     if isinstance(rank_timeout, bool) or not isinstance(rank_timeout, (int, float)) or not rank_timeout > 0:
         raise CrucibleError(f"rank_timeout must be a positive number of seconds, got {rank_timeout!r}")
     if writer_threads is not None and (isinstance(writer_threads, bool) or not isinstance(writer_threads, int)
@@ -275,7 +291,7 @@ class Recorder:
     """Records the fields of one run; see the module docstring for the call order."""
 
     def __init__(self, store: RunStore, group, fields: dict[str, Field], steps: int | None, committed: int, *,
-                 commit_interval: float, slots: int, release: ExitStack, writer_threads: int | None = None):
+                 commit_interval: float, slots: int | None, release: ExitStack, writer_threads: int | None = None):
         self.store, self.fields, self.steps = store, fields, steps
         self.location = store.location
         self.commit_interval = commit_interval
@@ -286,9 +302,10 @@ class Recorder:
         self._blocks = {name: _Block(store, group[name], name, spec, steps is not None, spec.rows_at(committed))
                         for name, spec in fields.items()}
         self._rows_on: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._slots = [_Slot() for _ in range(slots)]
-        self._free: queue.Queue[int] = queue.Queue()
-        for i in range(slots):
+        self.slots = slots or staging_slots(fields, max(block.rows for block in self._blocks.values()))
+        self._slots = [_Slot() for _ in range(self.slots)]
+        self._free: queue.LifoQueue[int] = queue.LifoQueue()  # the slot freed last is reused: the
+        for i in reversed(range(self.slots)):                  # others get buffers only when a backlog needs them
             self._free.put(i)
         self._work: queue.Queue[tuple] = queue.Queue()  # items hold slots: bounded by them
         self._error: BaseException | None = None
