@@ -118,6 +118,7 @@ def bad_calls(rank: int) -> dict:
         "mixed": {**good, "wte": cr.Shard(wte[:6], 0) if rank == 0 else wte},
         "past_the_end": {**good, "wte": good["wte"] if rank == 0 else cr.Shard(wte[6:], 10)},
         "wrong_dtype_on_rank_1": {**good, "loss": full_step(0)["loss"].double() if rank == 1 else good["loss"]},
+        "rank_local_loss": {**good, "loss": good["loss"] + rank},  # each rank's own loss, passed as replicated
     }
     return calls
 
@@ -373,6 +374,8 @@ def test_two_ranks_record_the_same_run_as_one_process(job1):
     ("mixed", r"field 'wte' is a Shard on rank\(s\) 0 and a plain tensor on rank\(s\) 1"),
     ("past_the_end", r"^rank 1: field 'wte': Shard rows 10\.\.15 lie past the field's 12 rows"),
     ("wrong_dtype_on_rank_1", r"^rank 1: field 'loss': dtype torch.float64 given, the field records torch.float32"),
+    ("rank_local_loss", r"^field 'loss' is a plain tensor \(replicated: rank 0 writes it\) but rank\(s\) 1 gave other "
+                        r"values than rank 0 at step 0: a rank-local value\?"),
 ])
 def test_bad_tiling_is_refused_on_every_rank(job1, case, message):
     rank0, rank1 = job1[1]["refusals"]

@@ -8,6 +8,7 @@ rank 0 moves the commit marker to the minimum of every rank's durable progress.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -72,6 +73,24 @@ class Ranks:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """The bytes of a replicated value, to compare across ranks at the first step (copied to the
+    host once: the first step is collective anyway)."""
+    return hashlib.blake2b(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
+                           digest_size=16).hexdigest()
+
+
+def _check_replicated_agree(step: int, digests: list[dict[str, str]]) -> None:
+    """A plain tensor is replicated (rank 0 writes it): a rank-local value would silently keep rank 0's."""
+    for name, first in digests[0].items():
+        differ = [rank for rank, d in enumerate(digests) if d.get(name) != first]
+        if differ:
+            raise CrucibleError(
+                f"field {name!r} is a plain tensor (replicated: rank 0 writes it) but rank(s) "
+                f"{', '.join(map(str, differ))} gave other values than rank 0 at step {step}: a rank-local value? "
+                f"make it equal on every rank first (dist.all_reduce), or record each rank's rows as cr.Shard")
 
 
 def _first_error(errors: list) -> str | None:
@@ -337,23 +356,24 @@ class RankRecorder(Recorder):
             if self._create is None:  # resuming: the run's own split, to check the given one against
                 self._group, _ = open_group(self.store, mode="r+" if self.rank == 0 else "r")
                 self._stored = {name: read_partition(self._group[name]) for name in self.fields}
-            layout = {}
+            layout, digests = {}, {}
             for name in self._due(step, tensors):
                 value, spec = tensors[name], self.fields[name]
                 if isinstance(value, Shard):
                     as_shard_tensor(name, value, spec)
                     layout[name] = (value.offset, value.rows)
                 else:
-                    as_tensor(name, value, spec)
+                    digests[name] = _digest(as_tensor(name, value, spec))
                     layout[name] = None
         except Exception as e:
             error = _describe(e)
-        gathered = self._ranks.all_gather((error, layout))
-        message = _first_error([e for e, _ in gathered])
+        gathered = self._ranks.all_gather((error, layout, digests))
+        message = _first_error([e for e, _, _ in gathered])
         plan = None
         if message is None:
             try:
-                plan = self._plan_of([given for _, given in gathered])
+                plan = self._plan_of([given for _, given, _ in gathered])
+                _check_replicated_agree(step, [d for _, _, d in gathered])
             except CrucibleError as e:
                 message = str(e)
         if message is None and self._create is not None:
