@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .codecs import CODEC_PRESETS, Layout
-from .crucible3.config import DEVICES, RunConfig, load_config_file
+from .crucible3.config import DEVICES, RECORD_ROWS, RECORDABLE, RunConfig, load_config_file, parse_record
 from .errors import CrucibleError, Interrupted
 from .recorder import DEFAULT_COMMIT_INTERVAL
 from .steps_text import steps_committed
@@ -80,6 +80,11 @@ def cli() -> None:
               help="tokens per inner chunk (smaller = faster single-token reads)")
 @click.option("--codec", type=click.Choice(CODEC_PRESETS), default=Layout.codec, show_default=True,
               help="compression preset (all lossless)")
+@click.option("--record", "record", default=None, metavar="NAME,...",
+              help=f"also record, every step, W's gradient and AdamW's state for W: any of {','.join(RECORDABLE)} "
+                   f"(fields {', '.join(RECORDABLE.values())}; NaN at step 0) [default: none]")
+@click.option("--record-rows", "record_rows", type=click.Choice(RECORD_ROWS), default="all", show_default=True,
+              help="the tokens whose rows of the --record fields are kept")
 @click.option("--progress/--no-progress", default=True, help="show the progress bar")
 @click.pass_context
 def train(ctx, out, config_file, resume, commit_interval, durability, writer_threads, checkpoints, time_chunk,
@@ -103,7 +108,11 @@ def train(ctx, out, config_file, resume, commit_interval, durability, writer_thr
     else:
         settings = load_config_file(config_file) if config_file else {}
         settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
+        if "record" in given:
+            settings["record"] = parse_record(values["record"])
         config = RunConfig.from_dict(settings)
+        if "record_rows" in given and not config.record:
+            raise CrucibleError("--record-rows needs --record (it selects the rows of the recorded fields)")
         if out is None:
             out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
         layout = Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec)

@@ -13,6 +13,10 @@ from ..errors import CrucibleError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
+# --record NAME,...: the Crucible-2 data, recorded beside W (off by default). name -> field name.
+RECORDABLE = {"grad": "W_grad", "exp_avg": "W_exp_avg", "exp_avg_sq": "W_exp_avg_sq"}
+RECORD_ROWS = ("all", "dead", "live")  # --record-rows: which tokens' rows of those fields are kept
+
 # Sizes above these are refused as typos rather than attempted.
 _LIMITS = {
     "steps": 10_000_000,
@@ -46,13 +50,28 @@ class RunConfig:
     tokenizer: str | None = None
     dead_mask: str | None = None
     device: str = "auto"
+    # Not the notebook's: extra fields (RECORDABLE) and their rows. Absent from to_dict() when off,
+    # so a default run's config (and every run recorded before these existed) reads as before.
+    record: tuple[str, ...] = ()
+    record_rows: str = "all"
 
     def __post_init__(self) -> None:
+        if isinstance(self.record, str):  # a config file's "grad,exp_avg"
+            object.__setattr__(self, "record", parse_record(self.record))
+        elif isinstance(self.record, list):  # JSON has no tuples
+            object.__setattr__(self, "record", tuple(self.record))
         self.validate()
+
+    @property
+    def recorded_fields(self) -> tuple[str, ...]:
+        """Field names of the extra data recorded (--record), in the order given; () by default."""
+        return tuple(RECORDABLE[name] for name in self.record)
 
     def validate(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name in ("record", "record_rows"):
+                continue  # checked below
             if f.name in ("corpus", "tokenizer", "dead_mask"):
                 if value is not None and not isinstance(value, str):
                     raise CrucibleError(f"{f.name} must be a path, got {value!r}")
@@ -86,9 +105,22 @@ class RunConfig:
             raise CrucibleError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.device not in DEVICES:
             raise CrucibleError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not isinstance(self.record, tuple) or not all(isinstance(name, str) for name in self.record):
+            raise CrucibleError(f"record must be a list of names ({', '.join(RECORDABLE)}), got {self.record!r}")
+        check_record(self.record)
+        if self.record_rows not in RECORD_ROWS:
+            raise CrucibleError(f"--record-rows must be one of {', '.join(RECORD_ROWS)}, got {self.record_rows!r}")
+        if self.record_rows != "all" and not self.record:
+            raise CrucibleError("--record-rows needs --record (it selects the rows of the recorded fields)")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as stored in a run; without record/record_rows when nothing extra is recorded."""
+        values = dataclasses.asdict(self)
+        if self.record:
+            values["record"] = list(self.record)
+        else:
+            del values["record"], values["record_rows"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
@@ -106,6 +138,22 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+
+def parse_record(text: str) -> tuple[str, ...]:
+    """--record grad,exp_avg -> ("grad", "exp_avg"), checked: known names, each once."""
+    return check_record(tuple(part.strip() for part in text.split(",")))
+
+
+def check_record(names: tuple[str, ...]) -> tuple[str, ...]:
+    known = ", ".join(RECORDABLE)
+    for i, name in enumerate(names):
+        if name not in RECORDABLE:
+            what = "an empty name" if not name else f"unknown name {name!r}"
+            raise CrucibleError(f"--record: {what}; choose from {known} (comma-separated)")
+        if name in names[:i]:
+            raise CrucibleError(f"--record: {name!r} is given twice")
+    return names
 
 
 def _flag(name: str) -> str:

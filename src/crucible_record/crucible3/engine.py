@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from .config import RunConfig
+from .config import RECORDABLE, RunConfig
 from .data import (
     TextDataset,
     TokenMasks,
@@ -92,14 +92,38 @@ class TrainResult:
         return float(self.last_loss.float()) if self.last_loss is not None else float("nan")
 
 
-def fields(config: RunConfig) -> dict[str, Field]:
-    """What a Crucible-3 run records at every step (h_mean and loss are NaN at step 0)."""
-    return {
+def fields(config: RunConfig, masks: TokenMasks | None = None) -> dict[str, Field]:
+    """What a Crucible-3 run records at every step (h_mean and loss are NaN at step 0).
+
+    With ``config.record`` (``--record``) also the Crucible-2 data of W: its gradient ``W_grad`` and
+    AdamW's ``W_exp_avg``, ``W_exp_avg_sq`` (NaN at step 0), of the rows ``config.record_rows``
+    says (dead or live ones: `masks` needed). The model is bf16, and so are W's gradient and AdamW's
+    state (``zeros_like(W)``): recorded as bf16, bit-exact (the recorder refuses any other dtype).
+    """
+    recorded = {
         "W": Field((config.vocab_size, config.hidden_dim), torch.bfloat16, dims=("token", "hidden")),
         "h_mean": Field((config.hidden_dim,), torch.float32, dims=("hidden",)),
         "loss": Field((), torch.float32),
         "epoch": Field((), torch.int64),
     }
+    rows = _recorded_rows(config, masks)
+    for name in config.recorded_fields:
+        recorded[name] = Field((config.vocab_size, config.hidden_dim), torch.bfloat16, rows=rows,
+                               dims=("token", "hidden"))
+    return recorded
+
+
+def _recorded_rows(config: RunConfig, masks: TokenMasks | None) -> torch.Tensor | None:
+    """The token rows kept of the --record fields: None for all of them."""
+    if not config.record or config.record_rows == "all":
+        return None
+    if masks is None:
+        raise CrucibleError("--record-rows dead/live needs the run's dead mask")
+    rows = masks.dead_indices if config.record_rows == "dead" else torch.nonzero(masks.live_mask).flatten()
+    if rows.numel() == 0:
+        raise CrucibleError(f"--record-rows {config.record_rows}: this corpus and vocabulary leave no "
+                            f"{config.record_rows} token")
+    return rows
 
 
 # Called with (step, tensors) for steps already on disk: a resume recomputes them and checks them.
@@ -145,16 +169,28 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     autocast_device = device if device != "mps" else "cpu"
     recorded_from = recorder.next_step if recorder is not None else 0
+    W = model.embedding.weight
 
-    def emit(step: int, epoch: int, h_mean: torch.Tensor, loss: torch.Tensor) -> bool:
+    def emit(step: int, epoch: int, h_mean: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | None) -> bool:
         """Hand one step to the recorder (or to the replay check); True at a commit point."""
-        tensors = {"W": model.embedding.weight.detach(), "h_mean": h_mean, "loss": loss,
-                   "epoch": torch.tensor(epoch, dtype=torch.int64)}
+        tensors = {"W": W.detach(), "h_mean": h_mean, "loss": loss,
+                   "epoch": torch.tensor(epoch, dtype=torch.int64), **crucible2(grad)}
         if step < recorded_from:
             if replay is not None:
                 replay(step, tensors)
             return False
         return recorder is not None and recorder.record(step, **tensors)
+
+    def crucible2(grad: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """--record: W's gradient of this step and the AdamW state its update left ({} by default).
+        Passed as they are (the recorder copies them at once, before they change); NaN at step 0."""
+        if not config.record:
+            return {}
+        if grad is None:  # step 0: no gradient or optimizer state yet
+            return {name: torch.full_like(W, float("nan")).detach() for name in config.recorded_fields}
+        state = optimizer.state[W]
+        values = {"grad": grad, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+        return {RECORDABLE[name]: values[name] for name in config.record}
 
     step, epoch, skip = 0, 0, 0
     if resume_from is not None:
@@ -162,7 +198,7 @@ def train(
         epoch -= 1  # the loop below begins the checkpoint's epoch again and skips its used batches
     else:
         nan = torch.full((), float("nan"), device=device)
-        emit(0, 0, nan.expand(config.hidden_dim).clone(), nan)  # the initial embedding: no forward pass yet
+        emit(0, 0, nan.expand(config.hidden_dim).clone(), nan, None)  # the initial embedding: no forward pass yet
 
     bar = _progress_bar(config.steps, step, progress)
     model.train()
@@ -191,13 +227,14 @@ def train(
 
                 optimizer.zero_grad()
                 loss.backward()
+                grad = W.grad if config.record else None  # --record: this step's gradient of W, before step()
                 optimizer.step()
 
                 step += 1
                 batches_done += 1
                 # The notebook never detaches h_mean; detaching keeps the values, drops the graph.
                 h_mean = h.detach().mean(dim=(0, 1)).float()
-                if emit(step, epoch, h_mean, loss.detach().float()) and checkpoints_to is not None:
+                if emit(step, epoch, h_mean, loss.detach().float(), grad) and checkpoints_to is not None:
                     snap = checkpoint.snapshot(step, epoch, batches_done, epoch_rng_state, model, optimizer)
                     recorder.after_commit(step, lambda s=snap: checkpoint.save(checkpoints_to, s))
                 if bar is not None:  # the writer's copy of the loss: no device sync here

@@ -3,6 +3,11 @@
 Byte for byte what the notebook saves for the same steps (tests/test_fidelity.py checks it):
 W as uint16 bf16 bits (steps+1, vocab, hidden), h_mean (steps, hidden) without the run's NaN row of
 step 0, loss, dead_mask, dead_indices; the streamed writer is crucible_record.export's.
+
+A run recorded with ``--record`` adds its fields to the file under their names (W_grad, W_exp_avg,
+W_exp_avg_sq: uint16 bf16 bits like W, (steps+1, rows, hidden), NaN at step 0) and, for a row
+subset (--record-rows dead|live), the kept token ids as ``<name>.rows`` (int64); metadata.json
+gives their shapes and "record_rows". A default run's two files are the notebook's, unchanged.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from pathlib import Path
 
 from ..export import check_targets, field_blocks, tensor_spec, write_safetensors
 from ..storage import write_json
+from .config import RECORDABLE
 from .trajectory import Trajectory
 
 TRAJECTORY_FILE = "crucible_3_trajectory.safetensors"
@@ -23,9 +29,19 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
     steps, vocab, hidden = traj.steps, traj.W.shape[1], traj.W.shape[2]
     tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
     tensors["W"] = ("U16", [steps + 1, vocab, hidden], (steps + 1) * vocab * hidden * 2, field_blocks(traj.W))
+    for name in recorded_extras(traj):  # --record: stored like W
+        field = traj[name]
+        tensors[name] = ("U16", list(field.shape), field.shape.numel() * 2, field_blocks(field))
+        if field.rows is not None:
+            tensors[f"{name}.rows"] = tensor_spec(field.rows)
     write_safetensors(target, tensors)
     write_json(meta_path, notebook_metadata(traj))
     return target, meta_path
+
+
+def recorded_extras(traj: Trajectory) -> list[str]:
+    """The --record fields of the run (none for a default or imported run)."""
+    return [name for name in RECORDABLE.values() if name in traj.fields]
 
 
 def notebook_metadata(traj: Trajectory) -> dict:
@@ -62,6 +78,10 @@ def notebook_metadata(traj: Trajectory) -> dict:
         },
         "notes": "h_mean persistence and live/dead separation study. Records all tokens + h_mean[t]. Same seed as Crucible 1 & 2.",
     }
+    extras = recorded_extras(traj)
+    if extras:  # not the notebook's: only for a run recorded with --record
+        meta["data_shapes"].update((name, list(traj[name].shape)) for name in extras)
+        meta["record_rows"] = traj.config.record_rows
     kept = traj.attrs.get("notebook_metadata")
     if isinstance(kept, dict):  # an imported notebook file: its values where the tensors cannot say them
         meta.update((key, kept[key]) for key in ("experiment", "series", "date", "total_epochs", "device", "notes")

@@ -62,7 +62,7 @@ def start_run(
     device = resolve_device(config.device)
     recorder = record(
         run_dir,
-        fields(config),
+        fields(config, inputs.masks),
         steps=config.steps + 1,  # W[0] is the initial embedding, W[s] the one after step s
         attributes={
             "experiment": EXPERIMENT,
@@ -96,7 +96,7 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"{run_dir} was recorded by crucible-record 0.1 (format 1): it can be read and exported, not resumed")
     if info.attributes.get("experiment") != EXPERIMENT:
         raise CrucibleError(f"{run_dir} is not a Crucible-3 run; `train --resume` continues only those")
-    config = RunConfig.from_dict(info.attributes["config"])
+    config = RunConfig.from_dict(info.attributes["config"])  # with its --record choice, if any
     done = read_commit(store, group)["steps"] - 1
     if done >= config.steps:
         raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}")
@@ -105,7 +105,7 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
     resolve_device(config.device)
     ckpt = checkpoint.load(store)  # before taking the run: a refusal leaves it as it was
-    recorder = record(run_dir, fields(config), resume=True, commit_interval=commit_interval, durability=durability,
+    recorder = record(run_dir, fields(config, inputs.masks), resume=True, commit_interval=commit_interval, durability=durability,
                       writer_threads=writer_threads)
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
@@ -162,6 +162,7 @@ class _ReplayCheck:
     """On resume, steps already on disk are recomputed and must equal what was written, bit for bit.
 
     Each stored block is decoded once (the recomputed steps of a block are checked against it).
+    A field that keeps some rows only (--record-rows) is checked on those rows.
     """
 
     def __init__(self, run_dir):
@@ -174,6 +175,8 @@ class _ReplayCheck:
         for name, value in tensors.items():
             stored = self._row(name, step)
             given = value.detach().cpu()
+            rows = self.run[name].rows
+            given = given if rows is None else given.index_select(0, rows)
             given = given.view(torch.uint16) if given.dtype == torch.bfloat16 else given
             if given.numpy().tobytes() != stored.tobytes():
                 raise CrucibleError(

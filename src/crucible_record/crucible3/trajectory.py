@@ -5,6 +5,8 @@ The run itself is a generic one (fields ``W``, ``h_mean``, ``loss``, ``epoch``; 
 notebook's pairing, h_mean[i] from the forward pass of step i+1, is recorded generically: every
 field is recorded at every step, and at step 0 (the initial embedding, before any forward pass)
 h_mean and loss are NaN. ``t.h_mean`` drops that row, as the notebook's ``h_mean_history`` has none.
+A run recorded with ``train --record`` has the fields ``W_grad``, ``W_exp_avg``, ``W_exp_avg_sq``
+too (``t["W_grad"]``; bf16, NaN at step 0; ``t["W_grad"].rows``: the kept token ids, or None).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def is_crucible(run: Run) -> bool:
 class Trajectory(Run):
     """A Crucible-3 run opened for reading; everything reflects the committed steps only.
 
-    The generic interface (``t["W"]``, ``t.fields``, ``t.committed_steps``) works too.
+    The generic interface (``t["W"]``, ``t["W_grad"]``, ``t.fields``, ``t.committed_steps``) works too.
     """
 
     def __init__(self, source: str | Path | Run):
