@@ -297,6 +297,21 @@ def test_checkpoint_with_malformed_metadata_gets_a_one_line_refusal(capsys, tmp_
     assert not marker.exists()
 
 
+def test_checkpoint_of_another_shape_is_refused_naming_the_tensor(capsys, tmp_path, base_run):
+    """A real checkpoint with one model tensor of the wrong shape: refused before the resume starts."""
+    from safetensors import safe_open
+
+    run_dir = copy_run(base_run, tmp_path / "run", committed=8)
+    path = run_dir / "checkpoint.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["model.embedding.weight"] = tensors["model.embedding.weight"][:-1].clone()
+    save_file(tensors, str(path), metadata=metadata)
+    result = resume(capsys, run_dir)
+    assert_one_line_error(result, "checkpoint does not fit", "model.embedding.weight")
+    assert commit_steps(run_dir) == 8
+
+
 def test_a_refused_resume_releases_the_run(capsys, tmp_path, base_run):
     """After a refused checkpoint, the same process can try again: the run's lock is not kept."""
     run_dir = copy_run(base_run, tmp_path / "run", committed=4)

@@ -304,8 +304,9 @@ class Recorder:
         self._rows_on: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.slots = slots or staging_slots(fields, max(block.rows for block in self._blocks.values()))
         self._slots = [_Slot() for _ in range(self.slots)]
-        self._free: queue.LifoQueue[int] = queue.LifoQueue()  # the slot freed last is reused: the
-        for i in reversed(range(self.slots)):                  # others get buffers only when a backlog needs them
+        # Last freed, first reused: the slots beyond the few in use get buffers only when a backlog needs them.
+        self._free: queue.LifoQueue[int] = queue.LifoQueue()
+        for i in reversed(range(self.slots)):
             self._free.put(i)
         self._work: queue.Queue[tuple] = queue.Queue()  # items hold slots: bounded by them
         self._error: BaseException | None = None

@@ -98,6 +98,25 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
+def check_fits(ckpt: dict[str, Any], model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose model tensors are not `model`'s (names, shapes, dtypes).
+
+    Called before a resume takes the run or says anything, so such a file gets the one-line
+    refusal alone; `model` may live on the meta device (no memory, no RNG draws).
+    """
+    saved = {k[len("model."):]: v for k, v in ckpt["tensors"].items() if k.startswith("model.")}
+    wanted = model.state_dict()
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in saved or name not in wanted:
+            why = f"{'no' if name not in saved else 'an unexpected'} tensor model.{name}"
+        elif saved[name].shape != wanted[name].shape or saved[name].dtype != wanted[name].dtype:
+            why = (f"model.{name} is {saved[name].dtype} {tuple(saved[name].shape)}, "
+                   f"this run's is {wanted[name].dtype} {tuple(wanted[name].shape)}")
+        else:
+            continue
+        raise CrucibleError(f"checkpoint does not fit this run ({why}); delete it to resume from step 0")
+
+
 def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             device: str) -> tuple[int, int, int]:
     """Load model, optimizer and RNG states; returns (step, epoch, batches_done)."""

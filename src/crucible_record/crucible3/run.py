@@ -28,6 +28,7 @@ from ..storage import is_url, open_store
 from . import checkpoint
 from .config import RunConfig
 from .engine import Inputs, fields, load_inputs, resolve_device, train
+from .model import TinyLM
 from .trajectory import EXPERIMENT
 
 @dataclass
@@ -105,6 +106,10 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
     resolve_device(config.device)
     ckpt = checkpoint.load(store)  # before taking the run: a refusal leaves it as it was
+    if ckpt is not None:
+        with torch.device("meta"):  # the run's model without memory or RNG draws, to check the checkpoint against
+            model = TinyLM(config.vocab_size, config.hidden_dim, config.num_layers, config.num_heads, config.seq_len)
+        checkpoint.check_fits(ckpt, model.to(torch.bfloat16))
     recorder = record(run_dir, fields(config, inputs.masks), resume=True, commit_interval=commit_interval, durability=durability,
                       writer_threads=writer_threads)
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:

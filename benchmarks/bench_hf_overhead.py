@@ -1,0 +1,207 @@
+"""Issue 15: what recording costs a Hugging Face GPT-2 trained by its own AdamW loop, on the CPU.
+
+The workload of the issue: ``GPT2LMHeadModel`` (n_embd 64, 2 layers, vocab 5000, built from a
+config), 200 steps of batch 8 x 64 tokens, recording wte (float32, every step: 1.28 MB a step,
+blocks of 64 steps = 82 MB), the gradient norm every 5 steps, a 500-row bf16 copy of wte and the
+loss, through ``cr.watch``-free plain ``rec.record`` calls. Variants, each a whole run in a fresh
+process, interleaved round by round with the order rotated:
+
+    none        unrecorded (the same loop computes the grad norm and the bf16 copy: only recording differs)
+    slots3      recorded with 3 staging slots (the default before this issue)
+    default     recorded with the default staging (one block of steps, staging_slots())
+    none_again  unrecorded again: the A/A control of the method's noise
+
+Reported per variant: the median over rounds of the wall seconds from the first step to the run
+committed (close() returned), its spread (min..max), the ratio to `none`; the step-time
+distribution (p50, p99, max of the time between record() calls, pooled over rounds) so that bursts
+at block boundaries show; stalls (record() calls that waited for a free staging slot) and their
+seconds. --crucible also runs the Crucible-3 batch-16 config (bench_overhead's) the same way,
+slots3 against default.
+
+    python benchmarks/bench_hf_overhead.py [--rounds 5] [--quick]
+
+Writes benchmarks/results/hf_overhead.json (results/quick/ with --quick).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SCRATCH, Result, median, parser, r  # noqa: E402
+
+VARIANTS = ("none", "slots3", "default", "none_again")
+VOCAB, HIDDEN, BATCH, SEQ = 5000, 64, 8, 64
+
+
+def child(variant: str, steps: int, out: Path) -> dict:
+    """One whole run in this process; returns its timings."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import crucible_record as cr
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=SEQ))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wte = model.transformer.wte.weight
+    sample = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))[:500]
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen) for _ in range(16)]
+    fields = {"wte": cr.Field((VOCAB, HIDDEN), torch.float32), "grad_norm": cr.Field((), torch.float32, every=5),
+              "wte_bf16_some": cr.Field((VOCAB, HIDDEN), torch.bfloat16, rows=sample.tolist()),
+              "loss": cr.Field((), torch.float32)}
+    rec = None
+    if variant in ("slots3", "default"):
+        rec = cr.record(out, fields, steps=steps, slots=3 if variant == "slots3" else None)
+    stamps = []
+    began = time.perf_counter()
+    for step in range(steps):
+        stamps.append(time.perf_counter())
+        ids = batches[step % len(batches)]
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+        some = wte.detach().to(torch.bfloat16)  # computed in every variant: only recording differs
+        if rec is not None:
+            tensors = {"wte": wte.detach(), "wte_bf16_some": some, "loss": loss.detach()}
+            if step % 5 == 0:
+                tensors["grad_norm"] = grad_norm
+            rec.record(step, **tensors)
+        optimizer.step()
+    stamps.append(time.perf_counter())
+    if rec is not None:
+        rec.close()
+    wall = time.perf_counter() - began
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out_row = {"wall_s": wall, "steps_s": [b - a for a, b in zip(stamps, stamps[1:])],
+               "stalls": rec.stalls if rec else 0, "stall_s": rec.stall_seconds if rec else 0.0,
+               "slots": rec.slots if rec else None, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "writer_s": rec.writer_seconds if rec else 0.0}
+    if variant == "default":  # the physical limit: one core of bare zstd-3 on the recorded bytes
+        import numcodecs
+
+        run = cr.open(out)
+        data = [run[name].numpy() for name in run.fields]
+        t0 = time.perf_counter()
+        for array in data:
+            numcodecs.Zstd(level=3).encode(array.tobytes())
+        out_row["bare_zstd_s"] = time.perf_counter() - t0
+    return out_row
+
+
+def crucible_child(variant: str, out: Path) -> dict:
+    """bench_overhead's batch-16 config (12 steps, blocks of 4), recorded as `train` records it."""
+    import crucible_record.crucible3.run as run
+    from crucible_record.codecs import Layout
+    from crucible_record.crucible3.config import RunConfig
+    from crucible_record.crucible3.engine import load_inputs, train
+
+    config = RunConfig(steps=12, batch_size=16, seq_len=128, device="cpu")
+    inputs = load_inputs(config)
+    began = time.perf_counter()
+    if variant.startswith("none"):
+        train(config, inputs, None, progress=False)
+        return {"wall_s": time.perf_counter() - began, "steps_s": [], "stalls": 0, "stall_s": 0.0, "slots": None,
+                "writer_s": 0.0}
+    real_record = run.record
+    slots = 3 if variant == "slots3" else None
+    seen = {}
+
+    def record_with_slots(*args, **kwargs):
+        seen["rec"] = real_record(*args, slots=slots, **kwargs)
+        return seen["rec"]
+
+    run.record = record_with_slots
+    run.start_run(config, out, layout=Layout(time_chunk=4), checkpoints=False, progress=False)
+    rec = seen["rec"]
+    return {"wall_s": time.perf_counter() - began, "steps_s": [], "stalls": rec.stalls, "stall_s": rec.stall_seconds,
+            "slots": rec.slots, "writer_s": rec.writer_seconds}
+
+
+def run_variant(workload: str, variant: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="crucible-bench-hf-", dir=SCRATCH) as d:
+        cmd = [sys.executable, __file__, "--child", workload, variant, str(steps), str(Path(d) / "run")]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"{workload} {variant} failed:\n{done.stderr[-3000:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    base = median([x["wall_s"] for x in runs["none"]])
+    out = {}
+    for variant, xs in runs.items():
+        walls = [x["wall_s"] for x in xs]
+        steps = [s for x in xs for s in x["steps_s"]]
+        row = {"wall_s_median": r(median(walls)), "wall_s_min": r(min(walls)), "wall_s_max": r(max(walls)),
+               "ratio_to_none": r(median(walls) / base), "stalls_median": median([x["stalls"] for x in xs]),
+               "stall_s_median": r(median([x["stall_s"] for x in xs])), "slots": xs[0]["slots"], "rounds": len(xs),
+               "writer_s_median": r(median([x.get("writer_s", 0.0) for x in xs]))}
+        if "bare_zstd_s" in xs[0]:
+            row["bare_zstd_s_median"] = r(median([x["bare_zstd_s"] for x in xs]))
+        if steps:
+            row.update(step_ms_p50=r(1e3 * statistics.median(steps), 1), step_ms_p99=r(1e3 * percentile(steps, 0.99), 1),
+                       step_ms_max=r(1e3 * max(steps), 1))
+        out[variant] = row
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        workload, variant, steps, out = sys.argv[2:6]
+        result = child(variant, int(steps), Path(out)) if workload == "hf" else crucible_child(variant, Path(out))
+        print(json.dumps(result))
+        return
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=None, help="rounds of every variant [default 5, quick 2]")
+    p.add_argument("--steps", type=int, default=None, help="steps a run [default 200, quick 70]")
+    p.add_argument("--crucible", action="store_true", help="also the Crucible-3 batch-16 config")
+    args = p.parse_args()
+    rounds = args.rounds or (2 if args.quick else 5)
+    steps = args.steps or (70 if args.quick else 200)
+    res = Result("hf_overhead", args.quick)
+    workloads = ["hf"] + (["crucible"] if args.crucible else [])
+    for workload in workloads:
+        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for i in range(rounds):
+            order = VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)]
+            for variant in order:
+                runs[variant].append(run_variant(workload, variant, steps))
+                print(f"[hf_overhead] {workload} round {i + 1}/{rounds} {variant}: "
+                      f"{runs[variant][-1]['wall_s']:.2f} s, stalls {runs[variant][-1]['stalls']}", flush=True)
+        table = summarise(runs)
+        res.details[workload] = {"table": table, "steps": steps if workload == "hf" else 12, "rounds": rounds}
+        goal = 1.05 if workload == "hf" else 1.03
+        aa = table["none_again"]["ratio_to_none"]
+        for variant in ("slots3", "default"):
+            row = table[variant]
+            note = (f"A/A {aa}; wall {row['wall_s_min']}..{row['wall_s_max']} s; stalls {row['stalls_median']} "
+                    f"({row['stall_s_median']} s); slots {row['slots']}")
+            if "step_ms_p50" in row:
+                note += f"; step p50/p99/max {row['step_ms_p50']}/{row['step_ms_p99']}/{row['step_ms_max']} ms " \
+                        f"(unrecorded {table['none']['step_ms_p50']}/{table['none']['step_ms_p99']}/{table['none']['step_ms_max']})"
+            if "bare_zstd_s_median" in row:
+                note += (f"; writer busy {row['writer_s_median']} s a run, bare zstd-3 on the same bytes "
+                         f"{row['bare_zstd_s_median']} s (one core)")
+            met = row["ratio_to_none"] <= goal if variant == "default" else None
+            res.target(f"{workload}_{variant}", f"recorded / unrecorded wall <= {goal}x", row["ratio_to_none"], met,
+                       note, "x")
+    res.save()
+
+
+if __name__ == "__main__":
+    main()
