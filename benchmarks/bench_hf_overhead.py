@@ -3,7 +3,7 @@
 The workload of the issue: ``GPT2LMHeadModel`` (n_embd 64, 2 layers, vocab 5000, built from a
 config), 200 steps of batch 8 x 64 tokens, recording wte (float32, every step: 1.28 MB a step,
 blocks of 64 steps = 82 MB), the gradient norm every 5 steps, a 500-row bf16 copy of wte and the
-loss, through ``cr.watch``-free plain ``rec.record`` calls. Variants, each a whole run in a fresh
+loss, through plain ``rec.record`` calls (no ``cr.watch``). Variants, each a whole run in a fresh
 process, interleaved round by round with the order rotated:
 
     none        unrecorded (the same loop computes the grad norm and the bf16 copy: only recording differs)

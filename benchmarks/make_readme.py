@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["overhead", "speed", "token_layout", "codec_path", "compression", "memory", "durability", "analysis_memory", "dask_analysis",
-         "multirank", "s3", "overhead_cuda"]
+ORDER = ["overhead", "hf_overhead", "speed", "token_layout", "codec_path", "compression", "memory", "durability", "analysis_memory", "dask_analysis",
+         "xarray_chunks", "multirank", "s3", "overhead_cuda"]
 
 HEADER = """# crucible-record benchmarks
 
@@ -30,6 +30,7 @@ bash benchmarks/gpu_check.sh --dry-run  # the same script on the CPU, CUDA steps
 | script | what it measures |
 | --- | --- |
 | `bench_overhead.py` | what recording costs a training run on the CPU, end to end: whole runs spanning >= 2 blocks, recorded vs unrecorded, a fresh process each, interleaved rounds, medians, A/A control (`--details`: step-by-step lockstep and writer contention; `--device cuda`: the GPU) |
+| `bench_hf_overhead.py` | what recording costs a Hugging Face GPT-2 (n_embd 64, 2 layers, vocab 5000) trained by its own AdamW loop: wte f32 every step, a grad norm every 5, a 500-row bf16 subset, the loss; 3 staging slots vs the default (one block), A/A, step-time p50/p99/max, stalls, the writer's busy time vs the bare codec (`--crucible`: the Crucible batch-16 config too) |
 | `bench_speed.py` | the writer through the real `Recorder` (Crucible-size and GPT-2-size embeddings, 1 and 2 writer threads) and the reads (full scan, verify, export, one token's trajectory, dead-token centroids) of a 1,200-step run, each against one core of the bare zstd codec on the same bytes, in the same run |
 | `bench_token_layout.py` | one token's whole trajectory vs the inner chunk's row count (100, 25, 10): ms, the bare decode of the same inner chunks, full-scan rate, compression |
 | `bench_codec_path.py` | one whole block: zarr-python's write/read path vs `shardio` vs the bare codec, per thread count; the staging transposes; which C calls release the GIL |
@@ -38,6 +39,7 @@ bash benchmarks/gpu_check.sh --dry-run  # the same script on the CPU, CUDA steps
 | `bench_durability.py` | the writer's time per step with durability fsync vs none, and commits every 8 steps vs per block; fsync calls per commit |
 | `analysis_memory.py` | peak RSS of `crucible-record analyze` for two run lengths vs loading W whole |
 | `bench_dask_analysis.py` | `analyze --workers N` on a local Dask cluster vs one process: time, bit-identical results, worker memory |
+| `bench_xarray_chunks.py` | `xarray.open_zarr` of a 256-step 10,000 x 64 bf16 run: a mean over all steps with whole-shard chunks vs steps-only chunks |
 | `bench_multirank.py` | 2 ranks (torch.distributed, gloo) recording one run vs one process |
 | `bench_s3.py` | recording to and scanning from S3 (a local moto server) vs the local disk |
 | `bench_gpu_embedding.py` | a GPT-2-size embedding (50257 x 768 bf16) recorded every step, as 2,000 rows and every 10 steps while a GPT-2-shaped model trains on the GPU: steps/s with and without (A/A), writer threads, host cores busy, stalls, step-time p50/p99/max (`--device cpu --small`: a dry run) |

@@ -36,6 +36,8 @@ BENCHMARKS = {
     "dask_analysis": ("bench_dask_analysis.py", []),
     "multirank": ("bench_multirank.py", []),
     "s3": ("bench_s3.py", []),
+    "xarray_chunks": ("bench_xarray_chunks.py", []),
+    "hf_overhead": ("bench_hf_overhead.py", ["--crucible"]),
 }
 
 
