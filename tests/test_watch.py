@@ -112,3 +112,5 @@ def test_watch_capture_needs_the_loss_it_records(tmp_path):
     with pytest.raises(CrucibleError, match="the loss is one number"):
         w.capture(1, loss=torch.ones(3))
     assert math.isclose(w.capture(1, loss=torch.tensor([2.5]))["loss"].item(), 2.5)
+    python_loss = w.capture(1, loss=0.1)["loss"]  # loss.item(): not exactly a float32, still taken
+    assert python_loss.dtype == torch.float32 and python_loss.item() == torch.tensor(0.1).item()

@@ -279,7 +279,6 @@ def stored_dims(name: str, spec: Field) -> tuple[str, ...]:
     return (step_dim(spec),) + dims
 
 
-
 def _python_number(name: str, value: int | float, dtype: torch.dtype) -> torch.Tensor:
     """A Python number for a () field, converted only when the field's dtype holds it exactly."""
     if dtype == torch.bool or (isinstance(value, float) and not dtype.is_floating_point):

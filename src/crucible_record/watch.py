@@ -11,7 +11,8 @@
 Field names: a parameter's own name (``wte.weight``), its gradient ``wte.weight.grad``, its
 optimizer state ``wte.weight.exp_avg``, and ``loss``. Step ``s >= 1`` holds the parameters after
 the s-th optimizer step, the gradients that step used and the optimizer state it left; step 0 holds
-the initial parameters, and NaN for what does not exist yet (gradients, state, loss).
+the initial parameters, and NaN for what does not exist yet (gradients, state, loss). The loss is
+stored as float32 (a float64 loss, or a Python float, is rounded to it).
 
 The training-framework callbacks (crucible_record.integrations) are built on this.
 """
@@ -92,8 +93,8 @@ class Watch:
                 if loss.numel() != 1:
                     raise CrucibleError(f"step {step}: the loss is one number, got a tensor of shape {tuple(loss.shape)}")
                 out[LOSS] = loss.detach().reshape(()).float()  # the loss field is float32
-            else:
-                out[LOSS] = float(loss)
+            else:  # loss.item() too: rounded to float32 like a tensor loss
+                out[LOSS] = torch.tensor(float(loss), dtype=torch.float32)
         return out
 
     def _missing(self, name: str, like: torch.Tensor) -> torch.Tensor:
