@@ -98,13 +98,18 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
+def _model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's state_dict as saved in the checkpoint (its "model." tensors)."""
+    return {k[len("model."):]: v for k, v in ckpt["tensors"].items() if k.startswith("model.")}
+
+
 def check_fits(ckpt: dict[str, Any], model: torch.nn.Module) -> None:
     """Refuse a checkpoint whose model tensors are not `model`'s (names, shapes, dtypes).
 
     Called before a resume takes the run or says anything, so such a file gets the one-line
     refusal alone; `model` may live on the meta device (no memory, no RNG draws).
     """
-    saved = {k[len("model."):]: v for k, v in ckpt["tensors"].items() if k.startswith("model.")}
+    saved = _model_state(ckpt)
     wanted = model.state_dict()
     for name in sorted(set(saved) | set(wanted)):
         if name not in saved or name not in wanted:
@@ -122,7 +127,7 @@ def restore(ckpt: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim
     """Load model, optimizer and RNG states; returns (step, epoch, batches_done)."""
     tensors, meta = ckpt["tensors"], ckpt["meta"]
     try:
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        model.load_state_dict(_model_state(ckpt))
         state: dict[int, dict[str, Any]] = {}
         for name, value in tensors.items():
             if name.startswith("optim."):

@@ -130,6 +130,12 @@ def _recorded_rows(config: RunConfig, masks: TokenMasks | None) -> torch.Tensor 
 StepHook = Callable[[int, dict], None]
 
 
+def build_model(config: RunConfig) -> TinyLM:
+    """The notebook's model for `config`, in float32 on the current default device (train() moves
+    and casts it; a resume builds it on the meta device to check a checkpoint against)."""
+    return TinyLM(config.vocab_size, config.hidden_dim, config.num_layers, config.num_heads, config.seq_len)
+
+
 def train(
     config: RunConfig,
     inputs: Inputs,
@@ -156,8 +162,7 @@ def train(
         torch.cuda.manual_seed_all(config.seed)
 
     dataset = TextDataset(inputs.tokens, config.seq_len)
-    model = TinyLM(config.vocab_size, config.hidden_dim, config.num_layers, config.num_heads, config.seq_len)
-    model = model.to(device).to(torch.bfloat16)
+    model = build_model(config).to(device).to(torch.bfloat16)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.lr,

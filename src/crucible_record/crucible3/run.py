@@ -27,8 +27,7 @@ from ..steps_text import steps_committed
 from ..storage import is_url, open_store
 from . import checkpoint
 from .config import RunConfig
-from .engine import Inputs, fields, load_inputs, resolve_device, train
-from .model import TinyLM
+from .engine import Inputs, build_model, fields, load_inputs, resolve_device, train
 from .trajectory import EXPERIMENT
 
 @dataclass
@@ -108,7 +107,7 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     ckpt = checkpoint.load(store)  # before taking the run: a refusal leaves it as it was
     if ckpt is not None:
         with torch.device("meta"):  # the run's model without memory or RNG draws, to check the checkpoint against
-            model = TinyLM(config.vocab_size, config.hidden_dim, config.num_layers, config.num_heads, config.seq_len)
+            model = build_model(config)
         checkpoint.check_fits(ckpt, model.to(torch.bfloat16))
     recorder = record(run_dir, fields(config, inputs.masks), resume=True, commit_interval=commit_interval, durability=durability,
                       writer_threads=writer_threads)
