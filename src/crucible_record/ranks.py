@@ -227,6 +227,7 @@ class RankRecorder(Recorder):
         self.commit_interval = commit_interval
         self.writer_threads = writer_threads  # None until the first step shows the tensors' device
         self._on_gpu: bool | None = None  # likewise
+        self._processes = 1  # this machine's recording processes (likewise)
         self._niced = False  # the writer thread has set its priority
         self.rank_timeout = rank_timeout
         self._ranks = ranks
@@ -476,7 +477,7 @@ class RankRecorder(Recorder):
     def _write_own(self, steps: int) -> None:
         for block in self._blocks.values():
             if block.dirty:
-                self._written.extend(block.write(self.writer_threads))
+                self._written.extend(block.write(self._encode_threads()))
         for key in ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]:
             if not self.store.exists(key):  # never commit into a deleted run
                 raise FileNotFoundError(f"the run {self.location} disappeared during the run ({key} is gone)")

@@ -297,6 +297,7 @@ class Recorder:
         self.commit_interval = commit_interval
         self.writer_threads = writer_threads  # None until the first step shows the tensors' device
         self._on_gpu: bool | None = None  # likewise
+        self._processes = 1  # recording processes sharing this machine's cores (likewise)
         self._niced = False  # the writer thread has set its priority
         self._release = release  # the run lock, released at close
         self._blocks = {name: _Block(store, group[name], name, spec, steps is not None, spec.rows_at(committed))
@@ -355,6 +356,7 @@ class Recorder:
         after the queue hands it that step."""
         if self._on_gpu is None:
             self._on_gpu = bool(devices - {None})
+            self._processes = processes
             if self.writer_threads is None:
                 self.writer_threads = default_writer_threads(on_gpu=self._on_gpu, processes=processes)
 
@@ -499,6 +501,15 @@ class Recorder:
             self._run_after_commit(pending)
         return step + 1
 
+    def _encode_threads(self) -> int:
+        """Threads for the block about to be written: writer_threads while training runs; once
+        close() is called, training is over and waits for the writer, so the cores it used compress
+        what is left (a CPU run's writer is then often a block or more behind)."""
+        threads = self.writer_threads or 1
+        if self._closed:
+            return max(threads, default_threads() // self._processes)
+        return threads
+
     def _place(self, slot: _Slot) -> None:
         for event in slot.events:
             event.synchronize()
@@ -511,14 +522,14 @@ class Recorder:
                 self._latest[name] = float(value)
             if block.full:  # the buffer is needed for the next rows: write it now, commit soon
                 self.store.check_writer()  # (object stores: never overwrite a newer writer's shards)
-                self._written.extend(block.write(self.writer_threads))
+                self._written.extend(block.write(self._encode_threads()))
 
     def _commit(self, steps: int) -> None:
         """Write every partial block whole, make the files durable, then move the marker."""
         self.store.check_writer()
         for name, block in self._blocks.items():
             if block.dirty:
-                self._written.extend(block.write(self.writer_threads))
+                self._written.extend(block.write(self._encode_threads()))
         for key in ["zarr.json"] + [f"{name}/zarr.json" for name in self.fields]:
             # zarr would silently recreate a deleted store's folders; refuse to commit into nothing.
             if not self.store.exists(key):
