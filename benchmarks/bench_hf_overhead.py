@@ -11,8 +11,12 @@ process, interleaved round by round with the order rotated:
     default     recorded with the default staging (one block of steps, staging_slots())
     bare_codec  the physical limit: unrecorded, and the recorded bytes' own work beside it -- each
                 step's rows copied into a block, each full block's step-last inner chunks (the
-                bytes the default preset compresses) zstd-3'd by one thread at the writer's nice,
-                what is left after the last step by every core, as the recorder does
+                bytes the default preset compresses) through the preset's compressor (blosc-lz4
+                with byte shuffle for the float32 fields, zstd-3 for the bf16 one) by one thread at
+                the writer's nice, what is left after the last step by every core, as the recorder does
+
+The default run's float32 wte is also compressed by each of F32_CODECS on a quiet core (ratio and
+MB/s): the measurement behind the default preset's compressor for float32 (codecs.codecs_for).
     none_again  unrecorded again: the A/A control of the method's noise
 
 Reported per variant: the median over rounds of the wall seconds from the first step to the run
@@ -75,19 +79,21 @@ class BareCodec:
             self.encode(rows, threads=1)
 
     @staticmethod
-    def encode(rows: list, threads: int) -> None:
+    def encode(rows: list, threads: int, compressor=None) -> None:
+        """One block's inner chunks, step-last, through `compressor` (None: the default preset's for
+        the rows' dtype)."""
         import numpy as np
-        import numcodecs
 
         from crucible_record.shardio import _map
 
         block = np.stack(rows)
+        codec = compressor or default_compressor(block.dtype)
         if block.ndim == 1:
-            numcodecs.Zstd(level=3).encode(block)
+            codec.encode(block)
             return
         starts = range(0, block.shape[1], ROW_CHUNK)
-        _map(lambda i: numcodecs.Zstd(level=3).encode(
-            np.ascontiguousarray(np.moveaxis(block[:, i:i + ROW_CHUNK], 0, -1))), list(starts), threads)
+        _map(lambda i: codec.encode(np.ascontiguousarray(np.moveaxis(block[:, i:i + ROW_CHUNK], 0, -1))),
+             list(starts), threads)
 
     def close(self) -> None:
         """Training is over: what is queued and the partial blocks, on every core."""
@@ -98,6 +104,47 @@ class BareCodec:
         for rows in self.blocks.values():
             self.encode(rows, threads=default_threads())
 VOCAB, HIDDEN, BATCH, SEQ = 5000, 64, 8, 64
+
+
+def default_compressor(dtype):
+    """The numcodecs compressor the default preset gives an array of `dtype` (codecs.codecs_for)."""
+    import numcodecs
+    import numcodecs.blosc
+
+    from crucible_record.codecs import codecs_for
+
+    numcodecs.blosc.use_threads = False  # as zarr and the recorder run it
+    zarr_codec = codecs_for("default", (TIME_CHUNK, ROW_CHUNK, 1), dtype.str)["compressors"][0]
+    conf = zarr_codec.to_dict()["configuration"]
+    if zarr_codec.to_dict()["name"] == "zstd":
+        return numcodecs.Zstd(level=conf["level"])
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[conf["shuffle"]]
+    return numcodecs.Blosc(cname=conf["cname"], clevel=conf["clevel"], shuffle=shuffle, typesize=conf["typesize"])
+
+
+# Compressors compared on the recorded float32 wte (the default preset's choice for float32 is one).
+F32_CODECS = {"zstd-3": ("Zstd", {"level": 3}), "zstd-1": ("Zstd", {"level": 1}),
+              "blosc-lz4-shuffle": ("Blosc", {"cname": "lz4", "clevel": 5, "shuffle": 1, "typesize": 4}),
+              "blosc-lz4-bitshuffle": ("Blosc", {"cname": "lz4", "clevel": 5, "shuffle": 2, "typesize": 4}),
+              "blosc-zstd1-shuffle": ("Blosc", {"cname": "zstd", "clevel": 1, "shuffle": 1, "typesize": 4})}
+
+
+def f32_codec_table(wte) -> dict:
+    """Ratio and one core's MB/s of each F32_CODECS compressor on wte's step-last inner chunks."""
+    import numcodecs
+    import numpy as np
+
+    chunks = [np.ascontiguousarray(np.moveaxis(wte[s:s + TIME_CHUNK, i:i + ROW_CHUNK], 0, -1))
+              for s in range(0, wte.shape[0], TIME_CHUNK) for i in range(0, wte.shape[1], ROW_CHUNK)]
+    raw = sum(c.nbytes for c in chunks)
+    table = {}
+    for label, (kind, conf) in F32_CODECS.items():
+        codec = getattr(numcodecs, kind)(**conf)
+        t0 = time.thread_time()
+        stored = sum(len(codec.encode(c)) for c in chunks)
+        seconds = time.thread_time() - t0
+        table[label] = {"ratio": r(raw / stored), "MBps_one_core": r(raw / seconds / 1e6, 0), "cpu_s": r(seconds)}
+    return table
 
 
 def child(variant: str, steps: int, out: Path) -> dict:
@@ -154,14 +201,15 @@ def child(variant: str, steps: int, out: Path) -> dict:
                "stalls": rec.stalls if rec else 0, "stall_s": rec.stall_seconds if rec else 0.0,
                "slots": rec.slots if rec else None, "cpu_s": usage.ru_utime + usage.ru_stime,
                "writer_s": rec.writer_seconds if rec else 0.0}
-    if variant == "default":  # the codec's own CPU-seconds on the recorded bytes, on a quiet core
+    if variant == "default":  # the codecs' own CPU-seconds on the recorded bytes, on a quiet core
         run = cr.open(out)
         blocks = [[row for row in run[name].numpy()[start:start + TIME_CHUNK]]
                   for name in run.fields for start in range(0, run[name].shape[0], TIME_CHUNK)]
         t0 = time.thread_time()
         for rows in blocks:
             BareCodec.encode(rows, threads=1)
-        out_row["bare_zstd_cpu_s"] = time.thread_time() - t0
+        out_row["bare_codec_cpu_s"] = time.thread_time() - t0
+        out_row["f32_codecs"] = f32_codec_table(run["wte"].numpy())
     return out_row
 
 
@@ -225,8 +273,9 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
                "ratio_to_none": r(median(walls) / base), "stalls_median": median([x["stalls"] for x in xs]),
                "stall_s_median": r(median([x["stall_s"] for x in xs])), "slots": xs[0]["slots"], "rounds": len(xs),
                "writer_s_median": r(median([x.get("writer_s", 0.0) for x in xs]))}
-        if "bare_zstd_cpu_s" in xs[0]:
-            row["bare_zstd_cpu_s_median"] = r(median([x["bare_zstd_cpu_s"] for x in xs]))
+        if "bare_codec_cpu_s" in xs[0]:
+            row["bare_codec_cpu_s_median"] = r(median([x["bare_codec_cpu_s"] for x in xs]))
+            row["f32_codecs_first_round"] = xs[0]["f32_codecs"]
         if steps:
             row.update(step_ms_p50=r(1e3 * statistics.median(steps), 1), step_ms_p99=r(1e3 * percentile(steps, 0.99), 1),
                        step_ms_max=r(1e3 * max(steps), 1))
@@ -262,6 +311,11 @@ def main() -> None:
         res.details[workload] = {"table": table, "steps": steps if workload == "hf" else 12, "rounds": rounds}
         goal = 1.05 if workload == "hf" else 1.03
         aa = table["none_again"]["ratio_to_none"]
+        if workload == "hf":
+            codecs = table["default"]["f32_codecs_first_round"]
+            res.target("hf_f32_codecs", "float32 wte, step-last chunks: the default preset's blosc-lz4-shuffle "
+                       "against zstd-3 (ratio)", codecs["blosc-lz4-shuffle"]["ratio"], None,
+                       "; ".join(f"{k} {v['ratio']}x at {v['MBps_one_core']} MB/s" for k, v in codecs.items()), "x")
         for variant in variants[1:-1]:
             row = table[variant]
             note = f"A/A {aa}; wall {row['wall_s_min']}..{row['wall_s_max']} s"
@@ -270,9 +324,9 @@ def main() -> None:
             if "step_ms_p50" in row:
                 note += f"; step p50/p99/max {row['step_ms_p50']}/{row['step_ms_p99']}/{row['step_ms_max']} ms " \
                         f"(unrecorded {table['none']['step_ms_p50']}/{table['none']['step_ms_p99']}/{table['none']['step_ms_max']})"
-            if "bare_zstd_cpu_s_median" in row:
-                note += (f"; zstd-3 alone on the same step-last chunks, quiet core: {row['bare_zstd_cpu_s_median']} "
-                         f"CPU-s ({r(row['bare_zstd_cpu_s_median'] / table['none']['wall_s_median'])} of the "
+            if "bare_codec_cpu_s_median" in row:
+                note += (f"; the codecs alone on the same step-last chunks, quiet core: {row['bare_codec_cpu_s_median']} "
+                         f"CPU-s ({r(row['bare_codec_cpu_s_median'] / table['none']['wall_s_median'])} of the "
                          f"unrecorded wall)")
             if variant == "bare_codec":
                 res.target(f"{workload}_{variant}", "the physical limit: the bare codec's work beside training "

@@ -123,6 +123,40 @@ def test_every_codec_reads_back_bit_exact(tmp_path, codec):
     assert torch.isclose(t["loss"][5], torch.tensor(10 / 6))
 
 
+def test_default_preset_shuffles_float32_and_zstds_the_rest(tmp_path):
+    """float32/float64: blosc-lz4 with byte shuffle (zstd alone barely compresses their mantissas);
+    bf16 bits, ints and float16: zstd-3. Every one of them reads back bit-exact."""
+    fields = {"f32": cr.Field((6, 3), torch.float32), "f64": cr.Field((), torch.float64),
+              "bf16": cr.Field((6, 3), torch.bfloat16), "i32": cr.Field((6,), torch.int32),
+              "f16": cr.Field((6,), torch.float16)}
+
+    def value(spec, step):
+        counts = torch.arange(int(np.prod(spec.shape)), dtype=torch.float64).reshape(spec.shape) + step
+        return (counts / 7 if spec.dtype.is_floating_point else counts).to(spec.dtype)
+
+    steps = [{name: value(spec, step) for name, spec in fields.items()} for step in range(5)]
+    with cr.record(tmp_path / "run", fields, steps=5, layout=cr.Layout(time_chunk=4)) as rec:
+        for step, tensors in enumerate(steps):
+            rec.record(step, **tensors)
+    t = cr.open(tmp_path / "run")
+
+    def compressor(name):
+        codecs = json.loads((tmp_path / "run" / "trajectory.zarr" / name / "zarr.json").read_text())["codecs"]
+        inner = codecs[0]["configuration"]["codecs"] if codecs[0]["name"] == "sharding_indexed" else codecs
+        return [c for c in inner if c["name"] not in ("transpose", "bytes", "crc32c")]
+
+    for name in ("f32", "f64"):
+        (blosc,) = compressor(name)
+        assert blosc["name"] == "blosc" and blosc["configuration"]["cname"] == "lz4"
+        assert blosc["configuration"]["shuffle"] == "shuffle"
+        assert blosc["configuration"]["typesize"] == fields[name].dtype.itemsize
+    for name in ("bf16", "i32", "f16"):
+        assert [c["name"] for c in compressor(name)] == ["zstd"]
+    for name in fields:
+        for step, tensors in enumerate(steps):
+            assert torch.equal(t[name][step], tensors[name]), (name, step)
+
+
 def test_commits_whole_blocks_while_running(tmp_path):
     path = tmp_path / "run"
     rec = new_run(path)
