@@ -13,6 +13,7 @@ from crucible_record import recorder as recorder_module
 from crucible_record.shardio import default_threads
 
 from .clirun import assert_one_line_error, run_cli
+from .test_recorder import wait_until
 from .test_cli import tiny_flags
 
 FIELDS = {"w": cr.Field((500, 32), torch.bfloat16), "loss": cr.Field((), torch.float32)}
@@ -58,6 +59,33 @@ def test_default_on_a_gpu_leaves_one_core_per_training_process(monkeypatch):
     monkeypatch.setattr(recorder_module, "default_threads", lambda: 1)
     assert recorder_module.default_writer_threads(on_gpu=True) == 1
     assert default_threads() >= 1
+
+
+def test_after_close_is_called_every_core_compresses_what_is_left(tmp_path, monkeypatch):
+    """Training is over once close() is called: the blocks still to write get the machine's cores,
+    not the one thread a CPU run's writer uses beside training; the bytes are the same."""
+    monkeypatch.setattr(recorder_module, "default_threads", lambda: 4)
+    threads_used = []
+    real_write = recorder_module._Block.write
+
+    def write(self, threads=1):
+        threads_used.append((self.key, threads))
+        return real_write(self, threads)
+
+    monkeypatch.setattr(recorder_module._Block, "write", write)
+    gen = torch.Generator().manual_seed(1)
+    rec = cr.record(tmp_path / "run", FIELDS, layout=cr.Layout(time_chunk=8, row_chunk=50))
+    steps = [dict(w=torch.randn(500, 32, generator=gen).bfloat16(), loss=torch.tensor(float(step))) for step in range(11)]
+    for step in range(8):  # one whole block, written while "training" goes on
+        rec.record(step, **steps[step])
+    wait_until(lambda: rec.committed == 8, what="the first block to commit")
+    for step in range(8, 11):  # a partial block: written at close
+        rec.record(step, **steps[step])
+    rec.close()
+    assert sorted(threads_used) == [("loss", 1), ("loss", 4), ("w", 1), ("w", 4)]
+    t = cr.open(tmp_path / "run")
+    for step, tensors in enumerate(steps):
+        assert torch.equal(t["w"][step], tensors["w"]) and torch.equal(t["loss"][step], tensors["loss"])
 
 
 @pytest.mark.parametrize("bad", [0, -2, True, 1.5, "2"])
