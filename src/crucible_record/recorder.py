@@ -91,6 +91,7 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     writer_threads: threads that compress a block's inner chunks in parallel. None: chosen at the
     first step (see default_writer_threads): 1 when the tensors are on the CPU, where training
     already uses every core; all cores but one when they are on a GPU, where the host is idle.
+    Once close() is called, what is left is compressed by every core (training is over).
     """
     from .ranks import Ranks, record_ranks  # several ranks: crucible_record/ranks.py
 
