@@ -14,10 +14,10 @@ process, interleaved round by round with the order rotated:
                 bytes the default preset compresses) through the preset's compressor (blosc-lz4
                 with byte shuffle for the float32 fields, zstd-3 for the bf16 one) by one thread at
                 the writer's nice, what is left after the last step by every core, as the recorder does
+    none_again  unrecorded again: the A/A control of the method's noise
 
 The default run's float32 wte is also compressed by each of F32_CODECS on a quiet core (ratio and
 MB/s): the measurement behind the default preset's compressor for float32 (codecs.codecs_for).
-    none_again  unrecorded again: the A/A control of the method's noise
 
 Reported per variant: the median over rounds of the wall seconds from the first step to the run
 committed (close() returned), its spread (min..max), the ratio to `none`; the step-time
@@ -50,6 +50,7 @@ VARIANTS = {"hf": ("none", "slots3", "default", "bare_codec", "none_again"),
             "hf_busy_core": ("none", "slots3", "default", "none_again"),
             "crucible": ("none", "slots3", "default", "default_checkpoints", "none_again")}
 GOALS = {"hf": 1.05, "hf_busy_core": None, "crucible": 1.03}  # None: reported, no goal
+VOCAB, HIDDEN, BATCH, SEQ = 5000, 64, 8, 64
 TIME_CHUNK, ROW_CHUNK = 64, 100  # the default layout's blocks and inner chunks for these fields
 
 
@@ -82,15 +83,14 @@ class BareCodec:
             self.encode(rows, threads=1)
 
     @staticmethod
-    def encode(rows: list, threads: int, compressor=None) -> None:
-        """One block's inner chunks, step-last, through `compressor` (None: the default preset's for
-        the rows' dtype)."""
+    def encode(rows: list, threads: int) -> None:
+        """One block's inner chunks, step-last, through the default preset's compressor for their dtype."""
         import numpy as np
 
         from crucible_record.shardio import _map
 
         block = np.stack(rows)
-        codec = compressor or default_compressor(block.dtype)
+        codec = default_compressor(block.dtype)
         if block.ndim == 1:
             codec.encode(block)
             return
@@ -106,7 +106,6 @@ class BareCodec:
         self.thread.join()
         for rows in self.blocks.values():
             self.encode(rows, threads=default_threads())
-VOCAB, HIDDEN, BATCH, SEQ = 5000, 64, 8, 64
 
 
 def default_compressor(dtype):
@@ -206,13 +205,14 @@ def child(variant: str, steps: int, out: Path) -> dict:
                "writer_s": rec.writer_seconds if rec else 0.0}
     if variant == "default":  # the codecs' own CPU-seconds on the recorded bytes, on a quiet core
         run = cr.open(out)
-        blocks = [[row for row in run[name].numpy()[start:start + TIME_CHUNK]]
-                  for name in run.fields for start in range(0, run[name].shape[0], TIME_CHUNK)]
+        arrays = {name: run[name].numpy() for name in run.fields}
+        blocks = [list(array[start:start + TIME_CHUNK]) for array in arrays.values()
+                  for start in range(0, len(array), TIME_CHUNK)]
         t0 = time.thread_time()
         for rows in blocks:
             BareCodec.encode(rows, threads=1)
         out_row["bare_codec_cpu_s"] = time.thread_time() - t0
-        out_row["f32_codecs"] = f32_codec_table(run["wte"].numpy())
+        out_row["f32_codecs"] = f32_codec_table(arrays["wte"])
     return out_row
 
 
