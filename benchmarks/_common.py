@@ -386,7 +386,7 @@ def prefix_copy(run: Path, dest: Path, steps: int) -> Path:
 
 # ----- extra codec presets for experiments (benchmarks only; src keeps its own) ---------------
 from crucible_record import codecs as _codecs  # noqa: E402
-from crucible_record import format as _format  # noqa: E402
+from crucible_record.format import schema as _format  # noqa: E402
 
 _SRC_CODECS_FOR = _codecs.codecs_for  # the src presets, unpatched
 SRC_PRESETS = tuple(_codecs.CODEC_PRESETS)
@@ -522,7 +522,7 @@ def make_store(run_dir: Path, *, steps: int, vocab: int, hidden: int, time_chunk
     from crucible_record.codecs import Layout
     from crucible_record.crucible3.config import RunConfig
     from crucible_record.crucible3.engine import fields
-    from crucible_record.format import create_run
+    from crucible_record.format.schema import create_run
     from crucible_record.storage import open_store
 
     d = Layout()
@@ -543,7 +543,7 @@ def make_store(run_dir: Path, *, steps: int, vocab: int, hidden: int, time_chunk
 
 def commit(run_dir: Path, rows: int) -> None:
     """Move the commit marker of a make_store run: rows 0..rows-1 of W are readable (cr.open)."""
-    from crucible_record.format import write_commit
+    from crucible_record.format.schema import write_commit
     from crucible_record.storage import open_store
 
     write_commit(open_store(run_dir, read_only=False, durability="none"), rows)

@@ -101,7 +101,7 @@ def make_array(folder: Path, block: np.ndarray, preset: str, row_chunk: int = 10
     import zarr
 
     from crucible_record.codecs import chunking, codecs_for
-    from crucible_record.format import WRITE_ALL
+    from crucible_record.format.blocks import WRITE_ALL
 
     store = zarr.storage.LocalStore(folder)
     T = block.shape[0]

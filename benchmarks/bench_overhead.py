@@ -312,7 +312,7 @@ class ChunkWriterLoad:
         self.thread.start()
 
     def _write(self, block: int) -> None:
-        from crucible_record import format as fmt
+        from crucible_record.format import blocks as fmt
 
         T = self.chunk.shape[0]
         if hasattr(fmt, "encode_block"):

@@ -24,7 +24,7 @@ from crucible_record.crucible3.engine import fields
 from crucible_record.crucible3.report import PLOT_NAMES, analyze_run
 from crucible_record.crucible3.trajectory import EXPERIMENT
 from crucible_record.errors import CrucibleError
-from crucible_record.format import create_run, write_commit
+from crucible_record.format.schema import create_run, write_commit
 from crucible_record.reader import LazyField
 from crucible_record.storage import open_store
 

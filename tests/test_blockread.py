@@ -130,7 +130,7 @@ def test_write_fallback_to_zarr_says_so(tmp_path, caplog):
     same bytes zarr writes itself), and the reason is logged once."""
     from zarr.codecs import GzipCodec
 
-    from crucible_record.format import encode_block
+    from crucible_record.format.blocks import encode_block
 
     array = zarr.create_array(tmp_path / "a.zarr", name="a", shape=(8, 5), chunks=(4, 5), dtype="float32",
                               compressors=[GzipCodec()], fill_value=0.0)

@@ -344,7 +344,7 @@ def test_a_partial_block_after_a_full_one_is_padded_with_fill_not_old_rows(tmp_p
     partial block must still be written as the fill value, never as the previous block's rows."""
     import zarr
 
-    from crucible_record.format import fill_value
+    from crucible_record.dtypes import fill_value
 
     path = tmp_path / "run"
     with new_run(path, steps=12) as rec:  # blocks of 4 steps

@@ -17,7 +17,8 @@ from zarr.core.sync import sync
 
 from crucible_record import shardio
 from crucible_record.codecs import CODEC_PRESETS, chunking, codecs_for
-from crucible_record.format import WRITE_ALL, fill_value
+from crucible_record.dtypes import fill_value
+from crucible_record.format.blocks import WRITE_ALL
 from crucible_record.shardio import ShardError, decode_shard, encode_shard
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3")

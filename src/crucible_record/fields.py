@@ -15,35 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dtypes
 from .errors import CrucibleError
-
-# torch dtype -> (name in the format, numpy dtype stored on disk). bf16 has no numpy/zarr dtype:
-# its bits are stored as uint16 and the field's "encoding" says so.
-DTYPES: dict[torch.dtype, tuple[str, str]] = {
-    torch.bfloat16: ("bfloat16", "uint16"),
-    torch.float16: ("float16", "float16"),
-    torch.float32: ("float32", "float32"),
-    torch.float64: ("float64", "float64"),
-    torch.int8: ("int8", "int8"),
-    torch.int16: ("int16", "int16"),
-    torch.int32: ("int32", "int32"),
-    torch.int64: ("int64", "int64"),
-    torch.uint8: ("uint8", "uint8"),
-    torch.bool: ("bool", "bool"),
-}
-_BY_NAME = {name: dtype for dtype, (name, _) in DTYPES.items()}
-BF16_NAN_BITS = 0x7FC0  # the fill value of bf16 fields: unwritten rows read as NaN, never as 0
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPES[dtype][0]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    if name not in _BY_NAME:
-        raise CrucibleError(f"unknown field dtype {name!r} (this crucible-record knows {', '.join(_BY_NAME)})")
-    return _BY_NAME[name]
-
 
 @dataclass(frozen=True, eq=False)
 class Field:
@@ -70,8 +43,8 @@ class Field:
         if any(s < 0 for s in shape):
             raise CrucibleError(f"Field shape must not be negative, got {shape}")
         object.__setattr__(self, "shape", shape)
-        if self.dtype not in DTYPES:
-            known = ", ".join(str(d) for d in DTYPES)
+        if not dtypes.supported(self.dtype):
+            known = ", ".join(str(d) for d in dtypes.TABLE)
             raise CrucibleError(f"Field dtype {self.dtype!r} is not supported; use one of {known}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise CrucibleError(f"Field every must be an integer >= 1, got {self.every!r}")
@@ -97,7 +70,7 @@ class Field:
 
     @property
     def storage_dtype(self) -> str:
-        return DTYPES[self.dtype][1]
+        return dtypes.stored_dtype(self.dtype)
 
     def rows_at(self, steps: int) -> int:
         """Rows of this field recorded among steps 0 .. steps-1."""
@@ -110,7 +83,7 @@ class Field:
         """JSON form (FORMAT.md, "Field attributes"); row indices are stored apart, as an array."""
         return {
             "shape": list(self.shape),
-            "dtype": dtype_name(self.dtype),
+            "dtype": dtypes.dtype_name(self.dtype),
             "every": self.every,
             "rows": None if self._rows is None else len(self._rows),
             "dims": list(self.dims) if self.dims else None,
@@ -238,7 +211,7 @@ def field_from_description(description: Mapping[str, Any], rows: np.ndarray | No
     """The inverse of :meth:`Field.describe` (rows read from the run's row array)."""
     try:
         dims = description.get("dims")
-        return Field(tuple(description["shape"]), dtype_from_name(description["dtype"]),
+        return Field(tuple(description["shape"]), dtypes.dtype_from_name(description["dtype"]),
                      every=int(description["every"]), rows=rows, dims=tuple(dims) if dims else None)
     except (KeyError, TypeError, ValueError) as e:
         raise CrucibleError(f"malformed field description {dict(description)!r}: {e}") from None

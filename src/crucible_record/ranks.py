@@ -24,8 +24,8 @@ import torch
 from .codecs import Layout
 from .errors import CrucibleError, RecorderError
 from .fields import Field, Shard, as_shard_tensor, as_tensor, check_fields
-from .format import (COMMIT_KEY, Partition, check_run_arguments, create_run, open_group, rank_key, read_commit,
-                     read_partition, tile, write_commit)
+from .format.planner import Partition, read_partition, tile
+from .format.schema import COMMIT_KEY, check_run_arguments, create_run, open_group, rank_key, read_commit, write_commit
 from .recorder import Recorder, _Block, _check_arguments, _check_same_fields, _check_world_size, _describe, _Slot
 from .storage import RunStore, open_store
 

@@ -17,7 +17,8 @@ import torch
 from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
 from .errors import CrucibleError
 from .fields import Field
-from .format import missing_blocks, open_group, read_commit
+from .format.blocks import missing_blocks
+from .format.schema import open_group, read_commit
 from .storage import RunStore, open_store
 
 

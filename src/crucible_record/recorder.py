@@ -50,8 +50,9 @@ import torch
 from .codecs import Layout
 from .errors import CrucibleError, RecorderError
 from .fields import Field, Shard, as_tensor
-from .format import (WRITE_ALL, create_run, encode_block, fill_value, missing_blocks, open_group, read_commit,
-                     write_commit)
+from . import dtypes
+from .format.blocks import WRITE_ALL, encode_block, missing_blocks
+from .format.schema import create_run, open_group, read_commit, write_commit
 from .shardio import default_threads
 from .storage import RunStore, open_store
 
@@ -213,7 +214,7 @@ class _Block:
         self.sized = sized
         self.resize = resize
         self.rows = self.array.chunks[0]
-        self.fill = fill_value(spec.dtype)
+        self.fill = dtypes.fill_value(spec.dtype)
         self.shard, first, count = part if part is not None else (0, 0, None)
         region = tuple(self.array.shape[1:]) if count is None else (count,) + tuple(self.array.shape[2:])
         select = (slice(None),) if count is None else (slice(None), slice(first, first + count))
@@ -516,7 +517,7 @@ class Recorder:
             event.synchronize()
         for name in slot.names:
             buf = slot.buffers[name]
-            value = buf.view(torch.uint16).numpy() if buf.dtype == torch.bfloat16 else buf.numpy()
+            value = dtypes.stored_numpy(buf)
             block = self._blocks[name]
             block.put(value)
             if buf.dim() == 0 and buf.dtype.is_floating_point:

@@ -71,6 +71,10 @@ class RunStore:
     location: str
     name: str
     store: Any  # the zarr store of RUN/trajectory.zarr
+    # Capabilities: callers ask these, never the store's class.
+    durable_replace: bool = False  # a set() replaces a file durably (temporary, fsync, rename, fsync dir)
+    conditional_put: bool = False  # a set() is conditional (If-None-Match / If-Match): fencing by the store
+    file_lock: bool = False  # one writer is ensured by an OS file lock
 
     # ----- keys of the zarr store ---------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
@@ -153,6 +157,9 @@ class RunStore:
 
 
 class LocalRunStore(RunStore):
+    durable_replace = True
+    file_lock = True
+
     def __init__(self, run_dir: Path, *, read_only: bool = True, durability: str = "fsync"):
         self.run_dir = Path(run_dir)
         self.location = str(self.run_dir)
@@ -250,6 +257,8 @@ def _guarded_local_store():
 
 class ObjectRunStore(RunStore):
     """A run under an object-store URL; see the module docstring for the writer protocol."""
+
+    conditional_put = True
 
     def __init__(self, url: str, *, read_only: bool = True):
         import zarr

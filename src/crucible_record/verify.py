@@ -7,7 +7,8 @@ from pathlib import Path
 
 from .blockread import DamagedBlock, read_blocks, whole_rows
 from .errors import CrucibleError
-from .format import ROWS_GROUP, missing_blocks, open_group, read_commit, write_commit
+from .format.blocks import missing_blocks
+from .format.schema import ROWS_GROUP, open_group, read_commit, write_commit
 from .heap import limit_heap_growth
 from .storage import RunStore, open_store
 

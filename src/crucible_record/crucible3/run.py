@@ -21,7 +21,7 @@ import torch
 
 from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
-from ..format import open_group, read_commit
+from ..format.schema import open_group, read_commit
 from ..recorder import DEFAULT_COMMIT_INTERVAL, Recorder, record
 from ..steps_text import steps_committed
 from ..storage import is_url, open_store

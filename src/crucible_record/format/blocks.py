@@ -1,0 +1,92 @@
+"""Whole blocks of steps as store files: encoded in zarr's exact bytes, found, checked for absence.
+
+The writer buffers a block of steps and writes it once (a partial-shard write would be a
+read-modify-write); :func:`encode_block` produces its shard file(s) by ``shardio`` where it can
+(zarr's exact bytes, less CPU), else by zarr's own pipeline as the reference. Readers ask
+:func:`missing_blocks` first: zarr reads an absent chunk as fill values without complaint, but for
+committed rows an absent chunk can only mean damage.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ..errors import CrucibleError
+from ..storage import RunStore
+
+# zarr skips chunks equal to the fill value; every chunk is written so that an absent chunk always
+# means damage (readers check for it) and never "all fill".
+WRITE_ALL = {"write_empty_chunks": True}
+
+
+def missing_chunk_error(name: str, first: int, last: int, fix: str = "crucible-record verify") -> CrucibleError:
+    """The one wording of "a chunk holding committed rows is gone" (readers, resume, dask tasks)."""
+    return CrucibleError(f"{name} is damaged: the chunk holding rows {first}-{last} is missing (run `{fix}`)")
+
+
+def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, threads: int = 1) -> dict[str, bytes]:
+    """The chunk (shard) files of time block `block` of `array` holding `rows`, encoded by zarr's own
+    codec pipeline: store key -> bytes.
+
+    row_shard: `rows` are one rank's shard of a field split among ranks (Partition): the rows of
+    zarr shard `row_shard` along the first axis, at most one shard's rows; its keys are
+    ``c/<block>/<row_shard>/0...``.
+
+    zarr's write of a sharded array reads the existing shard first and merges into it (a
+    read-modify-write: a GET over the network on S3, and a failure if the old shard is damaged).
+    The block is therefore encoded whole and written in one piece (one PUT per file, atomic):
+    by crucible_record.shardio (zarr's exact bytes with numcodecs, 1.2-1.4x less CPU than zarr's
+    pipeline: benchmarks/bench_codec_path.py) where the block is one shard file, else by zarr's
+    own pipeline into a scratch in-memory array with the same metadata, shaped just this block."""
+    import json
+
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+
+    from ..blockread import log_fallback
+
+    single = array.ndim == 1 or all(u >= s for s, u in zip(array.shape[2:], (array.shards or array.chunks)[2:]))
+    if single:
+        from ..shardio import encode_shard
+
+        try:
+            data = encode_shard(array, rows, threads)
+        except NotImplementedError as e:  # a layout shardio does not reproduce: zarr's pipeline below
+            log_fallback(array.path, "written", str(e))
+            data = None
+        if data is not None:
+            coords = (block,) if array.ndim == 1 else (block, row_shard) + (0,) * (array.ndim - 2)
+            return {f"{array.path}/{array.metadata.encode_chunk_key(coords)}": data}
+    else:
+        log_fallback(array.path, "written", "a time block is split over several files (a field split among ranks)")
+    meta = json.loads(array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+    meta["shape"] = list(rows.shape)
+    written = {"zarr.json": default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())}
+    zarr.open_array(zarr.storage.MemoryStore(store_dict=written), mode="r+", zarr_format=3).with_config(WRITE_ALL)[...] = rows
+    files = {}
+    for key, buf in written.items():
+        if key != "zarr.json":  # "c/0/j/k" -> "c/<block>/j/k" in the real array
+            coords = [int(c) for c in key.split("/")[1:]]
+            if row_shard:
+                coords[1] += row_shard
+            files[f"{array.path}/{array.metadata.encode_chunk_key((block, *coords[1:]))}"] = buf.to_bytes()
+    return files
+
+
+def block_keys(array, array_key: str, block: int) -> list[str]:
+    """Store keys of every chunk (or shard) file holding rows of time block `block`."""
+    unit = array.shards or array.chunks
+    grid = [range(-(-size // u)) for size, u in zip(array.shape[1:], unit[1:])]
+    return [f"{array_key}/{array.metadata.encode_chunk_key((block, *rest))}" for rest in itertools.product(*grid)]
+
+
+def missing_blocks(store: RunStore, array, array_key: str, rows: range) -> list[int]:
+    """Time blocks covering `rows` with an absent chunk file: zarr would read them as fill values
+    without complaint; for committed rows an absent chunk can only mean damage."""
+    if len(rows) == 0 or array.size == 0:
+        return []
+    unit = (array.shards or array.chunks)[0]
+    return [block for block in range(rows.start // unit, (rows.stop - 1) // unit + 1)
+            if not all(store.exists(key) for key in block_keys(array, array_key, block))]
