@@ -128,12 +128,17 @@ def _not_runs(tmp_path):
     return {"missing": tmp_path / "missing", "empty": empty, "foreign zarr": bogus}
 
 
+# What each kind of non-run is told (the path itself is in every message, so "run" alone says nothing).
+NOT_A_RUN = {"missing": "run directory not found", "empty": "is not a crucible-record run (no trajectory.zarr)",
+             "foreign zarr": "is not a crucible-record run (no format marker)"}
+
+
 @pytest.mark.parametrize("command", ["info", "export", "resume", "verify", "analyze"])
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign zarr"])
 def test_commands_refuse_non_runs(capsys, tmp_path, command, kind):
     path = _not_runs(tmp_path)[kind]
     args = ["train", "--resume", path] if command == "resume" else [command, path]
-    assert_one_line_error(run_cli(capsys, *args), "run")
+    assert_one_line_error(run_cli(capsys, *args), NOT_A_RUN[kind])
 
 
 def test_newer_format_is_refused(capsys, tmp_path, tiny_run):

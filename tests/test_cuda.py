@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import crucible_record as cr
-from crucible_record.recorder import default_writer_threads
+from crucible_record.writer import default_writer_threads
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,9 +24,10 @@ def test_cuda_tensors_are_recorded_bit_exact(tmp_path):
             tensors = {"w": w.bfloat16(), "some": w, "loss": w.mean()}
             if step % 3 == 0:
                 tensors["g"] = w.norm(dim=1).half()
+            sent.append({k: v.cpu() for k, v in tensors.items()})  # the expectation: before the change below
             rec.record(step, **tensors)
-            w.add_(1.0)  # the caller reuses its buffers at once: the recorded copy must not see this
-            sent.append({k: v.cpu() for k, v in tensors.items()})
+            for tensor in tensors.values():  # the caller reuses its buffers at once: the copy must not see this
+                tensor.add_(1)
         assert rec.writer_threads == default_writer_threads(on_gpu=True)
     t = cr.open(tmp_path / "run")
     assert torch.equal(t["w"][:].view(torch.uint16), torch.stack([s["w"] for s in sent]).view(torch.uint16))

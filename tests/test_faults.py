@@ -11,7 +11,7 @@ import crucible_record as cr
 from crucible_record.errors import RecorderError
 from crucible_record.crucible3.config import RunConfig
 from crucible_record.crucible3.engine import fields as crucible_fields
-from crucible_record.recorder import Recorder, staging_slots
+from crucible_record.writer import Recorder, staging_slots
 
 from .clirun import assert_one_line_error, run_cli
 from .conftest import TINY

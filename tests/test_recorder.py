@@ -1,6 +1,6 @@
 """The generic Recorder on its own: commits, partial blocks, writer errors, bounded memory, after_commit.
 
-Faults are injected at the seam that writes a block, ``crucible_record.recorder._Block.write``
+Faults are injected at the seam that writes a block, ``crucible_record.writer.BlockBuffer.write``
 (``failing_writes`` below): every row a field stores goes through it, on the writer thread.
 """
 
@@ -19,7 +19,7 @@ import torch
 import crucible_record as cr
 from crucible_record.codecs import CODEC_PRESETS
 from crucible_record.errors import RecorderError
-from crucible_record.recorder import STAGING_BYTES, _Block, staging_slots
+from crucible_record.writer import STAGING_BYTES, BlockBuffer, staging_slots
 from crucible_record.verify import verify_run
 
 V, H = 300, 8
@@ -95,7 +95,7 @@ def time_limit(seconds):
 def failing_writes(monkeypatch, name, ok_writes, delay=0.0, error=None):
     """Patch the block writer: writes of field `name` fail (a full disk) after `ok_writes` succeed;
     each takes `delay` seconds. Returns the counter of successful writes of that field."""
-    real_write = _Block.write
+    real_write = BlockBuffer.write
     calls = {"ok": 0}
 
     def write(self, threads=1):
@@ -108,7 +108,7 @@ def failing_writes(monkeypatch, name, ok_writes, delay=0.0, error=None):
             return keys
         return real_write(self, threads)
 
-    monkeypatch.setattr(_Block, "write", write)
+    monkeypatch.setattr(BlockBuffer, "write", write)
     return calls
 
 
@@ -267,11 +267,67 @@ def test_slow_writer_blocks_the_producer_instead_of_growing(tmp_path, monkeypatc
 
 
 def test_a_writer_that_keeps_up_never_stalls_training(tmp_path):
-    rec = new_run(tmp_path / "run", steps=3, time_chunk=4, slots=4, durability="none")
-    for step in range(3):
+    """12 steps through 2 slots, each step handed over only once the writer took the previous one:
+    the writer holds at most one slot when the next step comes, so nothing may wait."""
+    rec = new_run(tmp_path / "run", steps=12, time_chunk=4, slots=2, durability="none")
+    for step in range(12):
         rec.record(step, **fake_step(step))
+        wait_until(lambda: rec.backlog == 0, what="the writer to take the step")
     rec.close()
     assert (rec.stalls, rec.stall_seconds, rec.backlog) == (0, 0.0, 0)
+    assert_run_holds(tmp_path / "run", 12)
+
+
+def test_a_writer_that_falls_behind_stalls_training_and_says_so(tmp_path, monkeypatch):
+    """The counterpart: a writer slower than training (every block write 0.3 s) makes the 13th of
+    12 steps' worth of staging wait, and the counters show it."""
+    failing_writes(monkeypatch, "W", ok_writes=10**6, delay=0.3)
+    rec = new_run(tmp_path / "run", steps=12, time_chunk=2, slots=2, durability="none")
+    for step in range(12):
+        rec.record(step, **fake_step(step))
+    rec.close()
+    assert rec.stalls >= 1 and rec.stall_seconds > 0
+    assert_run_holds(tmp_path / "run", 12)
+
+
+def test_an_exception_leaving_the_with_block_is_not_replaced_by_the_writers_error(tmp_path, monkeypatch):
+    """The user's own exception goes on; the writer's failure (here a full disk at the first block)
+    rides along as a note, never instead of it."""
+    failing_writes(monkeypatch, "W", ok_writes=0)
+    with pytest.raises(ValueError, match="the loss is NaN") as caught:
+        with new_run(tmp_path / "run", time_chunk=2) as rec:
+            rec.record(0, **fake_step(0))
+            rec.record(1, **fake_step(1))  # fills W's block: its write fails on the writer thread
+            raise ValueError("the loss is NaN")
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1 and "No space left on device" in notes[0] and "closing the recorder" in notes[0], notes
+
+
+def test_a_failed_copy_gives_its_staging_slot_back(tmp_path, monkeypatch):
+    """Staging that fails after a slot was taken (an out-of-memory index_select) returns the slot:
+    with one slot, the step can be recorded again instead of waiting forever for a free slot."""
+    spec = {"W": cr.Field((V, H), torch.bfloat16, rows=[5, 1, 7])}
+    real = torch.Tensor.index_select
+    failures = {"left": 1}
+
+    def index_select(self, *args, **kwargs):
+        if failures["left"] and threading.current_thread() is threading.main_thread():
+            failures["left"] -= 1
+            raise MemoryError("out of memory (injected)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", index_select)
+    rec = cr.record(tmp_path / "run", spec, steps=2, slots=1, commit_interval=NEVER, durability="none")
+    W = fake_step(0)["W"]
+    with pytest.raises(MemoryError):
+        rec.record(0, W=W)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (rec.record(0, W=W), rec.record(1, W=W), done.set()), daemon=True)
+    worker.start()
+    worker.join(60)  # (a slot never given back: record() waits forever; the test fails, never hangs)
+    assert done.is_set(), "record() waited for a staging slot that the failed copy never gave back"
+    rec.close()
+    assert torch.equal(bits(cr.open(tmp_path / "run")["W"][:]), bits(torch.stack([W[[5, 1, 7]]] * 2)))
 
 
 @pytest.mark.parametrize("slots", [None, 3], ids=["default", "3 slots"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import crucible_record as cr
-from crucible_record import recorder as recorder_module
+from crucible_record import writer as recorder_module
 from crucible_record.shardio import default_threads
 
 from .clirun import assert_one_line_error, run_cli
@@ -66,13 +66,13 @@ def test_after_close_is_called_every_core_compresses_what_is_left(tmp_path, monk
     not the one thread a CPU run's writer uses beside training; the bytes are the same."""
     monkeypatch.setattr(recorder_module, "default_threads", lambda: 4)
     threads_used = []
-    real_write = recorder_module._Block.write
+    real_write = recorder_module.BlockBuffer.write
 
     def write(self, threads=1):
         threads_used.append((self.key, threads))
         return real_write(self, threads)
 
-    monkeypatch.setattr(recorder_module._Block, "write", write)
+    monkeypatch.setattr(recorder_module.BlockBuffer, "write", write)
     gen = torch.Generator().manual_seed(1)
     rec = cr.record(tmp_path / "run", FIELDS, layout=cr.Layout(time_chunk=8, row_chunk=50))
     steps = [dict(w=torch.randn(500, 32, generator=gen).bfloat16(), loss=torch.tensor(float(step))) for step in range(11)]

@@ -15,7 +15,8 @@ from .codecs import Layout  # noqa: E402
 from .errors import CrucibleError, RecorderError  # noqa: E402
 from .fields import Field, Shard  # noqa: E402
 from .reader import LazyField, Run  # noqa: E402
-from .recorder import Recorder, record  # noqa: E402
+from .api import record  # noqa: E402
+from .writer import Recorder  # noqa: E402
 from .watch import Watch, watch  # noqa: E402
 
 

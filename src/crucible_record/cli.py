@@ -13,7 +13,7 @@ import click
 from .codecs import CODEC_PRESETS, Layout
 from .crucible3.config import DEVICES, RECORD_ROWS, RECORDABLE, RunConfig, load_config_file, parse_record
 from .errors import CrucibleError, Interrupted
-from .recorder import DEFAULT_COMMIT_INTERVAL
+from .writer import DEFAULT_COMMIT_INTERVAL
 from .steps_text import steps_committed
 from .storage import DURABILITY, is_url
 

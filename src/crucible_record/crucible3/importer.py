@@ -57,7 +57,7 @@ import torch
 from ..codecs import Layout, time_chunk_for
 from ..errors import CrucibleError
 from ..export import safetensors_header
-from ..recorder import record
+from ..api import record
 from ..storage import is_url, open_store
 from .config import RunConfig
 from .engine import fields

@@ -22,7 +22,8 @@ import torch
 from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format.schema import open_group, read_commit
-from ..recorder import DEFAULT_COMMIT_INTERVAL, Recorder, record
+from ..api import record
+from ..writer import DEFAULT_COMMIT_INTERVAL, Recorder
 from ..steps_text import steps_committed
 from ..storage import is_url, open_store
 from . import checkpoint

@@ -58,6 +58,13 @@ def _show_rows(start: int, stop: int) -> str:
     return f"row {start}" if stop - start == 1 else f"rows {start}..{stop - 1}"
 
 
+def show_partition(partition: Partition | None) -> str:
+    if partition is None:
+        return "replicated (a plain tensor on every rank)"
+    return "split " + ", ".join(f"rows {o}..{o + n - 1} to rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+                                for o, n, r in partition.shards)
+
+
 def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partition:
     """The partition of field `name` (first axis `n_rows`) from each rank's ``(offset, rows)``.
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..errors import CrucibleError
-from ..recorder import Recorder, record
+from ..api import record
+from ..writer import Recorder
 from ..watch import Watch
 
 
