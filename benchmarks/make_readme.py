@@ -72,8 +72,8 @@ def harness_result(d: dict) -> list[str]:
 
 def old_result(d: dict) -> list[str]:
     commit = d.get("commit") or (d.get("machine") or {}).get("source", {}).get("commit") or "?"
-    out = [f"Written by the script before harness.py, at `{str(commit)[:10]}` (`{d.get('command', '?')}`); "
-           "rerun it to replace these rows.", "", "| id | target | measured | met | note |", "| --- | --- | --- | --- | --- |"]
+    out = [f"Written by a script before harness.py (since rewritten or dropped), at `{str(commit)[:10]}` "
+           f"(`{d.get('command', '?')}`); shown until a rerun replaces the file.", "", "| id | target | measured | met | note |", "| --- | --- | --- | --- | --- |"]
     for t in d.get("targets", []):
         met = {True: "yes", False: "**no**", None: "-"}[t.get("met")]
         out.append(f"| {t['id']} | {t['target']} | {t['measured']}{t.get('unit', '')} | {met} | {t.get('note', '')} |")
@@ -90,7 +90,7 @@ def main() -> None:
     lines += ["| `gpu_check.sh` | the CUDA tests and the GPU benchmarks on a GPU machine; `--dry-run`: the same on the CPU |", ""]
     for path in sorted(folder.glob("*.json")):
         d = json.loads(path.read_text())
-        if "targets" in d and "tables" not in d and not d.get("targets"):
+        if "tables" not in d and not d.get("targets"):
             continue
         lines += [f"## {path.stem}", ""] + (harness_result(d) if "tables" in d else old_result(d))
     target = HERE / "README.md" if not args.quick else folder / "README.md"  # quick: beside its results
