@@ -51,8 +51,12 @@ def child(location: str, steps: int) -> dict:
 
 def moto_server():
     """moto's S3 server on a free port, a bucket in it, the AWS variables pointing at it (children inherit them)."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

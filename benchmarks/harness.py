@@ -127,9 +127,10 @@ def summarize(runs: dict[str, list[dict]], metric: str, reference: str) -> dict[
         if not values:
             continue
         m = statistics.median(values)
-        rows[name] = {"median": m, "min": min(values), "max": max(values), "n": len(values), "ratio": m / ref}
+        rows[name] = {"median": m, "min": min(values), "max": max(values), "n": len(values),
+                      "ratio": m / ref if ref else None}
     for name in list(rows):
-        if name + BASE in rows:
+        if name + BASE in rows and rows[name + BASE]["median"]:
             rows[name]["vs_baseline"] = rows[name]["median"] / rows[name + BASE]["median"]
     return {"metric": metric, "reference": reference, "aa": rows.get(f"{reference} (A/A)", {}).get("ratio"),
             "rows": rows}
@@ -240,7 +241,7 @@ class Result:
         for name, row in summary["rows"].items():
             vs = f", {row['vs_baseline']:.3f}x @base" if "vs_baseline" in row else ""
             print(f"    {name:40s} {row['median']:10.3f} ({row['min']:.3f}..{row['max']:.3f}) "
-                  f"{row['ratio']:.3f}x{vs}", flush=True)
+                  f"{row['ratio'] or 0:.3f}x{vs}", flush=True)
 
     def row(self, what: str, value: Any, unit: str = "", note: str = "") -> None:
         self.data["rows"].append({"what": what, "value": value, "unit": unit, "note": note})

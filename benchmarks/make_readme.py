@@ -64,7 +64,7 @@ def harness_result(d: dict) -> list[str]:
         for name, r in t["rows"].items():
             vs = f"{r['vs_baseline']:.3f}x" if "vs_baseline" in r else ""
             out.append(f"| {name} | {fmt(r['median'])} | {fmt(r['min'])}..{fmt(r['max'])} | {r['n']} | "
-                       f"{r['ratio']:.3f}x | {vs} |")
+                       f"{fmt(r['ratio'])}x | {vs} |")
         out.append("")
     out += [f"- {r['what']}: **{fmt(r['value'])}{r['unit']}** {r['note']}" for r in d["rows"]]
     return out + [""]
