@@ -69,7 +69,7 @@ step 200 "Crucible-3 overhead (bench_hf_overhead.py --no-hf --device $device --r
     "$PY" benchmarks/bench_hf_overhead.py --no-hf --device $device --rounds 3 $quick
 step 200 "GPT-2-size embedding while training (bench_gpu_embedding.py --device $device $quick)" \
     "$PY" benchmarks/bench_gpu_embedding.py --device $device $quick
-step 150 "writer and reads with this machine's cores (bench_speed.py --quick --rounds 2)" \
+step 300 "writer and reads with this machine's cores (bench_speed.py --quick --rounds 2)" \
     "$PY" benchmarks/bench_speed.py --quick --rounds 2
 
 echo "gpu_check: exit $status; results in $out" | tee -a "$log"
