@@ -1,81 +1,71 @@
-"""Target 5 (and 7's memory half): peak RSS of `crucible-record train` / `export` vs run length.
+"""Peak memory of `crucible-record train`, `export` and `analyze` for a run 10x longer: it must not grow.
 
-Runs the real CLI (python -m crucible_record) in subprocesses with a small config
-(--batch-size 4 --seq-len 16 --hidden-dim 64) for N and 10*N steps, and reads each child's own
-peak RSS (VmHWM of its address space, written at exit; wait4's ru_maxrss is kept for reference but
-on Linux it includes the parent's RSS at fork time). Memory should be bounded by the chunk size and the queue depth, never by
-the number of steps: the target is growth <= 32 MB for 10x the steps, for train and for export.
+Each child runs the CLI in-process (``crucible_record.cli.main``) on a small Crucible-3 config
+(vocab 10,000 x hidden 64, batch 4 x seq 16, CPU) and reports its own peak RSS (VmHWM of its
+address space; wait4's ru_maxrss would include the parent's at fork time). train: a fresh run of
+--steps and of 10x --steps; export and analyze: of two runs of those lengths, trained once before
+the rounds. Memory should be bounded by the block size and the queue depth, never by the number
+of steps: the rows give the growth from the short run to the long one.
+
+    python benchmarks/bench_memory.py [--rounds 3] [--steps 70] [--quick] [--baseline-src DIR]
 """
 
 from __future__ import annotations
 
-import sys
+import os
+import shutil
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Result, parser, r, run_module_child, scratch_dir  # noqa: E402
+import harness
 
-SMALL = ["--batch-size", "4", "--seq-len", "16", "--hidden-dim", "64"]
+SMALL = ["--batch-size", "4", "--seq-len", "16", "--hidden-dim", "64", "--device", "cpu", "--no-progress"]
+
+
+def child(command: str, steps: int, run: str, time_chunk: int) -> dict:
+    from crucible_record.cli import main as cli
+
+    if command == "train":
+        shutil.rmtree(run, ignore_errors=True)
+        cli(["train", *SMALL, "--steps", str(steps), "--time-chunk", str(time_chunk), "--out", run])
+    else:
+        out = run + f"-{command}-{os.getpid()}"
+        cli([command, run, "--out", out])
+        shutil.rmtree(out, ignore_errors=True)
+    status = Path("/proc/self/status").read_text().splitlines()
+    return {"peak_rss_mb": next(int(x.split()[1]) for x in status if x.startswith("VmHWM")) / 1024}
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.add_argument("--time-chunk", type=int, default=None,
-                   help="pass --time-chunk to train (results go to memory_time_chunk_N.json) [default: the CLI's]")
+    p = harness.parser(__doc__, rounds=3)
+    p.add_argument("--steps", type=int, default=70, help="the short run's steps (the long one: 10x) [70]")
+    p.add_argument("--time-chunk", type=int, default=64)
     args = p.parse_args()
-    res = Result("memory" if args.time_chunk is None else f"memory_time_chunk_{args.time_chunk}", args.quick)
-    tc = [] if args.time_chunk is None else ["--time-chunk", str(args.time_chunk)]
-    # The short run must hold at least one whole block of steps: a run shorter than --time-chunk
-    # gets a smaller block (the chunk is clamped to the run), which would compare block sizes.
-    from _common import src_layout
-
-    block = args.time_chunk or src_layout().time_chunk
-    short = 10 if args.quick else max(30, block + 6)
-    lengths = [short, 10 * short]
-    rows = {}
-    with scratch_dir("memory") as d:
-        for n in lengths:
-            run = d / f"run{n}"
-            tr = run_module_child("crucible_record", ["train", *SMALL, *tc, "--steps", str(n), "--device", "cpu",
-                                                      "--no-progress", "--out", str(run)], timeout=900)
-            ex = run_module_child("crucible_record", ["export", str(run), "--out", str(d / f"export{n}")], timeout=900)
-            for label, out in (("train", tr), ("export", ex)):
-                if out["rc"] != 0:
-                    print(out["output_tail"], flush=True)
-                    raise SystemExit(f"{label} of {n} steps failed (rc {out['rc']})")
-            rows[n] = {"train": {k: r(v, 2) if isinstance(v, float) else v for k, v in tr.items() if k != "output_tail"},
-                       "export": {k: r(v, 2) if isinstance(v, float) else v for k, v in ex.items() if k != "output_tail"}}
-            print(f"  {n:4d} steps: train peak RSS {tr['peak_rss_mb']:.1f} MB ({tr['seconds']:.1f} s), "
-                  f"export peak RSS {ex['peak_rss_mb']:.1f} MB ({ex['seconds']:.1f} s)", flush=True)
-        # where does export memory stop growing? prefixes of the long run (hard links, same chunks)
-        from _common import prefix_copy
-
-        plateau = {}
-        for n in sorted({short, 3 * short + 1, 10 * short}):
-            run = prefix_copy(d / f"run{10 * short}", d / f"prefix{n}", n) if n != 10 * short else d / f"run{n}"
-            ex = run_module_child("crucible_record", ["export", str(run), "--out", str(d / f"pexport{n}")], timeout=900)
-            plateau[n] = r(ex["peak_rss_mb"], 1) if ex["rc"] == 0 else f"failed: {ex['output_tail'][-200:]}"
-        res.details["export_peak_rss_mb_by_prefix_of_the_long_run"] = plateau
-        print(f"  export peak RSS by prefix of the {10 * short}-step run: {plateau}", flush=True)
-    res.details["runs"] = rows
-    res.details["config"] = " ".join(SMALL + tc) + " (vocab 10000, default corpus)"
-    from _common import src_layout
-
-    res.details["time_chunk"] = args.time_chunk or src_layout().time_chunk
-    a, b = lengths
-    suffix = "" if args.time_chunk is None else f"-{args.time_chunk}"
-    for id_, what in (("5a" + suffix, "train"), ("5b" + suffix, "export")):
-        growth = rows[b][what]["peak_rss_mb"] - rows[a][what]["peak_rss_mb"]
-        note = f"{rows[a][what]['peak_rss_mb']:.0f} MB -> {rows[b][what]['peak_rss_mb']:.0f} MB"
-        if what == "export":
-            note += f"; prefixes of the long run: {res.details['export_peak_rss_mb_by_prefix_of_the_long_run']} MB"
-        if args.quick:  # 10 steps fill less than one block, so the buffers are smaller: not the target's test
-            note += f"; quick mode: the shorter run is under one {block}-step block, see the full run for the target"
-        res.target(id_, f"peak RSS of `crucible-record {what}` grows <= 32 MB for 10x steps ({a} -> {b}, "
-                        f"time chunk {res.details['time_chunk']})",
-                   r(growth, 1), None if args.quick else growth <= 32, unit=" MB", note=note)
+    short, tc = (10, 8) if args.quick else (args.steps, args.time_chunk)
+    res = harness.Result("memory", args)
+    scratch = args.scratch / f"crucible-bench-memory-{os.getpid()}"
+    try:
+        variants = {}
+        for n in (short, 10 * short):
+            run = str(scratch / f"run{n}")
+            harness.run_child(__file__, {"command": "train", "steps": n, "run": run, "time_chunk": tc})
+            variants[f"train {n} steps"] = {"command": "train", "steps": n, "run": str(scratch / f"t{n}"), "time_chunk": tc}
+            for command in ("export", "analyze"):
+                variants[f"{command} {n} steps"] = {"command": command, "steps": n, "run": run, "time_chunk": tc}
+        runs = harness.compare(__file__, variants, f"train {short} steps", args,
+                               baseline_spec=lambda s: {**s, "run": s["run"] + "-base"} if s["command"] == "train" else s)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    table = harness.summarize(runs, "peak_rss_mb", f"train {short} steps")
+    res.table(f"peak RSS, MB (blocks of {tc} steps)", table)
+    for command in ("train", "export", "analyze"):
+        for suffix in ("", harness.BASE) if args.baseline_src else ("",):
+            rows = table["rows"]
+            growth = rows[f"{command} {10 * short} steps{suffix}"]["median"] - rows[f"{command} {short} steps{suffix}"]["median"]
+            res.row(f"{command}{suffix}: peak RSS growth from {short} to {10 * short} steps", round(growth, 1), " MB")
+    res.details["runs"] = runs
     res.save()
 
 
 if __name__ == "__main__":
+    harness.child_main(child)
     main()

@@ -1,54 +1,31 @@
-"""Per-rank writer throughput of a run recorded by 2 ranks (torch.distributed, gloo) vs 1 process.
+"""A run recorded by 2 ranks (torch.distributed, gloo, one process each) vs one process.
 
-One field W (--rows x --hidden, bf16; default 10000 x 64 = 1.28 MB a step), --steps steps (128),
-time_chunk 64, codec default, durability fsync, commits only where a block fills and at close.
-Step to step W moves like bf16 AdamW late in training: ~25 % of the entries change by one bf16 ulp
-(an in-place integer add on the bits: the producer costs little).
+One field W (--rows x 64 bf16; 10,000 rows = 1.28 MB a step), --steps steps, blocks of 64 steps,
+default preset and durability (fsync), commits where a block fills and at close. Step to step W
+moves like bf16 AdamW late in training: ~25 % of the entries change by one bf16 ulp. Variants:
+    one_process       1 process records all rows (no process group)
+    two_ranks         2 ranks, each records its half of the rows as cr.Shard
+    one_process_half  1 process records half the rows (what one rank writes, without a neighbour)
+Per run: wall seconds from the first record() to close() returning (the slowest rank), and each
+rank's writer rate: its raw bytes / rec.writer_seconds.
 
-Modes (each repeat starts fresh processes, spawned; the recorder's timings are taken inside them):
-  one_process         1 process records all rows (no process group: the single-process path)
-  two_ranks           2 processes (gloo), each records its half of the rows as cr.Shard
-  one_process_half    1 process records half the rows (what one rank writes, without a neighbour)
-
-Per rank and repeat:
-  writer_s        rec.writer_seconds: wall time the writer thread spent placing rows, encoding,
-                  writing and fsyncing (not waiting for work or for other ranks)
-  writer_MBps     raw bytes this rank recorded / writer_s
-  wall_s          first record() .. close() returned (close includes rank 0's wait for the others
-                  and rank 1's wait for rank 0's verdict)
-  sustained_MBps  raw bytes this rank recorded / wall_s
-  record_s        time spent inside record() (copies + waiting for a free staging slot)
-  cpu_s           process CPU seconds over the same window (all threads)
-  writer_cpu_s    CPU seconds of every thread but the training thread (the writer and zarr's event
-                  loop and codec threads: encode, checksums, writes, fsync calls; not the staging
-                  copies); writer_cpu_MBps = raw bytes / writer_cpu_s: what one rank's writing
-                  sustains per core it gets, the basis for more ranks per node
-Reported: medians over repeats. Writes benchmarks/results/multirank.json (or results/quick/ with
---quick) with the machine, load average and git commit.
-
-    python benchmarks/bench_multirank.py            # 5 repeats, ~2 minutes on 2 cores
-    python benchmarks/bench_multirank.py --quick    # 2 repeats, 32 steps
+    python benchmarks/bench_multirank.py [--rounds 5] [--steps 128] [--quick] [--baseline-src DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import shutil
 import socket
-import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+import harness
 
 
-def worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+def rank_main(rank: int, world: int, port: int, rows: int, steps: int, out: str) -> None:
     import numpy as np
     import torch
 
@@ -60,128 +37,68 @@ def worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     import crucible_record as cr
 
-    rows, hidden, steps = cfg["rows"], cfg["hidden"], cfg["steps"]
     share = -(-rows // world)
     first, last = rank * share, min(rows, (rank + 1) * share)
     rng = np.random.default_rng(rank)
-    bits = torch.from_numpy(rng.integers(0x3C00, 0x3F80, size=(last - first, hidden), dtype=np.int16))
-    masks = [torch.from_numpy((rng.random((last - first, hidden)) < 0.25).astype(np.int16)) for _ in range(8)]
-    fields = {"W": cr.Field((rows, hidden), torch.bfloat16)}
-    run = Path(out) / "run"
-    layout = cr.Layout(time_chunk=cfg["time_chunk"], codec=cfg["codec"])
-    in_record = 0.0
-    began, cpu0, own0 = time.perf_counter(), time.process_time(), time.thread_time()
-    with cr.record(run, fields, layout=layout, commit_interval=1e6, rank_timeout=120) as rec:
+    bits = torch.from_numpy(rng.integers(0x3C00, 0x3F80, size=(last - first, 64), dtype=np.int16))
+    masks = [torch.from_numpy((rng.random((last - first, 64)) < 0.25).astype(np.int16)) for _ in range(8)]
+    began = time.perf_counter()
+    with cr.record(Path(out) / "run", {"W": cr.Field((rows, 64), torch.bfloat16)}, layout=cr.Layout(time_chunk=64),
+                   commit_interval=1e6) as rec:
         for step in range(steps):
             bits += masks[step % len(masks)]
             value = bits.view(torch.bfloat16)
-            t = time.perf_counter()
             rec.record(step, W=cr.Shard(value, offset=first) if world > 1 else value)
-            in_record += time.perf_counter() - t
-        began_close = time.perf_counter()
-    wall, cpu = time.perf_counter() - began, time.process_time() - cpu0
-    writer_cpu = cpu - (time.thread_time() - own0)  # all but the training thread: writer, zarr's codec threads
-    raw = (last - first) * hidden * 2 * steps
-    result = {"rank": rank, "world": world, "rows": last - first, "raw_MB": raw / 1e6, "wall_s": wall,
-              "close_s": time.perf_counter() - began_close, "writer_s": rec.writer_seconds,
-              "writer_MBps": raw / 1e6 / rec.writer_seconds, "sustained_MBps": raw / 1e6 / wall,
-              "record_s": in_record, "cpu_s": cpu, "writer_cpu_s": writer_cpu,
-              "writer_cpu_MBps": raw / 1e6 / writer_cpu}
-    if rank == 0:
-        result["bytes_on_disk"] = cr.open(run).bytes_on_disk()
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    raw = (last - first) * 64 * 2 * steps
+    Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"wall_s": time.perf_counter() - began, "writer_MBps": raw / 1e6 / rec.writer_seconds}))
     if world > 1:
-        dist.barrier()
         dist.destroy_process_group()
 
 
-def run_mode(world: int, cfg: dict, scratch: Path) -> list[dict]:
+def child(world: int, rows: int, steps: int, scratch: str) -> dict:
     import multiprocessing
 
-    out = Path(tempfile.mkdtemp(dir=scratch))
+    out = tempfile.mkdtemp(dir=scratch, prefix="crucible-bench-multirank-")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=worker, args=(rank, world, port, cfg, str(out))) for rank in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(600)
-        if p.exitcode != 0:
-            raise SystemExit(f"a rank exited with {p.exitcode}")
-    results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
-    shutil.rmtree(out)
-    return results
-
-
-def median_of(samples: list[list[dict]], key: str, rank: int) -> float:
-    return round(statistics.median(s[rank][key] for s in samples), 3)
-
-
-def git_state() -> dict:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
-    return {"commit": git("rev-parse", "HEAD"),
-            "src_changes_not_committed": [l for l in git("status", "--porcelain", "src").splitlines() if l]}
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=rank_main, args=(rank, world, port, rows, steps, out)) for rank in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(900)
+            if p.exitcode != 0:
+                raise SystemExit(f"a rank exited with {p.exitcode}")
+        ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(world)]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": max(x["wall_s"] for x in ranks), "writer_MBps": ranks[0]["writer_MBps"],
+            "writer_MBps_per_rank": [x["writer_MBps"] for x in ranks]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--rows", type=int, default=10000)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--time-chunk", type=int, default=64)
-    parser.add_argument("--codec", default="default")
-    args = parser.parse_args()
-    repeats = args.repeats or (2 if args.quick else 5)
-    cfg = {"rows": args.rows, "hidden": args.hidden, "steps": args.steps or (32 if args.quick else 128),
-           "time_chunk": args.time_chunk, "codec": args.codec}
-    modes = {"one_process": (1, cfg), "two_ranks": (2, cfg),
-             "one_process_half": (1, {**cfg, "rows": -(-cfg["rows"] // 2)})}
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    samples: dict[str, list] = {m: [] for m in modes}
-    scratch = Path(tempfile.mkdtemp(prefix="bench_multirank_"))
-    try:
-        for repeat in range(repeats):
-            for mode, (world, mode_cfg) in modes.items():
-                samples[mode].append(run_mode(world, mode_cfg, scratch))
-                print(f"repeat {repeat + 1}/{repeats} {mode}: " + "; ".join(
-                    f"rank {r['rank']} writer {r['writer_MBps']:.0f} MB/s, wall {r['wall_s']:.2f} s"
-                    for r in samples[mode][-1]), flush=True)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    keys = ["raw_MB", "writer_s", "writer_MBps", "writer_cpu_s", "writer_cpu_MBps", "wall_s", "sustained_MBps",
-            "close_s", "record_s", "cpu_s"]
-    summary = {mode: [{"rank": rank, **{k: median_of(samples[mode], k, rank) for k in keys}}
-                      for rank in range(modes[mode][0])] for mode in modes}
-    for mode in summary:
-        print(mode, json.dumps(summary[mode]))
-    import torch
-    import zarr
-
-    result = {
-        "name": "multirank",
-        "command": "python benchmarks/bench_multirank.py" + (" --quick" if args.quick else ""),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "torch": torch.__version__, "zarr": zarr.__version__, "source": git_state()},
-        "load": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
-        "config": {**cfg, "repeats": repeats, "durability": "fsync", "commit_interval": "blocks and close only",
-                   "field": f"W ({cfg['rows']}, {cfg['hidden']}) bf16"},
-        "medians": summary,
-        "samples": samples,
-    }
-    out = HERE / "results" / ("quick" if args.quick else "") / "multirank.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    p = harness.parser(__doc__)
+    p.add_argument("--rows", type=int, default=10000)
+    p.add_argument("--steps", type=int, default=128)
+    args = p.parse_args()
+    steps = 16 if args.quick else args.steps
+    res = harness.Result("multirank", args)
+    common = {"steps": steps, "scratch": str(args.scratch)}
+    variants = {"one_process": {"world": 1, "rows": args.rows, **common},
+                "two_ranks": {"world": 2, "rows": args.rows, **common},
+                "one_process_half": {"world": 1, "rows": -(-args.rows // 2), **common}}
+    runs = harness.compare(__file__, variants, "one_process", args)
+    size = f"W {args.rows} x 64 bf16, {steps} steps"
+    res.table(f"{size}: wall seconds (slowest rank)", harness.summarize(runs, "wall_s", "one_process"))
+    res.table(f"{size}: rank 0's writer MB/s (raw bytes / writer_seconds)",
+              harness.summarize(runs, "writer_MBps", "one_process"))
+    res.details["runs"] = runs
+    res.save()
 
 
 if __name__ == "__main__":
+    harness.child_main(child)
     main()

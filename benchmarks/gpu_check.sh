@@ -2,7 +2,7 @@
 # One-shot GPU check, ready for whenever a GPU machine is at hand (about 5 minutes on one GPU):
 # the CUDA tests (recording CUDA tensors bit-exact; 0 host syncs per training step under
 # torch.cuda.set_sync_debug_mode("error")), then the GPU benchmarks: recorded/unrecorded wall of
-# Crucible-3 on the GPU (goal <= 1.05x, with A/A); a GPT-2-size embedding recorded while a
+# Crucible-3 on the GPU (bench_hf_overhead.py --no-hf, with A/A); a GPT-2-size embedding recorded while a
 # GPT-2-shaped model trains (steps/s with and without, rows, every=10, writer threads, host cores,
 # stalls); the writer with this machine's cores. Everything goes to $OUT (or
 # benchmarks/results/gpu/): gpu_machine.txt, gpu_check.log and results/*.json, with the commit.
@@ -36,13 +36,13 @@ if [ -d .whl ] && [ $dry = 0 ]; then
     export PYTHONPATH=/tmp/crucible-site
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export CRUCIBLE_BENCH_RESULTS="$PWD/$out/results"   # the committed results stay as they are
+export CRUCIBLE_BENCH_RESULTS="$PWD/$out/results"   # harness.py writes there: the committed results stay
 case "$out" in /*) export CRUCIBLE_BENCH_RESULTS="$out/results";; esac
 if [ $dry = 0 ]; then
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to check (--dry-run for the CPU)')" || exit 1
-    device=cuda; quick=; small=
+    device=cuda; quick=
 else
-    device=cpu; quick=--quick; small=--small
+    device=cpu; quick=--quick
 fi
 log="$out/gpu_check.log"
 : > "$log"
@@ -65,12 +65,12 @@ step() {  # step SECONDS TITLE COMMAND...: run one part, its output to the log; 
 }
 step 150 "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py \
     "tests/test_faults.py::test_cuda_training_steps_do_not_synchronize"
-step 150 "Crucible-3 overhead (bench_overhead.py --device $device $quick)" \
-    "$PY" benchmarks/bench_overhead.py --device $device $quick
-step 150 "GPT-2-size embedding while training (bench_gpu_embedding.py --device $device $small)" \
-    "$PY" benchmarks/bench_gpu_embedding.py --device $device $small
-step 120 "writer and reads with this machine's cores (bench_speed.py --quick)" \
-    "$PY" benchmarks/bench_speed.py --quick
+step 200 "Crucible-3 overhead (bench_hf_overhead.py --no-hf --device $device --rounds 3 $quick)" \
+    "$PY" benchmarks/bench_hf_overhead.py --no-hf --device $device --rounds 3 $quick
+step 200 "GPT-2-size embedding while training (bench_gpu_embedding.py --device $device $quick)" \
+    "$PY" benchmarks/bench_gpu_embedding.py --device $device $quick
+step 300 "writer and reads with this machine's cores (bench_speed.py --quick --rounds 2)" \
+    "$PY" benchmarks/bench_speed.py --quick --rounds 2
 
 echo "gpu_check: exit $status; results in $out" | tee -a "$log"
 exit $status
