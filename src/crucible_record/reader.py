@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dtypes
 from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
 from .errors import CrucibleError
 from .fields import Field
@@ -55,9 +56,7 @@ class LazyField:
         return self.steps.index(step)
 
     def __getitem__(self, key) -> torch.Tensor:
-        data = self.numpy(key)
-        tensor = torch.from_numpy(data)
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+        return dtypes.from_stored(torch.from_numpy(self.numpy(key)), self.dtype)
 
     def numpy(self, key=slice(None)) -> np.ndarray:
         """The stored values of a selection (bf16 as its uint16 bits), C-contiguous."""
@@ -148,9 +147,9 @@ class Run:
             data = np.asarray(array[...]).copy()
         except Exception as e:
             raise CrucibleError(f"cannot read {name}: {_describe(e)}") from e
-        tensor = torch.from_numpy(data)
         meta = dict(array.attrs).get("crucible_record", {})
-        return tensor.view(torch.bfloat16) if meta.get("dtype") == "bfloat16" else tensor
+        tensor = torch.from_numpy(data)
+        return dtypes.from_stored(tensor, dtypes.dtype_from_name(meta["dtype"])) if "dtype" in meta else tensor
 
     def bytes_on_disk(self) -> int:
         return self.store.bytes_on_disk()
