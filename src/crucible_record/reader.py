@@ -18,7 +18,7 @@ from . import dtypes
 from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
 from .errors import CrucibleError
 from .fields import Field
-from .format.blocks import missing_blocks
+from .format.blocks import missing_blocks, missing_chunk_error
 from .format.schema import open_group, read_commit
 from .storage import RunStore, open_store
 
@@ -82,8 +82,7 @@ class LazyField:
         if missing:
             unit = (self._array.shards or self._array.chunks)[0]
             first = missing[0] * unit
-            raise CrucibleError(f"{self.name} is damaged: the chunk holding rows {first}-{first + unit - 1} "
-                                f"is missing (run `crucible-record verify`)")
+            raise missing_chunk_error(self.name, first, first + unit - 1)
 
     @property
     def array(self):
@@ -182,7 +181,8 @@ def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
             return data
     missing = missing_blocks(store, array, name, range(start, stop))
     if missing:
-        raise CrucibleError(f"{name} is damaged: a chunk holding rows {start}-{stop - 1} is missing")
+        unit = (array.shards or array.chunks)[0]
+        raise missing_chunk_error(name, missing[0] * unit, missing[0] * unit + unit - 1)
     try:
         return np.asarray(array[start:stop])
     except Exception as e:
