@@ -21,7 +21,6 @@ import torch
 
 from . import dtypes
 from .errors import CrucibleError
-from .heap import limit_heap_growth
 from .reader import LazyField, Run
 from .safetensors_io import header as safetensors_header
 
@@ -67,7 +66,6 @@ def field_blocks(field: LazyField, start: int = 0, stop: int | None = None) -> C
     stop = len(field) if stop is None else stop
 
     def chunks():
-        limit_heap_growth()
         block, first = field.array.chunks[0], start
         while first < stop:
             end = min(first - first % block + block, stop)  # whole stored blocks: each decoded once

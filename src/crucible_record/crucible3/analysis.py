@@ -8,7 +8,6 @@ Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored
 (:func:`iter_blocks`), carrying the previous block's last step across block boundaries for the
 step-to-step differences, and works inside a block a few steps at a time. Peak memory is bounded by
 one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
-:func:`scan_W` also calls :func:`crucible_record.heap.limit_heap_growth` (see there why).
 
 Indexing (also written into analysis.json under ``indexing``). With ``n`` committed steps:
 
@@ -41,7 +40,6 @@ import numpy as np
 import torch
 
 from ..errors import CrucibleError
-from ..heap import limit_heap_growth
 from .trajectory import Trajectory
 
 # Thresholds behind the plain answers of the summary (also written into it).
@@ -181,7 +179,6 @@ class WScan:
 
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
-    limit_heap_growth()
     dead = traj.dead_mask.bool()
     live = ~dead
     n_dead, n_live = int(dead.sum()), int(live.sum())

@@ -84,10 +84,8 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     of the block; ``changed_dead``/``changed_live`` (float64) for the transitions ending in the block;
     ``path_parts`` (groups, vocab) float64 partial sums of the transition norms; ``first`` (block 0
     only) and ``last`` (``keep_last`` only): one row of W as its bf16 bits (vocab, hidden) uint16."""
-    from ..heap import limit_heap_growth
     from ..reader import read_rows
 
-    limit_heap_growth()
     bits = read_rows(location, "W", start - 1 if start else start, stop)
     rows = dtypes.from_stored(torch.from_numpy(bits), torch.bfloat16)
     prev, W = (rows[0], rows[1:]) if start else (None, rows)
