@@ -591,6 +591,24 @@ def test_to_xarray_of_mixed_cadences(tmp_path):
     assert np.array_equal(ds["n"].values, expected("n", 11).numpy())
 
 
+def test_to_xarray_keeps_each_constants_dtype(tmp_path):
+    """float64 stays float64 (not narrowed to float32), bf16 is decoded exactly to float32, the rest as stored."""
+    path = tmp_path / "run"
+    constants = {"f64": torch.tensor([0.1, 1e-300, 1 + 2**-40], dtype=torch.float64),
+                 "f16": torch.tensor([0.5, 65504.0], dtype=torch.float16),
+                 "bf16": torch.tensor([0.1, -3.5, 1e38], dtype=torch.bfloat16),
+                 "i64": torch.tensor([2**62, -1]), "mask": torch.tensor([True, False])}
+    with cr.record(path, {"x": cr.Field((2,), torch.float32)}, constants=constants) as rec:
+        rec.record(0, x=torch.zeros(2))
+    ds = cr.open(path).to_xarray()
+    for name, value in constants.items():
+        if value.dtype == torch.bfloat16:
+            assert ds[name].dtype == np.float32 and np.array_equal(ds[name].values, value.float().numpy())
+        else:
+            assert ds[name].dtype == value.numpy().dtype, name
+            assert np.array_equal(ds[name].values, value.numpy()), name
+
+
 def test_xarray_open_zarr_reads_a_closed_run(tmp_path):
     path = tmp_path / "run"
     spec = {"every1": cr.Field((4,), torch.float32), "every3": cr.Field((2, 3), torch.float32, every=3),

@@ -78,8 +78,7 @@ def run_to_xarray(run):
     for name in run.info.constants:
         array = run.group[name]
         value = run.constant(name)
-        variables[name] = (tuple(array.metadata.dimension_names or ()), value.float().numpy()
-                           if value.dtype.is_floating_point else value.numpy())
+        variables[name] = (tuple(array.metadata.dimension_names or ()), dtypes.numpy_values(value))
     return xr.Dataset(variables, coords=coords,
                       attrs={"run": run.location, "committed_steps": run.committed_steps})
 
