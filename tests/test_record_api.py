@@ -571,6 +571,27 @@ def test_open_a_run_with_no_committed_step(tmp_path, sized):
     assert ds.sizes["step"] == 0 and ds["w"].shape == (0, 6, 5)
 
 
+# ----- export -----------------------------------------------------------------------------------
+def test_export_writes_each_fields_steps_into_the_metadata(tmp_path):
+    """A field recorded every 3 steps keeps its step mapping in the file: <field>.steps in __metadata__."""
+    from safetensors import safe_open
+
+    from crucible_record.export import export_run
+
+    record_mixed(tmp_path / "run", 11)
+    target = export_run(cr.open(tmp_path / "run"), tmp_path / "out")
+    with safe_open(str(target), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    steps = {name: json.loads(metadata[f"{name}.steps"]) for name in mixed_fields()}
+    assert steps == {"w": {"start": 0, "every": 1, "count": 11}, "g": {"start": 0, "every": 3, "count": 4},
+                     "sub": {"start": 0, "every": 2, "count": 6}, "n": {"start": 0, "every": 1, "count": 11}}
+    for name, entry in steps.items():  # row i of the tensor is step start + i * every
+        assert len(tensors[name]) == entry["count"]
+    assert torch.equal(tensors["g"][2], mixed_step(6)["g"])
+    assert torch.equal(tensors["sub.rows"], torch.tensor([1, 4, 7]))
+
+
 # ----- xarray -----------------------------------------------------------------------------------
 def test_to_xarray_of_mixed_cadences(tmp_path):
     path = tmp_path / "run"

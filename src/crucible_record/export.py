@@ -10,6 +10,7 @@ however long the run is.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -106,17 +107,19 @@ def check_targets(out_dir: Path, names: list[str], force: bool) -> list[Path]:
 def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
     """Every field's committed rows (recorded dtype, bf16 as BF16), every constant, and the row
     indices of row-subset fields (``<name>.rows``), in ``RUN_NAME.safetensors``. The file's
-    metadata holds each field's step numbers (start, every) as JSON."""
+    metadata holds each field's step numbers: ``<name>.steps`` -> JSON ``{"start", "every",
+    "count"}`` (row i holds step start + i * every), read back by ``safe_open(...).metadata()``."""
     (target,) = check_targets(Path(out_dir), [f"{run.store.name or 'run'}.safetensors"], force)
-    tensors = {}
+    tensors, metadata = {}, {}
     for name, spec in run.fields.items():
         field = run[name]
         itemsize = spec.dtype.itemsize
         nbytes = len(field) * int(np.prod(spec.stored_shape, dtype=np.int64)) * itemsize
         tensors[name] = (dtypes.safetensors_name(spec.dtype), list(field.shape), nbytes, field_blocks(field))
+        metadata[f"{name}.steps"] = json.dumps({"start": field.steps.start, "every": field.every, "count": len(field)})
         if field.rows is not None:
             tensors[f"{name}.rows"] = tensor_spec(field.rows)
     for name in run.info.constants:
         tensors[name] = tensor_spec(run.constant(name))
-    write_safetensors(target, tensors)
+    write_safetensors(target, tensors, metadata)
     return target
