@@ -571,6 +571,27 @@ def test_open_a_run_with_no_committed_step(tmp_path, sized):
     assert ds.sizes["step"] == 0 and ds["w"].shape == (0, 6, 5)
 
 
+# ----- export -----------------------------------------------------------------------------------
+def test_export_writes_each_fields_steps_into_the_metadata(tmp_path):
+    """A field recorded every 3 steps keeps its step mapping in the file: <field>.steps in __metadata__."""
+    from safetensors import safe_open
+
+    from crucible_record.export import export_run
+
+    record_mixed(tmp_path / "run", 11)
+    target = export_run(cr.open(tmp_path / "run"), tmp_path / "out")
+    with safe_open(str(target), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    steps = {name: json.loads(metadata[f"{name}.steps"]) for name in mixed_fields()}
+    assert steps == {"w": {"start": 0, "every": 1, "count": 11}, "g": {"start": 0, "every": 3, "count": 4},
+                     "sub": {"start": 0, "every": 2, "count": 6}, "n": {"start": 0, "every": 1, "count": 11}}
+    for name, entry in steps.items():  # row i of the tensor is step start + i * every
+        assert len(tensors[name]) == entry["count"]
+    assert torch.equal(tensors["g"][2], mixed_step(6)["g"])
+    assert torch.equal(tensors["sub.rows"], torch.tensor([1, 4, 7]))
+
+
 # ----- xarray -----------------------------------------------------------------------------------
 def test_to_xarray_of_mixed_cadences(tmp_path):
     path = tmp_path / "run"
@@ -589,6 +610,24 @@ def test_to_xarray_of_mixed_cadences(tmp_path):
     assert np.array_equal(ds["g"].sel(step_every_3=6).values, mixed_step(6)["g"].numpy())
     assert np.array_equal(ds["sub"].sel(step_every_2=10, sub_row=4).values, mixed_step(10)["sub"][4].numpy())
     assert np.array_equal(ds["n"].values, expected("n", 11).numpy())
+
+
+def test_to_xarray_keeps_each_constants_dtype(tmp_path):
+    """float64 stays float64 (not narrowed to float32), bf16 is decoded exactly to float32, the rest as stored."""
+    path = tmp_path / "run"
+    constants = {"f64": torch.tensor([0.1, 1e-300, 1 + 2**-40], dtype=torch.float64),
+                 "f16": torch.tensor([0.5, 65504.0], dtype=torch.float16),
+                 "bf16": torch.tensor([0.1, -3.5, 1e38], dtype=torch.bfloat16),
+                 "i64": torch.tensor([2**62, -1]), "mask": torch.tensor([True, False])}
+    with cr.record(path, {"x": cr.Field((2,), torch.float32)}, constants=constants) as rec:
+        rec.record(0, x=torch.zeros(2))
+    ds = cr.open(path).to_xarray()
+    for name, value in constants.items():
+        if value.dtype == torch.bfloat16:
+            assert ds[name].dtype == np.float32 and np.array_equal(ds[name].values, value.float().numpy())
+        else:
+            assert ds[name].dtype == value.numpy().dtype, name
+            assert np.array_equal(ds[name].values, value.numpy()), name
 
 
 def test_xarray_open_zarr_reads_a_closed_run(tmp_path):

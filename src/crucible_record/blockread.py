@@ -26,7 +26,7 @@ import logging
 
 import numpy as np
 
-from .errors import CrucibleError
+from .errors import CrucibleError, missing_chunk_error
 from .shardio import (MAX_U64, ShardError, ShardLayout, _decode_chunk, decode_shard_with, default_threads, parse_index,
                       shard_layout)
 
@@ -125,9 +125,8 @@ def _shard_key(array, block: int) -> str:
     return f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
 
 
-def _missing(name: str, rows: str) -> DamagedBlock:
-    return DamagedBlock(f"{name} is damaged: the chunk holding rows {rows} is missing (run `crucible-record verify`)",
-                        "chunk file missing")
+def _missing(name: str, first: int, last: int) -> DamagedBlock:
+    return DamagedBlock(str(missing_chunk_error(name, first, last)), "chunk file missing")
 
 
 def _undecodable(name: str, rows: str, error: ShardError) -> DamagedBlock:
@@ -139,7 +138,7 @@ def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray
     rows = f"{first}-{first + len(out) - 1}"
     data = store.get_buffer(_shard_key(array, block))
     if data is None:
-        raise _missing(name, rows)
+        raise _missing(name, first, first + len(out) - 1)
     try:
         decode_shard_with(layout, data, out, threads)
     except ShardError as e:
@@ -180,7 +179,7 @@ def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None
     for block, buf in zip(blocks, indexes):
         rows_of_block = f"{block * unit}-{block * unit + unit - 1}"
         if buf is None:
-            raise _missing(name, rows_of_block)
+            raise _missing(name, block * unit, block * unit + unit - 1)
         try:
             offset, nbytes = (int(x) for x in parse_index(layout, buf.as_numpy_array())[coords])
         except ShardError as e:

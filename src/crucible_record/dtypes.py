@@ -4,7 +4,15 @@ safetensors keeps one such table; so does this package. Adding a dtype (float8, 
 here: its name in the format, the numpy dtype stored on disk (bf16 has none in numpy or zarr 3.1,
 so its bits are stored as uint16 and the array's ``encoding`` attribute says so), what an unwritten
 row reads as, and its safetensors name. Everything else (Field checks, the writer's staging,
-readers, exports, xarray) asks this module instead of testing for bfloat16 itself.
+readers, exports, xarray, the safetensors header) asks this module instead of testing for bfloat16
+itself.
+
+A float8 row would be ``Storage("float8_e4m3fn", "uint8", <NaN bits>, "F8_E4M3", bits_of=torch.uint8,
+shown_as=torch.float32)``: zarr 3.1 has no float8 dtype, so like bf16 its bits are stored and numpy
+(xarray, JSON) sees its values decoded exactly to float32. Its safetensors name is already in
+:data:`SAFETENSORS_ORDER`. Nothing outside this module would need touching; the codec presets
+(codecs.py) take any stored numpy dtype, and shardio's zarr-exact encoding sees only the stored
+uint8 array.
 """
 
 from __future__ import annotations
@@ -30,11 +38,13 @@ class Storage:
     fill: Any  # an unwritten row reads as this (NaN for floats: never mistaken for data)
     safetensors: str  # the dtype name in a safetensors header
     bits_of: torch.dtype | None = None  # stored as the bits of this other dtype's values (bf16 -> uint16)
+    shown_as: torch.dtype | None = None  # numpy has no such dtype: numpy sees its values exactly as this one
 
 
 _NAN = float("nan")
 TABLE: dict[torch.dtype, Storage] = {
-    torch.bfloat16: Storage("bfloat16", "uint16", BF16_NAN_BITS, "BF16", bits_of=torch.uint16),
+    torch.bfloat16: Storage("bfloat16", "uint16", BF16_NAN_BITS, "BF16", bits_of=torch.uint16,
+                              shown_as=torch.float32),
     torch.float16: Storage("float16", "float16", _NAN, "F16"),
     torch.float32: Storage("float32", "float32", _NAN, "F32"),
     torch.float64: Storage("float64", "float64", _NAN, "F64"),
@@ -96,9 +106,49 @@ def stored_numpy(tensor: torch.Tensor) -> np.ndarray:
     return to_stored(tensor).numpy()
 
 
+def stored_torch_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the values an array of `dtype` stores (bf16 -> uint16; else itself)."""
+    return TABLE[dtype].bits_of or dtype
+
+
+def shown_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of :func:`decode_stored`'s values (bf16: float32; the rest: as stored)."""
+    shown = TABLE[dtype].shown_as
+    return np.dtype(TABLE[dtype].stored) if shown is None else torch.empty(0, dtype=shown).numpy().dtype
+
+
+def decode_stored(stored: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Stored values of a `dtype` array as numpy values: as stored, or, for a dtype numpy lacks
+    (bf16), decoded exactly to the dtype it is shown as (float32: bf16 is the top half of one)."""
+    shown = TABLE[dtype].shown_as
+    if shown is None:
+        return stored
+    stored = np.ascontiguousarray(stored)
+    if not stored.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        stored = stored.copy()
+    return torch.from_numpy(stored).view(dtype).to(shown).numpy()
+
+
+def numpy_values(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as numpy: bf16 (no numpy dtype) exactly as float32, the rest as they are."""
+    shown = TABLE[tensor.dtype].shown_as if tensor.dtype in TABLE else None
+    return tensor.to(shown).numpy() if shown is not None else tensor.numpy()
+
+
 def safetensors_name(dtype: torch.dtype) -> str:
     return TABLE[dtype].safetensors if dtype in TABLE else _SAFETENSORS_EXTRA[dtype]
 
 
 # Dtypes a safetensors file may hold beyond the fields' (the notebook's W is saved as its uint16 bits).
 _SAFETENSORS_EXTRA = {torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+# safetensors' dtype names in the order of its Dtype enum: ``save_file`` lays tensors out by this
+# order, last first (then by name), and so does crucible_record.safetensors_io. F4 and F6 are sub-byte.
+SAFETENSORS_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+                     "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+# bytes per element of each whole-byte safetensors dtype
+SAFETENSORS_ITEMSIZE = {name: size for names, size in ((("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0"), 1),
+                                                        (("I16", "U16", "F16", "BF16"), 2),
+                                                        (("I32", "U32", "F32"), 4),
+                                                        (("C64", "F64", "I64", "U64"), 8))
+                        for name in names}

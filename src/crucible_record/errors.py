@@ -19,3 +19,10 @@ def describe(error: BaseException) -> str:
         return str(error)
     text = str(error).splitlines()[0] if str(error) else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def missing_chunk_error(name: str, first: int, last: int, fix: str = "crucible-record verify") -> CrucibleError:
+    """The one wording of "a chunk holding committed rows is gone" (readers, resume, dask tasks).
+
+    Defined here, below every module, since the writer, the readers and blockread all raise it."""
+    return CrucibleError(f"{name} is damaged: the chunk holding rows {first}-{last} is missing (run `{fix}`)")

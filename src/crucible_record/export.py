@@ -1,60 +1,38 @@
 """Any run -> one safetensors file, streamed: one tensor per field (its committed rows) and constant.
 
 The safetensors library needs every tensor in memory at once, so the file is written here
-directly: an 8-byte little-endian header length, the JSON header (padded with spaces to a
-multiple of 8), then the tensors' bytes back to back, large fields one stored block at a time.
-The layout (tensor order, JSON spelling, padding) matches what ``safetensors.torch.save_file``
-writes for the same tensors, byte for byte (tests check it), so memory stays one block however
-long the run is.
+directly: the header from crucible_record.safetensors_io, then the tensors' bytes back to back,
+large fields one stored block at a time. The layout (tensor order, JSON spelling, padding) matches
+what ``safetensors.torch.save_file`` writes for the same tensors, byte for byte (tests check it;
+save_file writes metadata keys in a random order, this file sorts them), so memory stays one block
+however long the run is.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import dtypes
 from .errors import CrucibleError
-from .heap import limit_heap_growth
 from .reader import LazyField, Run
-
-# safetensors orders tensors by dtype (its enum order, largest first), then by name.
-_DTYPE_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "I16": 9, "U16": 10, "F16": 11, "BF16": 12,
-               "I32": 13, "U32": 14, "F32": 15, "F64": 17, "I64": 18, "U64": 19}
-SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16",
-                      torch.uint16: "U16", torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32",
-                      torch.float32: "F32", torch.float64: "F64", torch.int64: "I64"}
+from .safetensors_io import header as safetensors_header
 
 # name -> (safetensors dtype, shape, a function yielding the tensor's little-endian bytes in order)
 Chunks = Callable[[], Iterator[memoryview | bytes]]
 
 
-def safetensors_header(tensors: dict[str, tuple[str, list[int], int]]) -> tuple[bytes, list[str]]:
-    """Header bytes (length prefix included) and the order the data must follow.
-
-    tensors: name -> (safetensors dtype, shape, number of bytes).
-    """
-    order = sorted(tensors, key=lambda name: (-_DTYPE_RANK[tensors[name][0]], name))
-    header, offset = {}, 0
-    for name in order:
-        dtype, shape, nbytes = tensors[name]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * ((8 - len(text) % 8) % 8)
-    return struct.pack("<Q", len(text)) + text, order
-
-
-def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int, Chunks]]) -> None:
+def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int, Chunks]],
+                      metadata: Mapping[str, str] | None = None) -> None:
     """Stream tensors into `target` (temporary file, fsync, rename: never a torn file)."""
-    header, order = safetensors_header({name: spec[:3] for name, spec in tensors.items()})
+    header, order = safetensors_header({name: spec[:3] for name, spec in tensors.items()}, metadata)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -89,7 +67,6 @@ def field_blocks(field: LazyField, start: int = 0, stop: int | None = None) -> C
     stop = len(field) if stop is None else stop
 
     def chunks():
-        limit_heap_growth()
         block, first = field.array.chunks[0], start
         while first < stop:
             end = min(first - first % block + block, stop)  # whole stored blocks: each decoded once
@@ -109,8 +86,8 @@ def whole(array: np.ndarray) -> Chunks:
 
 
 def tensor_spec(tensor: torch.Tensor) -> tuple[str, list[int], int, Chunks]:
-    bits = tensor.view(torch.uint16) if tensor.dtype == torch.bfloat16 else tensor
-    return SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), bits.numel() * bits.element_size(), whole(bits.numpy())
+    bits = dtypes.to_stored(tensor)
+    return dtypes.safetensors_name(tensor.dtype), list(tensor.shape), bits.numel() * bits.element_size(), whole(bits.numpy())
 
 
 def check_targets(out_dir: Path, names: list[str], force: bool) -> list[Path]:
@@ -130,17 +107,19 @@ def check_targets(out_dir: Path, names: list[str], force: bool) -> list[Path]:
 def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
     """Every field's committed rows (recorded dtype, bf16 as BF16), every constant, and the row
     indices of row-subset fields (``<name>.rows``), in ``RUN_NAME.safetensors``. The file's
-    metadata holds each field's step numbers (start, every) as JSON."""
+    metadata holds each field's step numbers: ``<name>.steps`` -> JSON ``{"start", "every",
+    "count"}`` (row i holds step start + i * every), read back by ``safe_open(...).metadata()``."""
     (target,) = check_targets(Path(out_dir), [f"{run.store.name or 'run'}.safetensors"], force)
-    tensors = {}
+    tensors, metadata = {}, {}
     for name, spec in run.fields.items():
         field = run[name]
         itemsize = spec.dtype.itemsize
         nbytes = len(field) * int(np.prod(spec.stored_shape, dtype=np.int64)) * itemsize
-        tensors[name] = (SAFETENSORS_DTYPES[spec.dtype], list(field.shape), nbytes, field_blocks(field))
+        tensors[name] = (dtypes.safetensors_name(spec.dtype), list(field.shape), nbytes, field_blocks(field))
+        metadata[f"{name}.steps"] = json.dumps({"start": field.steps.start, "every": field.every, "count": len(field)})
         if field.rows is not None:
             tensors[f"{name}.rows"] = tensor_spec(field.rows)
     for name in run.info.constants:
         tensors[name] = tensor_spec(run.constant(name))
-    write_safetensors(target, tensors)
+    write_safetensors(target, tensors, metadata)
     return target

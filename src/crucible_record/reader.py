@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import dtypes
 from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
-from .errors import CrucibleError
+from .errors import CrucibleError, missing_chunk_error
 from .fields import Field
 from .format.blocks import missing_blocks
 from .format.schema import open_group, read_commit
@@ -55,9 +56,7 @@ class LazyField:
         return self.steps.index(step)
 
     def __getitem__(self, key) -> torch.Tensor:
-        data = self.numpy(key)
-        tensor = torch.from_numpy(data)
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
+        return dtypes.from_stored(torch.from_numpy(self.numpy(key)), self.dtype)
 
     def numpy(self, key=slice(None)) -> np.ndarray:
         """The stored values of a selection (bf16 as its uint16 bits), C-contiguous."""
@@ -83,8 +82,7 @@ class LazyField:
         if missing:
             unit = (self._array.shards or self._array.chunks)[0]
             first = missing[0] * unit
-            raise CrucibleError(f"{self.name} is damaged: the chunk holding rows {first}-{first + unit - 1} "
-                                f"is missing (run `crucible-record verify`)")
+            raise missing_chunk_error(self.name, first, first + unit - 1)
 
     @property
     def array(self):
@@ -148,9 +146,9 @@ class Run:
             data = np.asarray(array[...]).copy()
         except Exception as e:
             raise CrucibleError(f"cannot read {name}: {_describe(e)}") from e
-        tensor = torch.from_numpy(data)
         meta = dict(array.attrs).get("crucible_record", {})
-        return tensor.view(torch.bfloat16) if meta.get("dtype") == "bfloat16" else tensor
+        tensor = torch.from_numpy(data)
+        return dtypes.from_stored(tensor, dtypes.dtype_from_name(meta["dtype"])) if "dtype" in meta else tensor
 
     def bytes_on_disk(self) -> int:
         return self.store.bytes_on_disk()
@@ -183,7 +181,8 @@ def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
             return data
     missing = missing_blocks(store, array, name, range(start, stop))
     if missing:
-        raise CrucibleError(f"{name} is damaged: a chunk holding rows {start}-{stop - 1} is missing")
+        unit = (array.shards or array.chunks)[0]
+        raise missing_chunk_error(name, missing[0] * unit, missing[0] * unit + unit - 1)
     try:
         return np.asarray(array[start:stop])
     except Exception as e:

@@ -9,7 +9,6 @@ from .blockread import DamagedBlock, read_blocks, whole_rows
 from .errors import CrucibleError
 from .format.blocks import missing_blocks
 from .format.schema import ROWS_GROUP, open_group, read_commit, write_commit
-from .heap import limit_heap_growth
 from .storage import RunStore, open_store
 
 
@@ -29,7 +28,6 @@ class VerifyReport:
 
 def verify_run(run_dir: str | Path) -> VerifyReport:
     """Decode every chunk holding committed rows; crc32c checksums catch flipped bits."""
-    limit_heap_growth()
     store = open_store(run_dir)
     group, info = open_group(store)
     steps = read_commit(store, group)["steps"]

@@ -48,9 +48,9 @@ import numpy as np
 import torch
 
 from . import dtypes
-from .errors import CrucibleError, RecorderError, describe
+from .errors import CrucibleError, RecorderError, describe, missing_chunk_error
 from .fields import Field, Shard, as_shard_tensor, as_tensor
-from .format.blocks import WRITE_ALL, encode_block, missing_blocks, missing_chunk_error
+from .format.blocks import WRITE_ALL, encode_block, missing_blocks
 from .format.planner import Partition, show_partition
 from .shardio import default_threads
 from .storage import RunStore

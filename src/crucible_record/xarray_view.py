@@ -17,13 +17,15 @@ Two ways in:
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from . import dtypes
 from .errors import CrucibleError
 
 
 def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 values stored as uint16 bits -> float32 (exact: bf16 is the top half of a float32)."""
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+    return dtypes.decode_stored(np.asarray(bits), torch.bfloat16)
 
 
 def _imports():
@@ -42,14 +44,13 @@ def field_dask(field, location: str):
     URL; credentials come from the worker's environment), so no store object or key is pickled
     into the graph, and reads exactly its rows of the prefix committed when the graph was built."""
     import dask
-    import torch
 
     da, _ = _imports()
     field.check_present(range(len(field)))
     block = field.array.chunks[0]
-    bf16 = field.dtype == torch.bfloat16
-    dtype = np.float32 if bf16 else field.array.dtype
-    parts = [da.from_delayed(dask.delayed(_read_block)(location, field.name, start, min(start + block, len(field)), bf16),
+    dtype = dtypes.shown_dtype(field.dtype)
+    parts = [da.from_delayed(dask.delayed(_read_block)(location, field.name, start, min(start + block, len(field)),
+                                                       field.dtype),
                              shape=(min(start + block, len(field)) - start,) + tuple(field.shape[1:]), dtype=dtype)
              for start in range(0, len(field), block)]
     if not parts:
@@ -57,11 +58,10 @@ def field_dask(field, location: str):
     return da.concatenate(parts)
 
 
-def _read_block(location: str, name: str, start: int, stop: int, bf16: bool) -> np.ndarray:
+def _read_block(location: str, name: str, start: int, stop: int, dtype: torch.dtype) -> np.ndarray:
     from .reader import read_rows
 
-    data = read_rows(location, name, start, stop)
-    return bf16_bits_to_float32(data) if bf16 else data
+    return dtypes.decode_stored(read_rows(location, name, start, stop), dtype)
 
 
 def run_to_xarray(run):
@@ -78,8 +78,7 @@ def run_to_xarray(run):
     for name in run.info.constants:
         array = run.group[name]
         value = run.constant(name)
-        variables[name] = (tuple(array.metadata.dimension_names or ()), value.float().numpy()
-                           if value.dtype.is_floating_point else value.numpy())
+        variables[name] = (tuple(array.metadata.dimension_names or ()), dtypes.numpy_values(value))
     return xr.Dataset(variables, coords=coords,
                       attrs={"run": run.location, "committed_steps": run.committed_steps})
 

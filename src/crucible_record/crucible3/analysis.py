@@ -7,8 +7,9 @@ Only committed steps are used, so a run still in progress can be analysed.
 Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored chunks
 (:func:`iter_blocks`), carrying the previous block's last step across block boundaries for the
 step-to-step differences, and works inside a block a few steps at a time. Peak memory is bounded by
-one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
-:func:`scan_W` also calls :func:`crucible_record.heap.limit_heap_growth` (see there why).
+one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length; the
+temporaries live in buffers reused from block to block (``_scratch``: allocated afresh they fragment
+the heap and the resident memory grows with every block).
 
 Indexing (also written into analysis.json under ``indexing``). With ``n`` committed steps:
 
@@ -41,7 +42,6 @@ import numpy as np
 import torch
 
 from ..errors import CrucibleError
-from ..heap import limit_heap_growth
 from .trajectory import Trajectory
 
 # Thresholds behind the plain answers of the summary (also written into it).
@@ -181,7 +181,6 @@ class WScan:
 
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
-    limit_heap_growth()
     dead = traj.dead_mask.bool()
     live = ~dead
     n_dead, n_live = int(dead.sum()), int(live.sum())
@@ -189,10 +188,11 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     c_dead, c_live, ch_dead, ch_live = [], [], [], []
     path = torch.zeros(vocab, dtype=torch.float64)
     first = prev = None
+    scratch: dict[str, torch.Tensor] = {}  # the temporaries, reused by every block (see _scratch)
     for _, W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
-        _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path)
+        _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path, scratch)
         prev = W[-1].clone()
         del W  # drop this block before the next one is read: one block in memory at a time
     if prev is None:
@@ -200,37 +200,62 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, prev)
 
 
-def _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path) -> None:
-    """One block of steps, a few steps at a time; ``prev`` is the step before the block (or None)."""
+def _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path,
+                scratch: dict[str, torch.Tensor] | None = None) -> None:
+    """One block of steps, a few steps at a time; ``prev`` is the step before the block (or None).
+    `scratch`: buffers for the temporaries, kept by the caller across blocks (None: fresh ones)."""
+    scratch = {} if scratch is None else scratch
     for s in range(0, W.shape[0], _SUB_STEPS):
         part = W[s:s + _SUB_STEPS]
-        c_dead.append(_masked_mean(part, dead, n_dead))
-        c_live.append(_masked_mean(part, live, n_live))
+        c_dead.append(_masked_mean(part, dead, n_dead, scratch))
+        c_live.append(_masked_mean(part, live, n_live, scratch))
         # transitions a[j] -> b[j] that end in `part`; the previous block's last step is carried
         if s > 0:
             a, b = W[s - 1:s - 1 + part.shape[0]], part
         elif prev is not None:
-            a, b = torch.cat([prev[None], part[:-1]]), part
+            a, b = torch.cat([prev[None], part[:-1]], out=_scratch(scratch, "a", part.shape, part.dtype)), part
         else:  # global step 0 has no step before it
             a, b = part[:-1], part[1:]
         if a.shape[0]:
-            _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path)
+            _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path, scratch)
 
 
-def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+def _scratch(scratch: dict[str, torch.Tensor], key: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of `shape` for one temporary, the same memory from block to block.
+
+    A streaming pass's temporaries (a few steps of W gathered, as float32, their differences: MBs
+    each) allocated afresh every few steps fragment the C heap: without reuse the resident memory
+    of a scan grew by ~150 MB a block of W (Crucible size). Sizes only shrink within a pass (a
+    block's last steps), so a buffer is allocated once, at its largest, and sliced."""
+    size = int(np.prod(shape[1:], dtype=np.int64))
+    buffer = scratch.get(key)
+    if buffer is None or buffer.dtype != dtype or buffer.shape[1:].numel() != size or buffer.shape[0] < shape[0]:
+        buffer = scratch[key] = torch.empty((max(shape[0], _SUB_STEPS), *shape[1:]), dtype=dtype)
+    return buffer.view(-1)[:int(shape[0]) * size].view(tuple(shape))
+
+
+def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int,
+                 scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     if count == 0:
         return torch.full((W.shape[0], W.shape[2]), float("nan"), dtype=torch.float32)
-    return W[:, mask, :].float().mean(dim=1)
+    if scratch is None:
+        return W[:, mask, :].float().mean(dim=1)
+    shape = (W.shape[0], count, W.shape[2])  # W[:, mask, :].float(), into reused buffers: the same values
+    gathered = torch.index_select(W, 1, mask.nonzero().flatten(), out=_scratch(scratch, f"gather{count}", shape, W.dtype))
+    return _scratch(scratch, f"float{count}", shape, torch.float32).copy_(gathered).mean(dim=1)
 
 
-def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path) -> None:
+def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path,
+                 scratch: dict[str, torch.Tensor] | None = None) -> None:
     """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
-    per_token = (a != b).sum(dim=2)  # (k, vocab) changed entries (by value: -0.0 == +0.0)
+    scratch = {} if scratch is None else scratch
+    per_token = torch.ne(a, b, out=_scratch(scratch, "ne", a.shape, torch.bool)).sum(dim=2)  # (k, vocab) changed entries (by value: -0.0 == +0.0)
     ch_dead.append(per_token[:, dead].sum(dim=1).double() / (n_dead * hidden) if n_dead else
                    torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
     ch_live.append(per_token[:, live].sum(dim=1).double() / (n_live * hidden) if n_live else
                    torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
-    path += torch.norm(b.float() - a.float(), dim=2).double().sum(dim=0)
+    fb = _scratch(scratch, "fb", b.shape, torch.float32).copy_(b)  # b.float() - a.float(), in reused buffers
+    path += torch.norm(fb.sub_(_scratch(scratch, "fa", a.shape, torch.float32).copy_(a)), dim=2).double().sum(dim=0)
 
 
 # --------------------------------------------------------------------------------------------

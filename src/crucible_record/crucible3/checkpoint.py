@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import random
-import struct
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import CrucibleError
+from ..safetensors_io import parse_bytes
 from ..storage import RunStore
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -91,11 +91,10 @@ def load(store: RunStore) -> dict[str, Any] | None:
 
 
 def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__ (JSON, as the format defines it)."""
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8 or length > 100_000_000:
-        raise ValueError("header length out of range")
-    return json.loads(data[8:8 + length]).get("__metadata__") or {}
+    """The safetensors header's __metadata__ (strings, as the format defines it). safetensors' own
+    reader gives metadata only through safe_open of a file path, and a checkpoint comes from the
+    store as bytes (a PUT on S3), so the package's one header parser reads it."""
+    return parse_bytes(data, "the file").metadata
 
 
 def _model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import dtypes
 from ..errors import CrucibleError
 from .analysis import WScan, _scan_block
 from .trajectory import Trajectory
@@ -83,12 +84,10 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     of the block; ``changed_dead``/``changed_live`` (float64) for the transitions ending in the block;
     ``path_parts`` (groups, vocab) float64 partial sums of the transition norms; ``first`` (block 0
     only) and ``last`` (``keep_last`` only): one row of W as its bf16 bits (vocab, hidden) uint16."""
-    from ..heap import limit_heap_growth
     from ..reader import read_rows
 
-    limit_heap_growth()
     bits = read_rows(location, "W", start - 1 if start else start, stop)
-    rows = torch.from_numpy(bits).view(torch.bfloat16)
+    rows = dtypes.from_stored(torch.from_numpy(bits), torch.bfloat16)
     prev, W = (rows[0], rows[1:]) if start else (None, rows)
     dead_t = torch.from_numpy(np.ascontiguousarray(dead, dtype=bool))
     live_t = ~dead_t
@@ -195,9 +194,9 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
                 for group in torch.from_numpy(part["path_parts"]):
                     path += group
                 if part["first"] is not None:
-                    first = torch.from_numpy(part["first"]).view(torch.bfloat16)
+                    first = dtypes.from_stored(torch.from_numpy(part["first"]), torch.bfloat16)
                 if part["last"] is not None:
-                    last = torch.from_numpy(part["last"]).view(torch.bfloat16)
+                    last = dtypes.from_stored(torch.from_numpy(part["last"]), torch.bfloat16)
                 wanted += 1
     finally:
         client.cancel([f for f in futures if not f.done()])

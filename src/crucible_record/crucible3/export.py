@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import dtypes
 from ..export import check_targets, field_blocks, tensor_spec, write_safetensors
 from ..storage import write_json
 from .config import RECORDABLE
@@ -28,10 +29,14 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
     target, meta_path = check_targets(Path(out_dir), [TRAJECTORY_FILE, METADATA_FILE], force)
     steps, vocab, hidden = traj.steps, traj.W.shape[1], traj.W.shape[2]
     tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
-    tensors["W"] = ("U16", [steps + 1, vocab, hidden], (steps + 1) * vocab * hidden * 2, field_blocks(traj.W))
+    bits = dtypes.stored_torch_dtype(traj.W.dtype)  # the notebook saves W's bf16 bits: U16
+    tensors["W"] = (dtypes.safetensors_name(bits), [steps + 1, vocab, hidden], (steps + 1) * vocab * hidden * bits.itemsize,
+                    field_blocks(traj.W))
     for name in recorded_extras(traj):  # --record: stored like W
         field = traj[name]
-        tensors[name] = ("U16", list(field.shape), field.shape.numel() * 2, field_blocks(field))
+        bits = dtypes.stored_torch_dtype(field.dtype)
+        tensors[name] = (dtypes.safetensors_name(bits), list(field.shape), field.shape.numel() * bits.itemsize,
+                         field_blocks(field))
         if field.rows is not None:
             tensors[f"{name}.rows"] = tensor_spec(field.rows)
     write_safetensors(target, tensors)

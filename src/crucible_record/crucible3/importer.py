@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +53,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import dtypes
 from ..codecs import Layout, time_chunk_for
 from ..errors import CrucibleError
-from ..export import safetensors_header
 from ..api import record
+from ..safetensors_io import header as safetensors_header
+from ..safetensors_io import parse_header
 from ..storage import is_url, open_store
 from .config import RunConfig
 from .engine import fields
@@ -71,8 +72,6 @@ NOTEBOOK_TENSORS = {
     "dead_mask": ("BOOL", "|u1", 1),
     "dead_indices": ("I64", "<i8", 1),
 }
-_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
-             "F32": 4, "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 # metadata.json key -> RunConfig key (the notebook's constants)
 CONFIG_KEYS = {"total_steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "learning_rate": "lr",
                "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2", "epsilon": "eps",
@@ -83,7 +82,6 @@ METADATA_KEYS = ("experiment", "series", "date", *CONFIG_KEYS, "n_dead_tokens", 
                  "total_epochs", "device", "data_shapes", "notes")
 _TEXT_KEYS = ("experiment", "series", "date", "device", "notes")
 UNKNOWN_EPOCH = -1
-_MAX_HEADER = 100_000_000  # safetensors' own limit
 
 
 @dataclass
@@ -209,46 +207,13 @@ def read_notebook_file(path: Path) -> NotebookFile:
     if not path.is_file():
         raise CrucibleError(f"{path} is not a file")
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as f:  # the header only: the tensors are streamed later by plain reads
             size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CrucibleError(f"{path} is not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CrucibleError(f"{path} is not a safetensors file (its first 8 bytes give a header of {n} bytes)")
-            text = f.read(n)
+            parsed = parse_header(f.read, size, str(path))
     except OSError as e:
         raise CrucibleError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise CrucibleError(f"{path} is not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CrucibleError(f"{path} is not a safetensors file (its header is not a JSON object)")
-    header.pop("__metadata__", None)
-    entries, spans = {}, []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
-            ok = (dtype in _ITEMSIZE and all(isinstance(x, int) and x >= 0 for x in (*shape, begin, end))
-                  and end - begin == math.prod(shape) * _ITEMSIZE[dtype])
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise CrucibleError(f"{path} is not a safetensors file (bad header entry for tensor {name!r})")
-        entries[name] = (dtype, shape, begin, end)
-        spans.append((begin, end))
-    position = 0
-    for begin, end in sorted(spans):
-        if begin != position:
-            raise CrucibleError(f"{path} is not a safetensors file (tensor data overlaps or leaves gaps)")
-        position = end
-    if 8 + n + position != size:
-        raise CrucibleError(f"{path} is not a safetensors file (its header describes {position} bytes of data, "
-                            f"the file holds {size - 8 - n}: truncated or padded)")
     _check_with_safetensors(path)
-    nb = NotebookFile(path, size, prefix + text, 8 + n, entries)
+    nb = NotebookFile(path, size, parsed.raw, parsed.data_start, parsed.entries)
     _check_layout(nb)
     return nb
 
@@ -451,7 +416,7 @@ def _record_steps(nb: NotebookFile, recorder, epochs: EpochBounds, layout: Layou
     with open(nb.path, "rb") as f:
         for first in range(0, nb.steps + 1, block):
             count = min(block, nb.steps + 1 - first)
-            W = torch.from_numpy(nb.read(f, "W", first, count)).view(torch.bfloat16)
+            W = dtypes.from_stored(torch.from_numpy(nb.read(f, "W", first, count)), torch.bfloat16)
             h_first = max(first - 1, 0)
             h_mean = torch.from_numpy(nb.read(f, "h_mean", h_first, first + count - 1 - h_first))
             loss = torch.from_numpy(nb.read(f, "loss", first, count))

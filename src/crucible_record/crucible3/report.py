@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, dtypes
 from .analysis import analyze
 from ..errors import CrucibleError
 from ..steps_text import steps_committed
@@ -95,10 +95,7 @@ def _check_out_dir(out: Path, force: bool) -> None:
 def to_jsonable(value: Any) -> Any:
     """Tensors/arrays to lists, NaN and infinities to None, so the file is strict JSON."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            value = value.float()
-        value = value.numpy()
+        value = dtypes.numpy_values(value.detach().cpu())
     if isinstance(value, np.ndarray):
         return to_jsonable(value.tolist())
     if isinstance(value, dict):

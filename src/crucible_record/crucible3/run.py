@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import dtypes
 from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format.schema import open_group, read_commit
@@ -182,7 +183,7 @@ class _ReplayCheck:
             given = value.detach().cpu()
             rows = self.run[name].rows
             given = given if rows is None else given.index_select(0, rows)
-            given = given.view(torch.uint16) if given.dtype == torch.bfloat16 else given
+            given = dtypes.to_stored(given)
             if given.numpy().tobytes() != stored.tobytes():
                 raise CrucibleError(
                     f"resume diverged at step {step} ({name}): the recomputed step differs from the recorded one "

@@ -13,17 +13,11 @@ import itertools
 
 import numpy as np
 
-from ..errors import CrucibleError
 from ..storage import RunStore
 
 # zarr skips chunks equal to the fill value; every chunk is written so that an absent chunk always
 # means damage (readers check for it) and never "all fill".
 WRITE_ALL = {"write_empty_chunks": True}
-
-
-def missing_chunk_error(name: str, first: int, last: int, fix: str = "crucible-record verify") -> CrucibleError:
-    """The one wording of "a chunk holding committed rows is gone" (readers, resume, dask tasks)."""
-    return CrucibleError(f"{name} is damaged: the chunk holding rows {first}-{last} is missing (run `{fix}`)")
 
 
 def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, threads: int = 1) -> dict[str, bytes]:
