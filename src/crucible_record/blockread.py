@@ -27,7 +27,7 @@ import logging
 import numpy as np
 
 from .errors import CrucibleError
-from .shardio import (MAX_U64, ShardError, ShardLayout, _decode_chunk, decode_shard_with, default_threads, parse_index,
+from .shardio import (MAX_U64, ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, parse_index,
                       shard_layout)
 
 log = logging.getLogger("crucible_record")
@@ -201,7 +201,7 @@ def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None
         try:
             if payload is None or len(payload) != span[1]:
                 raise ShardError(f"inner chunk {coords} is truncated")
-            stored = _decode_chunk(payload.as_numpy_array(), layout, coords)
+            stored = decode_chunk(payload.as_numpy_array(), layout, coords)
         except ShardError as e:
             raise _undecodable(name, f"{first}-{first + unit - 1}", e) from None
         chunk = stored.transpose(layout.inverse) if layout.perm else stored  # back to the array's axis order

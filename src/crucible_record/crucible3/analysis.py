@@ -192,7 +192,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     for _, W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
-        _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path)
+        scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path)
         prev = W[-1].clone()
         del W  # drop this block before the next one is read: one block in memory at a time
     if prev is None:
@@ -200,7 +200,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, prev)
 
 
-def _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path) -> None:
+def scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path) -> None:
     """One block of steps, a few steps at a time; ``prev`` is the step before the block (or None)."""
     for s in range(0, W.shape[0], _SUB_STEPS):
         part = W[s:s + _SUB_STEPS]

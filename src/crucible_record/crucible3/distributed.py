@@ -16,7 +16,7 @@ credentials from its own environment). The committed prefix is read once, when t
 to the steps committed at that moment.
 
 Results: bit-identical to the single-process pass on the same machine and library versions. Each
-task runs the very same per-block code (``analysis._scan_block``) on the same rows, so centroids,
+task runs the very same per-block code (``analysis.scan_W_block``) on the same rows, so centroids,
 changed fractions and the net displacement are identical; for the path length (a float64 sum over
 transitions) the task returns the float64 partial sum of each group of ``_SUB_STEPS`` transitions
 rather than one per block, and the client adds those partials in step order exactly as ``scan_W``
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import CrucibleError
-from .analysis import WScan, _scan_block
+from .analysis import WScan, scan_W_block
 from .trajectory import Trajectory
 
 CONNECT_TIMEOUT_S = 10.0  # how long to try to reach a --scheduler before giving up
@@ -99,7 +99,7 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     ch_dead: list[torch.Tensor] = []
     ch_live: list[torch.Tensor] = []
     groups = _GroupSums()
-    _scan_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
+    scan_W_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
     empty = np.zeros(0, dtype=np.float64)
     return {
         "start": start,
