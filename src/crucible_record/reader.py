@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
+from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks
 from .errors import CrucibleError
 from .fields import Field
 from .format.blocks import missing_blocks
@@ -168,26 +168,6 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.location!r}, committed_steps={self.committed_steps}, fields={list(self.info.fields)})"
-
-
-def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
-    """Stored rows [start, stop) of one field, opened afresh from `location` (for dask tasks:
-    only the location and the row range travel; the commit marker is not re-read)."""
-    import zarr
-
-    store = open_store(location)
-    array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
-    if stop > start:
-        data = read_blocks(store, array, whole_rows(array, start, stop), name)
-        if data is not None:
-            return data
-    missing = missing_blocks(store, array, name, range(start, stop))
-    if missing:
-        raise CrucibleError(f"{name} is damaged: a chunk holding rows {start}-{stop - 1} is missing")
-    try:
-        return np.asarray(array[start:stop])
-    except Exception as e:
-        raise CrucibleError(f"cannot read {name}[{start}:{stop}]: {_describe(e)}") from e
 
 
 def normalize_key(key, shape) -> tuple[tuple, bool]:

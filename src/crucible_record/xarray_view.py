@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blockread import read_rows
 from .errors import CrucibleError
 
 
@@ -58,8 +59,6 @@ def field_dask(field, location: str):
 
 
 def _read_block(location: str, name: str, start: int, stop: int, bf16: bool) -> np.ndarray:
-    from .reader import read_rows
-
     data = read_rows(location, name, start, stop)
     return bf16_bits_to_float32(data) if bf16 else data
 

@@ -9,7 +9,7 @@ cosines, summary: small) unchanged.
 What travels into the graph: plain values only. Each task gets the run's location string (a local
 path or a URL), its row range ``[start, stop)`` of W, and the dead mask as a numpy bool array (one
 graph key shared by every task). It reopens the field itself with
-:func:`crucible_record.reader.read_rows` (one row more at the front, the carried step before the
+:func:`crucible_record.blockread.read_rows` (one row more at the front, the carried step before the
 block); no store object, zarr array or credential is pickled (a worker reading ``s3://`` takes its
 credentials from its own environment). The committed prefix is read once, when the graph is built
 (``traj.steps``): tasks never re-read ``commit.json``, so a run still being written is analysed up
@@ -84,7 +84,7 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     ``path_parts`` (groups, vocab) float64 partial sums of the transition norms; ``first`` (block 0
     only) and ``last`` (``keep_last`` only): one row of W as its bf16 bits (vocab, hidden) uint16."""
     from ..heap import limit_heap_growth
-    from ..reader import read_rows
+    from ..blockread import read_rows
 
     limit_heap_growth()
     bits = read_rows(location, "W", start - 1 if start else start, stop)
