@@ -317,14 +317,14 @@ def dir_bytes(path: Path) -> int:
 # ----- the recorded run ----------------------------------------------------------------------
 def wait_for_run(run: Path, want: int, max_wait_s: float, log=print):
     """Open `run` once it has `want` committed steps, waiting at most max_wait_s; else what exists."""
-    import crucible_record as cr
+    from crucible_record.crucible3 import open_trajectory
 
     deadline = time.time() + max_wait_s
-    t = cr.open(run)
+    t = open_trajectory(run)
     while t.steps < want and time.time() < deadline:
         log(f"waiting for {run}: {t.steps} of {want} steps committed")
         time.sleep(min(30.0, max(1.0, deadline - time.time())))
-        t = cr.open(run)
+        t = open_trajectory(run)
     return t
 
 
@@ -344,11 +344,11 @@ def recorded_run(args, want: int, max_wait_s: float = 0, log=print):
             raise SystemExit(f"no recorded run at {args.run}: record one (crucible-record train --out {args.run}) "
                              f"or pass --run / set $CRUCIBLE_BENCH_RUN")
         return wait_for_run(args.run, want, max_wait_s, log)
-    import crucible_record as cr
+    from crucible_record.crucible3 import open_trajectory
 
     run = SCRATCH / f"crucible-bench-quick-run-{QUICK_RUN_STEPS}"
     try:
-        t = cr.open(run)
+        t = open_trajectory(run)
         if getattr(t, "steps", 0) >= QUICK_RUN_STEPS:
             args.run, args.quick_run = run, True
             return t
@@ -363,7 +363,7 @@ def recorded_run(args, want: int, max_wait_s: float = 0, log=print):
     config = RunConfig(steps=QUICK_RUN_STEPS, batch_size=4, seq_len=16, device="cpu")
     start_run(config, run, layout=Layout(), checkpoints=False, progress=False, durability="none")
     args.run, args.quick_run = run, True
-    return cr.open(run)
+    return open_trajectory(run)
 
 
 def prefix_copy(run: Path, dest: Path, steps: int) -> Path:

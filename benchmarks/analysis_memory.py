@@ -75,10 +75,10 @@ def child(mode: str, run_dir: str, out_dir: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     from matplotlib.figure import Figure  # noqa: F401
 
-    import crucible_record as cr
+    from crucible_record.crucible3 import open_trajectory
     from crucible_record.crucible3.report import analyze_run
 
-    traj = cr.open(run_dir)
+    traj = open_trajectory(run_dir)
     _ = traj.dead_mask, traj.h_mean, traj.loss
     reset = _reset_peak()
     baseline = _status_mb("VmRSS") if reset else _peak_mb()
@@ -179,7 +179,7 @@ def main() -> None:
                     "the notebook's model (vocab 10000, hidden 64, 2 layers, 2 heads), shipped corpus, "
                     f"default layout (blocks of {layout.time_chunk} steps x {layout.row_chunk} tokens, "
                     f"codec {layout.codec})",
-        "measure": "each mode in a fresh subprocess: RSS after imports + cr.open (baseline), then the peak-RSS "
+        "measure": "each mode in a fresh subprocess: RSS after imports + open_trajectory (baseline), then the peak-RSS "
                    "mark is reset (/proc/self/clear_refs) and VmHWM read after the work (peak); "
                    "analysis_mb = peak - baseline; peak_after_block_mb = peak - baseline after each block of W",
         "modes": {

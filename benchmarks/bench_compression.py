@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (QUICK_RUN_NOTE, SRC_PRESETS, Result, bench_codecs, codec_label, describe, dir_bytes,  # noqa: E402
@@ -186,7 +186,7 @@ def main() -> None:
     res.details["codecs"] = rows
     whole = []
     if not args.quick and t.steps + 1 > n:
-        t = cr.open(args.run)  # the run has grown meanwhile
+        t = open_trajectory(args.run)  # the run has grown meanwhile
         n_all = t.steps + 1
         del bits
         bits = np.ascontiguousarray(t.W.numpy(slice(0, n_all)))

@@ -86,6 +86,7 @@ def make_run(path: Path, steps: int, seed: int = 0) -> dict:
     import torch
 
     import crucible_record as cr
+    from crucible_record.crucible3 import open_trajectory
     from crucible_record.crucible3.config import RunConfig
     from crucible_record.crucible3.engine import fields
     from crucible_record.crucible3.trajectory import EXPERIMENT
@@ -109,19 +110,19 @@ def make_run(path: Path, steps: int, seed: int = 0) -> dict:
             h = torch.randn(HIDDEN, generator=g) if step else torch.full((HIDDEN,), float("nan"))
             rec.record(step, W=W, h_mean=h, loss=(2.0 - step / (steps + 1)) * torch.ones(()) if step else nan,
                        epoch=torch.tensor(step // 100, dtype=torch.int64))
-    t = cr.open(path)
+    t = open_trajectory(path)
     return {"steps": t.steps, "W_shape": list(t.W.shape), "W_raw_mb": round(t.W.shape.numel() * 2 / 1e6, 1),
-            "W_block_steps": t.W.array.shards[0], "bytes_on_disk_mb": round(t.bytes_on_disk() / 1e6, 1),
+            "W_block_steps": t.W.array.shards[0], "bytes_on_disk_mb": round(t.run.bytes_on_disk() / 1e6, 1),
             "seconds_to_record": round(time.perf_counter() - t0, 1)}
 
 
 # ----- 2. and 3. the children -------------------------------------------------------------------
 def child_single(run: str, out: str) -> dict:
-    import crucible_record as cr
+    from crucible_record.crucible3 import open_trajectory
     from crucible_record.crucible3.analysis import analyze
     from crucible_record.crucible3.report import write_analysis_json
 
-    traj = cr.open(run)
+    traj = open_trajectory(run)
     baseline = status_mb("VmRSS")
     reset_peak()
     t0 = time.perf_counter()
@@ -136,12 +137,12 @@ def child_single(run: str, out: str) -> dict:
 def child_dask(run: str, out: str, workers: int, memory_limit: str) -> dict:
     import distributed
 
-    import crucible_record as cr
+    from crucible_record.crucible3 import open_trajectory
     from crucible_record.crucible3.analysis import analyze
     from crucible_record.crucible3.distributed import NO_DASHBOARD, scan_W_dask
     from crucible_record.crucible3.report import write_analysis_json
 
-    traj = cr.open(run)
+    traj = open_trajectory(run)
     t0 = time.perf_counter()
     cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None, memory_limit=memory_limit,

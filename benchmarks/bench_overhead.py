@@ -411,9 +411,9 @@ def steady_state_estimate(step_s: float, c: dict) -> float:
 def real_chunk(run: Path, T: int, log) -> np.ndarray:
     """T consecutive real steps of W (from the recorded run) for the contention load."""
     try:
-        import crucible_record as cr
+        from crucible_record.crucible3 import open_trajectory
 
-        t = cr.open(run)
+        t = open_trajectory(run)
         if t.steps + 1 >= 2 * T:
             return np.ascontiguousarray(t.W.numpy(slice(T, 2 * T)))
         if t.steps + 1 >= T:

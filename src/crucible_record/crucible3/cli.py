@@ -64,7 +64,7 @@ def export(traj: Trajectory, out: Path, force: bool) -> str:
 
     target, meta = export_safetensors(traj, out, force=force)
     return (f"Wrote {target} ({size_text(target.stat().st_size)}) and {meta}: "
-            f"{steps_committed(traj.committed_steps, of=traj.info.steps, training=True)}")
+            f"{steps_committed(traj.committed_steps, of=traj.run.info.steps, training=True)}")
 
 
 # -- the experiment's own commands --------------------------------------------------------------
