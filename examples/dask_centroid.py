@@ -56,8 +56,8 @@ print(f"  |c_dead| at t=0: {norms[0]:.6f}   at t={n - 1}: {norms[-1]:.6f}")
 print(f"  total displacement: {np.linalg.norm(result.values[-1] - result.values[0]):.6f}")
 
 # 2. Cross-check against crucible-record's own streaming computation (torch, float32).
-import crucible_record as cr  # noqa: E402
+from crucible_record.crucible3 import open_trajectory  # noqa: E402
 from crucible_record.crucible3.analysis import centroids  # noqa: E402
 
-ours, _ = centroids(cr.open(run_dir))
+ours, _ = centroids(open_trajectory(run_dir))
 print(f"  max |dask - crucible_record.crucible3.analysis.centroids| = {np.abs(result.values - ours.numpy()).max():.2e}")

@@ -8,10 +8,10 @@ whole. The same numbers, with plots, come from `crucible-record analyze RUN_DIR`
 
 import sys
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.crucible3.analysis import analyze, format_quick_stats, quick_stats
 
-traj = cr.open(sys.argv[1])
+traj = open_trajectory(sys.argv[1])
 print("=" * 60 + "\nCRUCIBLE 3 STATS\n" + "=" * 60)
 print(format_quick_stats(traj, quick_stats(traj)))
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import xarray as xr
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.codecs import Layout
 from crucible_record.crucible3.analysis import analyze, quick_stats
 from crucible_record.crucible3.config import RunConfig
@@ -36,7 +36,7 @@ from crucible_record.storage import open_store
 
 @pytest.fixture(scope="module")
 def traj(tiny_run):
-    return cr.open(tiny_run)
+    return open_trajectory(tiny_run)
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +236,8 @@ def test_reads_at_most_one_chunk_of_W_at_a_time(traj, monkeypatch):
         return out
 
     monkeypatch.setattr(LazyField, "__getitem__", spy)
-    analyze(cr.open(traj.run_dir))
-    chunk = traj.group["W"].chunks[0]
+    analyze(open_trajectory(traj.run_dir))
+    chunk = traj.W.array.chunks[0]
     assert spans and max(spans) <= chunk < traj.steps + 1
     assert sum(spans) <= traj.steps + 1 + 1  # one pass over W (plus at most one single-step read)
 
@@ -268,7 +268,7 @@ def synthetic(tmp_path_factory):
 
 
 def test_synthetic_run_known_answers(synthetic):
-    traj = cr.open(synthetic)
+    traj = open_trajectory(synthetic)
     assert traj.steps == 4
     r = analyze(traj)
     n = 4
@@ -384,7 +384,7 @@ def test_bad_inputs(tmp_path, tiny_run):
         run = make_store(tmp_path / f"short{committed}", eye[None].repeat(committed + 1, 0), eye[:committed],
                          [True, False, False], committed=committed, configured=5)
         _one_line_error(lambda: analyze_run(run, tmp_path / f"o{committed}"), "at least 2")
-        _one_line_error(lambda: analyze(cr.open(run)), "at least 2")
+        _one_line_error(lambda: analyze(open_trajectory(run)), "at least 2")
         assert not (tmp_path / f"o{committed}").exists()
 
 
@@ -406,7 +406,7 @@ def test_to_xarray_lazy_float32(traj, full):
     ds = traj.to_xarray()
     assert ds.W.dims == ("step", "token", "hidden") and ds.W.dtype == np.float32
     assert isinstance(ds.W.data, da.Array)  # lazy
-    assert ds.W.data.chunksize[0] == traj.group["W"].chunks[0]
+    assert ds.W.data.chunksize[0] == traj.W.array.chunks[0]
     assert np.array_equal(ds.W.values, full["Wf"].numpy())
     # h_mean on the step axis: step s holds h_mean[s-1] (forward pass of step s), NaN at step 0
     assert ds.h_mean.dims == ("step", "hidden")

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 
 from .clirun import assert_one_line_error, run_cli
 from .conftest import TINY
@@ -25,10 +26,10 @@ def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
     result = run_cli(capsys, "train", *tiny_flags(tiny_corpus), "--out", run, "--time-chunk", "8")
     assert result.code == 0, result.err
     assert "Final loss" in result.out and str(run) in result.out and "on disk" in result.out
-    traj = cr.open(run)
+    traj = open_trajectory(run)
     assert traj.steps == TINY["steps"] and traj.config.hidden_dim == TINY["hidden_dim"]
     # the CLI run records exactly what the API run (tiny_run fixture) recorded
-    assert torch.equal(traj.W[:].view(torch.uint16), cr.open(tiny_run).W[:].view(torch.uint16))
+    assert torch.equal(traj.W[:].view(torch.uint16), open_trajectory(tiny_run).W[:].view(torch.uint16))
 
     info = run_cli(capsys, "info", run)
     assert info.code == 0, info.err
@@ -57,7 +58,7 @@ def test_config_file_and_flag_override(capsys, tmp_path, tiny_corpus):
     run = tmp_path / "run"
     result = run_cli(capsys, "train", "--config", cfg, "--steps", "3", "--out", run, "--no-progress")
     assert result.code == 0, result.err
-    config = cr.open(run).config
+    config = open_trajectory(run).config
     assert config.steps == 3  # flag beats file
     assert config.lr == 2e-3 and config.hidden_dim == 16  # file beats defaults
 
@@ -65,7 +66,7 @@ def test_config_file_and_flag_override(capsys, tmp_path, tiny_corpus):
     cfg_json.write_text(json.dumps({**TINY, "corpus": str(tiny_corpus), "device": "cpu", "steps": 2}))
     result = run_cli(capsys, "train", "--config", cfg_json, "--out", tmp_path / "run2", "--no-progress")
     assert result.code == 0, result.err
-    assert cr.open(tmp_path / "run2").steps == 2
+    assert open_trajectory(tmp_path / "run2").steps == 2
 
 
 def test_dead_mask_command(capsys, tmp_path, tiny_corpus, tiny_run):
@@ -74,7 +75,7 @@ def test_dead_mask_command(capsys, tmp_path, tiny_corpus, tiny_run):
     assert result.code == 0, result.err
     masks = load_file(str(out))
     assert masks["dead_mask"].dtype == torch.bool and masks["dead_indices"].dtype == torch.int64
-    assert torch.equal(masks["dead_mask"], cr.open(tiny_run).dead_mask)
+    assert torch.equal(masks["dead_mask"], open_trajectory(tiny_run).dead_mask)
     assert_one_line_error(run_cli(capsys, "dead-mask", "--corpus", tiny_corpus, "--out", out), "already exists")
 
 

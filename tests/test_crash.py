@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.storage import run_lock
 from crucible_record.verify import verify_run
 
@@ -64,13 +64,13 @@ def resume(run_dir, progress: bool = False):
 
 
 def arrays(run_dir, steps=None):
-    t = cr.open(run_dir)
+    t = open_trajectory(run_dir)
     n = t.steps if steps is None else steps
     return t.W.numpy(slice(0, n + 1)), t.h_mean.numpy()[:n], t.loss.numpy()[: n + 1].view(np.uint32)
 
 
 def assert_prefix_equal(run_dir, reference_dir):
-    steps = cr.open(run_dir).steps
+    steps = open_trajectory(run_dir).steps
     ours, ref = arrays(run_dir), arrays(reference_dir, steps)
     for name, a, b in zip(("W", "h_mean", "loss"), ours, ref):
         assert a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
@@ -93,13 +93,13 @@ def test_sigkill_at_random_points_loses_nothing_and_resumes_exactly(tmp_path, ti
         time.sleep(rng.uniform(0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        t = cr.open(run_dir)  # opens fine after a SIGKILL, shows only the committed prefix
+        t = open_trajectory(run_dir)  # opens fine after a SIGKILL, shows only the committed prefix
         assert 0 <= t.steps <= STEPS
         assert_prefix_equal(run_dir, reference)
 
         done = resume(run_dir)  # the dead process's lock does not block this
         assert done.returncode == 0, done.stderr
-        assert cr.open(run_dir).steps == STEPS
+        assert open_trajectory(run_dir).steps == STEPS
         assert_prefix_equal(run_dir, reference)
         assert verify_run(run_dir).ok
 
@@ -113,7 +113,7 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    t = cr.open(run_dir)
+    t = open_trajectory(run_dir)
     assert lines[0].startswith("stopped: ")  # the user's own stop is not reported as an error
     assert f"steps 0..{t.steps} committed ({t.steps} of {STEPS} training steps)" in lines[0] and "--resume" in lines[0]
     assert t.steps >= 9  # what the writer had was drained and committed, not dropped
@@ -122,7 +122,7 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
     done = resume(run_dir)
     assert done.returncode == 0, done.stderr
     assert_prefix_equal(run_dir, reference)
-    assert cr.open(run_dir).steps == STEPS
+    assert open_trajectory(run_dir).steps == STEPS
     export_ours = subprocess.run([sys.executable, "-m", "crucible_record", "export", str(run_dir)], capture_output=True)
     export_ref = subprocess.run([sys.executable, "-m", "crucible_record", "export", str(reference), "--force"], capture_output=True)
     assert export_ours.returncode == 0 and export_ref.returncode == 0
@@ -156,7 +156,7 @@ def test_resume_without_checkpoint_recomputes_from_step_zero(tmp_path, tiny_corp
     assert f"at training step {kept + 1}: recomputing and checking steps 0-{kept} against the run" in done.stderr
     assert "checking=recomputed step" in done.stderr and "nan" not in done.stderr  # the bar shows no loss it lacks
     assert_prefix_equal(run_dir, reference)
-    assert cr.open(run_dir).steps == STEPS
+    assert open_trajectory(run_dir).steps == STEPS
 
 
 def test_resume_detects_a_diverging_recomputation(tmp_path, tiny_corpus, reference):

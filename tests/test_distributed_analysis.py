@@ -21,7 +21,7 @@ import distributed
 from distributed import LocalCluster
 from distributed.core import Status
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.crucible3 import distributed as dist
 from crucible_record.crucible3.analysis import analyze, scan_W
 from crucible_record.crucible3.report import JSON_NAME, analyze_run
@@ -58,7 +58,7 @@ def client(local):
 
 @pytest.fixture(scope="module")
 def traj(tiny_run):
-    return cr.open(tiny_run)
+    return open_trajectory(tiny_run)
 
 
 def free_port() -> int:
@@ -154,7 +154,7 @@ def test_task_error_reaches_the_client_as_crucible_error(tiny_run, tmp_path, cli
     shard = damaged / "trajectory.zarr" / "W" / "c" / "1" / "0" / "0"
     assert shard.is_file()
     shard.unlink()  # rows 8..15 of W
-    traj = cr.open(damaged)
+    traj = open_trajectory(damaged)
     # tasks 1 (rows 7-15: it reads the row before it) and 2 (rows 15-23) both need that shard
     with pytest.raises(CrucibleError, match=r"^W is damaged: the chunk holding rows 8-15 is missing"):
         dist.scan_W_dask(traj, client)
@@ -165,7 +165,7 @@ def test_workers_that_cannot_see_the_run(tiny_run, tmp_path, client):
     the client reports it as one line naming the rows."""
     moved = tmp_path / "moved"
     shutil.copytree(tiny_run, moved)
-    traj = cr.open(moved)
+    traj = open_trajectory(moved)
     traj.dead_mask  # read by the client when it builds the graph (before the run disappears here)
     shutil.rmtree(moved)
     with pytest.raises(CrucibleError) as info:

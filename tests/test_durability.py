@@ -27,6 +27,7 @@ import zarr
 from safetensors.torch import save_file
 
 import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.errors import CrucibleError, Interrupted, RecorderError
 from crucible_record.reader import Run
 from crucible_record.storage import open_store, run_lock
@@ -201,7 +202,7 @@ def test_kill_9_loses_at_most_the_commit_interval_and_resumes_byte_identical(cap
         f"kill -9 lost steps recorded more than {bound:.2f} s earlier: committed {committed} steps, "
         f"steps 0..{old[-1]} were older; log {entries}, killed at {killed_at:.3f}")
     assert committed <= len(entries)  # never ahead of what was recorded
-    assert cr.open(run_dir).steps == committed - 1
+    assert open_trajectory(run_dir).steps == committed - 1
     assert_same_prefix(run_dir, ref_dir, committed)
 
     # temporaries a kill leaves inside the store are swept by train --resume
@@ -557,7 +558,7 @@ def test_to_xarray_refuses_a_missing_committed_chunk(tmp_path, base_run):
     crucible = copy_run(base_run, tmp_path / "crucible")
     (crucible / STORE / "W" / "c" / "1" / "0" / "0").unlink()
     with pytest.raises(CrucibleError, match="missing"):
-        cr.open(crucible).to_xarray()
+        open_trajectory(crucible).to_xarray()
 
 
 def test_resume_refuses_a_missing_chunk_in_the_partial_last_block(tmp_path):

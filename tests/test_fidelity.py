@@ -12,7 +12,7 @@ from crucible_record.crucible3.data import derive_dead_mask, load_tokenizer, sav
 from crucible_record.crucible3.export import export_safetensors
 from crucible_record.crucible3.run import start_run
 from crucible_record.codecs import Layout
-from crucible_record.crucible3.trajectory import Trajectory
+from crucible_record.crucible3 import open_trajectory
 
 from .conftest import TINY
 from .notebook_reference import run_notebook
@@ -42,7 +42,7 @@ def test_export_is_byte_identical_to_notebook(tmp_path, tiny_config, mask_file, 
     config = tiny_config.replace(dead_mask=str(mask_file))
     # a time chunk that does not divide the steps: the last chunk is partial
     start_run(config, tmp_path / "run", layout=Layout(time_chunk=7, row_chunk=3000, codec=codec), progress=False)
-    traj = Trajectory(tmp_path / "run")
+    traj = open_trajectory(tmp_path / "run")
     ours, meta = export_safetensors(traj, tmp_path / "export")
 
     reference = notebook_file / "crucible_3_trajectory.safetensors"
@@ -63,14 +63,14 @@ def test_export_is_byte_identical_to_notebook(tmp_path, tiny_config, mask_file, 
 
 def test_derived_mask_equals_mask_file(tmp_path, tiny_run, mask_file):
     """Without --dead-mask the run derives the same mask the mask file holds."""
-    traj = Trajectory(tiny_run)
+    traj = open_trajectory(tiny_run)
     masks = load_file(str(mask_file))
     assert torch.equal(traj.dead_mask, masks["dead_mask"])
     assert torch.equal(traj.dead_indices, masks["dead_indices"])
 
 
 def test_tiny_run_matches_notebook_without_mask_file(tiny_run, notebook_file):
-    traj = Trajectory(tiny_run)
+    traj = open_trajectory(tiny_run)
     ref = load_file(str(notebook_file / "crucible_3_trajectory.safetensors"))
     assert torch.equal(traj.W[:].view(torch.uint16), ref["W"])
     assert torch.equal(traj.h_mean, ref["h_mean"])

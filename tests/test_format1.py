@@ -10,7 +10,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.crucible3.config import RunConfig
 from crucible_record.crucible3.export import export_safetensors
 from crucible_record.verify import verify_run
@@ -52,7 +52,7 @@ def old_run(tmp_path):
 
 def test_format1_run_reads_as_before(old_run):
     run_dir, (W, h_mean, loss, dead) = old_run
-    t = cr.open(run_dir)
+    t = open_trajectory(run_dir)
     assert t.version == 1 and t.steps == COMMITTED and t.epochs == 2
     assert torch.equal(t.W[:].view(torch.uint16), W[: COMMITTED + 1].view(torch.uint16))
     assert np.array_equal(t.h_mean.numpy(), h_mean[:COMMITTED])
@@ -68,7 +68,7 @@ def test_format1_run_reads_as_before(old_run):
 
 def test_format1_export_and_cli(capsys, old_run, tmp_path):
     run_dir, (W, h_mean, loss, dead) = old_run
-    target, meta = export_safetensors(cr.open(run_dir), tmp_path / "exp")
+    target, meta = export_safetensors(open_trajectory(run_dir), tmp_path / "exp")
     tensors = load_file(str(target))
     assert torch.equal(tensors["W"], W[: COMMITTED + 1].view(torch.uint16))
     assert np.array_equal(tensors["h_mean"].numpy(), h_mean[:COMMITTED])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.crucible3.data import derive_dead_mask, load_tokenizer, save_dead_mask, tokenize_corpus
 from crucible_record.crucible3.importer import EpochBounds
 from crucible_record.export import write_safetensors
@@ -68,11 +69,11 @@ def test_round_trip_is_byte_identical(capsys, tmp_path, notebook_dir, imported):
     our_meta = json.loads((tmp_path / "export" / "metadata.json").read_text())
     assert our_meta == ref_meta and list(our_meta) == list(ref_meta)
 
-    traj = cr.open(imported)
+    traj = open_trajectory(imported)
     assert traj.steps == TINY["steps"] and traj.config.hidden_dim == TINY["hidden_dim"]
     assert traj.config.batch_size == TINY["batch_size"] and traj.config.num_layers == TINY["num_layers"]
-    assert traj.attributes["import"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
-    assert traj.attributes["notebook_metadata"] == ref_meta
+    assert traj.attrs["import"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert traj.attrs["notebook_metadata"] == ref_meta
     # step 0 as the engine records it: h_mean NaN, loss the file's NaN
     assert torch.isnan(traj["h_mean"][0]).all() and torch.isnan(traj["loss"][0])
     ref = load_file(str(source))
@@ -107,10 +108,10 @@ def test_without_metadata_config_comes_from_the_shapes(capsys, tmp_path, noteboo
     result = run_cli(capsys, "import", nb / NOTEBOOK_FILE, "--out", tmp_path / "run")
     assert result.code == 0, result.err
     assert "tensor shapes" in result.out and "byte for byte" in result.out
-    traj = cr.open(tmp_path / "run")
+    traj = open_trajectory(tmp_path / "run")
     assert (traj.config.steps, traj.config.vocab_size, traj.config.hidden_dim) == (25, 10000, 16)
     assert traj.config.batch_size == 128  # a RunConfig default, and the run says so:
-    assert "RunConfig default" in traj.attributes["import"]["config_from"]
+    assert "RunConfig default" in traj.attrs["import"]["config_from"]
     assert traj["epoch"][:].tolist() == [0, 1] + [-1] * 24
     exported = run_cli(capsys, "export", tmp_path / "run", "--out", tmp_path / "export")
     assert exported.code == 0, exported.err
@@ -352,5 +353,5 @@ def test_peak_memory_is_flat_in_the_file_size(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     _, small, large = (int(x) / 1024 for x in done.stdout.split())
-    assert cr.open(tmp_path / "run240").steps == 240
+    assert open_trajectory(tmp_path / "run240").steps == 240
     assert large - small < 16, (small, large, "MB; W grew by 55 MB")

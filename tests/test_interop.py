@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 
 
 def test_tensorstore_reads_default_store(tiny_run):
     import tensorstore as ts
-    t = cr.open(tiny_run)
+    t = open_trajectory(tiny_run)
     path = str(tiny_run / "trajectory.zarr")
     W = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path + "/W"}}, read=True).result()
     assert W.domain.labels == ("step", "token", "hidden")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.codecs import Layout
 from crucible_record.crucible3.config import RunConfig
 from crucible_record.crucible3.export import export_safetensors
@@ -94,7 +95,7 @@ def dead_run(tmp_path_factory, tiny_config):
 
 def test_recorded_values_are_the_loops_bit_for_bit(full):
     run_dir, copies = full
-    t = cr.open(run_dir)
+    t = open_trajectory(run_dir)
     assert t.config.record == ("grad", "exp_avg", "exp_avg_sq")
     assert len(copies["W_grad"]) == TINY["steps"]
     for name in EXTRAS:
@@ -110,7 +111,7 @@ def test_recorded_values_are_the_loops_bit_for_bit(full):
 
 
 def test_notebook_fields_are_a_default_runs(full, tiny_run):
-    ours, default = cr.open(full[0]), cr.open(tiny_run)
+    ours, default = open_trajectory(full[0]), open_trajectory(tiny_run)
     assert set(default.fields) == {"W", "h_mean", "loss", "epoch"}
     for name in default.fields:
         assert_bits_equal(ours[name][:], default[name][:], name)
@@ -120,8 +121,8 @@ def test_notebook_fields_are_a_default_runs(full, tiny_run):
 
 
 def test_export_default_unchanged_extras_added(tmp_path, full, tiny_run):
-    default_file, default_meta = export_safetensors(cr.open(tiny_run), tmp_path / "default")
-    extras_file, extras_meta = export_safetensors(cr.open(full[0]), tmp_path / "extras")
+    default_file, default_meta = export_safetensors(open_trajectory(tiny_run), tmp_path / "default")
+    extras_file, extras_meta = export_safetensors(open_trajectory(full[0]), tmp_path / "extras")
     default, extras = load_file(str(default_file)), load_file(str(extras_file))
     assert set(default) == NOTEBOOK_TENSORS
     assert set(extras) == NOTEBOOK_TENSORS | set(EXTRAS)
@@ -148,7 +149,7 @@ def test_record_rows_keeps_exactly_those_rows(capsys, tmp_path, tiny_corpus, ful
         result = run_cli(capsys, "train", *tiny_flags(tiny_corpus), "--out", run_dir, "--time-chunk", "8",
                          "--record", "exp_avg_sq,grad", "--record-rows", "live")
         assert result.code == 0, result.err
-    t, reference = cr.open(run_dir), cr.open(full[0])
+    t, reference = open_trajectory(run_dir), open_trajectory(full[0])
     dead = t.dead_mask
     kept = torch.nonzero(dead if rows == "dead" else ~dead).flatten()
     assert 0 < len(kept) < V
@@ -175,7 +176,7 @@ def rewind(source, run_dir, steps: int):
 
 
 def assert_same_run(run_dir, reference_dir):
-    t, ref = cr.open(run_dir), cr.open(reference_dir)
+    t, ref = open_trajectory(run_dir), open_trajectory(reference_dir)
     assert t.steps == ref.steps == TINY["steps"] and set(t.fields) == set(ref.fields)
     for name in t.fields:
         assert_bits_equal(t[name][:], ref[name][:], name)
@@ -186,7 +187,7 @@ def test_resume_records_and_checks_the_extras(capsys, tmp_path, full):
     result = run_cli(capsys, "train", "--resume", run_dir, "--no-progress")
     assert result.code == 0, result.err
     assert "recomputing and checking steps 0-10" in result.err
-    assert cr.open(run_dir).config.record == ("grad", "exp_avg", "exp_avg_sq")
+    assert open_trajectory(run_dir).config.record == ("grad", "exp_avg", "exp_avg_sq")
     assert_same_run(run_dir, full[0])
 
 
@@ -197,7 +198,7 @@ def test_resume_from_a_checkpoint_with_dead_rows(capsys, tmp_path, tiny_config, 
     config = tiny_config.replace(record=("grad", "exp_avg", "exp_avg_sq"), record_rows="dead")
     with loop_copies(stop_after=13), pytest.raises(Interrupted):
         start_run(config, run_dir, layout=Layout(time_chunk=8), progress=False)
-    assert cr.open(run_dir).steps == 12
+    assert open_trajectory(run_dir).steps == 12
     result = run_cli(capsys, "train", "--resume", run_dir, "--no-progress")
     assert result.code == 0, result.err
     assert "at training step 13: recomputing and checking steps 8-12" in result.err
@@ -211,7 +212,7 @@ def test_resume_detects_a_changed_extra(capsys, tmp_path, full):
     result = run_cli(capsys, "train", "--resume", run_dir, "--no-progress")
     assert result.code != 0 and "Traceback" not in result.err
     assert result.err.splitlines()[-1].startswith("error: resume diverged at step 5 (W_grad)"), result.err
-    assert cr.open(run_dir).steps == 10
+    assert open_trajectory(run_dir).steps == 10
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.errors import CrucibleError, RecorderError
 from crucible_record.verify import verify_run
 
@@ -213,7 +214,7 @@ def test_cli_end_to_end_on_s3_is_byte_identical_to_local(s3, tmp_path, capsys, t
     name = "crucible_3_trajectory.safetensors"
     assert (tmp_path / "from-s3" / name).read_bytes() == (tmp_path / "from-disk" / name).read_bytes()
     # a stopped run on S3 resumes from its checkpoint, also on S3
-    assert cr.open(url).steps == 25
+    assert open_trajectory(url).steps == 25
     resumed = run_cli(capsys, "train", "--resume", url)
     assert resumed.code != 0 and "already complete" in resumed.err
 
@@ -230,7 +231,7 @@ def test_cli_killed_on_s3_resumes_byte_identical(s3, tmp_path, capsys, tiny_corp
     try:
         while True:
             try:
-                if cr.open(url).steps >= 9:
+                if open_trajectory(url).steps >= 9:
                     break
             except CrucibleError:
                 pass
@@ -239,7 +240,7 @@ def test_cli_killed_on_s3_resumes_byte_identical(s3, tmp_path, capsys, tiny_corp
     finally:
         proc.kill()
         proc.wait(timeout=30)
-    assert 9 <= cr.open(url).steps < 25
+    assert 9 <= open_trajectory(url).steps < 25
     resumed = run_cli(capsys, "train", "--resume", url)
     assert resumed.code == 0, resumed.err
     assert run_cli(capsys, "export", url, "--out", tmp_path / "a").code == 0

@@ -1,4 +1,4 @@
-"""cr.open(run).W slices like the notebook's W_history and agrees with the safetensors export."""
+"""open_trajectory(run).W slices like the notebook's W_history and agrees with the safetensors export."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import crucible_record as cr
+from crucible_record.crucible3 import open_trajectory
 from crucible_record.crucible3.export import export_safetensors
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    path, _ = export_safetensors(cr.open(tiny_run), out)
+    path, _ = export_safetensors(open_trajectory(tiny_run), out)
     tensors = load_file(str(path))
     tensors["W_bf16"] = tensors["W"].view(torch.bfloat16)
     return tensors
 
 
 def test_attributes(tiny_run, exported):
-    t = cr.open(tiny_run)
+    t = open_trajectory(tiny_run)
     assert t.steps == 25 and t.W.shape == (26, 10000, 16) and len(t.W) == 26
     assert t.W.dtype == torch.bfloat16 and t.config.steps == 25
     assert torch.equal(t.dead_mask, exported["dead_mask"]) and torch.equal(t.live_mask, ~exported["dead_mask"])
@@ -42,7 +42,7 @@ def _selections(mask):
 
 
 def test_slicing_matches_export(tiny_run, exported):
-    t = cr.open(tiny_run)
+    t = open_trajectory(tiny_run)
     full = exported["W_bf16"]
     for key in _selections(t.dead_mask):
         ours = t.W[key]
@@ -53,7 +53,7 @@ def test_slicing_matches_export(tiny_run, exported):
 
 
 def test_bad_indices(tiny_run):
-    t = cr.open(tiny_run)
+    t = open_trajectory(tiny_run)
     for key in (26, -27, (0, 10000), (slice(None), torch.zeros(5, dtype=torch.bool)), (0, 0, 0, 0),
                 ([0, 1], [0, 1])):
         with pytest.raises(IndexError):
@@ -62,7 +62,7 @@ def test_bad_indices(tiny_run):
 
 def test_notebook_quick_stats_cell_runs_unchanged(tiny_run, exported):
     """The notebook's Quick Stats cell, verbatim, with W_history = t.W."""
-    t = cr.open(tiny_run)
+    t = open_trajectory(tiny_run)
     scope = {"torch": torch, "W_history": t.W, "dead_mask": t.dead_mask, "live_mask": t.live_mask,
              "h_mean_history": t.h_mean}
     exec(QUICK_STATS, scope)
@@ -76,7 +76,7 @@ def test_notebook_quick_stats_cell_runs_unchanged(tiny_run, exported):
 def test_quick_stats_streaming_equals_in_ram(tiny_run, exported):
     from crucible_record.crucible3.analysis import quick_stats
 
-    stats = quick_stats(cr.open(tiny_run))
+    stats = quick_stats(open_trajectory(tiny_run))
     W = exported["W_bf16"]
     dead = exported["dead_mask"]
     c_dead = W[:, dead, :].float().mean(dim=1)

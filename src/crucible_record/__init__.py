@@ -21,16 +21,10 @@ from .watch import Watch, watch  # noqa: E402
 
 
 def open(path):  # noqa: A001 - the public name is cr.open
-    """Open a run for lazy reading (committed steps only).
-
-    A Crucible-3 run opens as :class:`crucible_record.crucible3.trajectory.Trajectory`, which adds
-    the notebook's names (``t.W``, ``t.h_mean``, ``t.loss``, ``t.dead_mask``, ``t.steps`` = training
-    steps) to the generic :class:`Run` interface (``t["W"]``, ``t.fields``).
-    """
-    from .crucible3.trajectory import Trajectory, is_crucible
-
-    run = Run(path)
-    return Trajectory(run) if is_crucible(run) else run  # (which refuses 0 committed steps in one line)
+    """Open a run for lazy reading (committed steps only): a generic :class:`Run` (``t["W"]``,
+    ``t.fields``) whatever recorded it. A Crucible-3 run's notebook names (``t.W``, ``t.h_mean``)
+    come from ``crucible_record.crucible3.open_trajectory``, above this layer."""
+    return Run(path)
 
 
 __all__ = ["CrucibleError", "Field", "Layout", "LazyField", "Recorder", "RecorderError", "Run", "Shard",

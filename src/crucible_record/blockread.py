@@ -14,7 +14,7 @@ there: benchmarks/bench_token_layout.py).
 
 Where shardio cannot match an array's layout (a field split among ranks keeps several files per
 block; an unknown codec), the reason is logged once per array at INFO on the ``crucible_record``
-logger (format.encode_block does the same for writes) and the caller reads through zarr: same
+logger (format.blocks.log_fallback; encode_block does the same for writes) and the caller reads through zarr: same
 values, zarr's speed. A shard that *can* be decoded but is damaged is never handed to zarr
 instead: it is a CrucibleError.
 """
@@ -22,15 +22,14 @@ instead: it is a CrucibleError.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import numpy as np
 
-from .errors import CrucibleError, missing_chunk_error
-from .shardio import (MAX_U64, ShardError, ShardLayout, _decode_chunk, decode_shard_with, default_threads, parse_index,
+from .errors import CrucibleError, describe, missing_chunk_error
+from .format.blocks import log_fallback, missing_blocks
+from .shardio import (MAX_U64, ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, parse_index,
                       shard_layout)
-
-log = logging.getLogger("crucible_record")
+from .storage import open_store
 
 
 class DamagedBlock(CrucibleError):
@@ -39,9 +38,6 @@ class DamagedBlock(CrucibleError):
     def __init__(self, message: str, detail: str):
         super().__init__(message)
         self.detail = detail
-
-
-_logged: set[tuple[str, str, str]] = set()
 
 
 def block_layout(array) -> tuple[ShardLayout | None, str]:
@@ -55,13 +51,6 @@ def block_layout(array) -> tuple[ShardLayout | None, str]:
         return shard_layout(array), ""
     except NotImplementedError as e:
         return None, str(e)
-
-
-def log_fallback(path: str, what: str, why: str) -> None:
-    """Say once per array and reason that its blocks take zarr-python's path instead of shardio's."""
-    if (path, what, why) not in _logged:
-        _logged.add((path, what, why))
-        log.info("%s: whole blocks are %s through zarr-python, not shardio: %s", path, what, why)
 
 
 def _layout_or_log(array) -> ShardLayout | None:
@@ -200,10 +189,31 @@ def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None
         try:
             if payload is None or len(payload) != span[1]:
                 raise ShardError(f"inner chunk {coords} is truncated")
-            stored = _decode_chunk(payload.as_numpy_array(), layout, coords)
+            stored = decode_chunk(payload.as_numpy_array(), layout, coords)
         except ShardError as e:
             raise _undecodable(name, f"{first}-{first + unit - 1}", e) from None
         chunk = stored.transpose(layout.inverse) if layout.perm else stored  # back to the array's axis order
         dest[...] = chunk[lo - first:hi - first, k % per_chunk]
     return out
 
+
+def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
+    """Stored rows [start, stop) of one field, opened afresh from `location` (for dask tasks:
+    only the location and the row range travel; the commit marker is not re-read). Here, not in
+    reader: it needs no Run, only whole blocks."""
+    import zarr
+
+    store = open_store(location)
+    array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
+    if stop > start:
+        data = read_blocks(store, array, whole_rows(array, start, stop), name)
+        if data is not None:
+            return data
+    missing = missing_blocks(store, array, name, range(start, stop))
+    if missing:
+        unit = (array.shards or array.chunks)[0]
+        raise missing_chunk_error(name, missing[0] * unit, missing[0] * unit + unit - 1)
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as e:
+        raise CrucibleError(f"cannot read {name}[{start}:{stop}]: {describe(e)}") from e

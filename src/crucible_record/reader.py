@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from . import dtypes
-from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks, whole_rows
-from .errors import CrucibleError, missing_chunk_error
+from .blockread import read_blocks, read_one_row, wants_one_row, wants_whole_blocks
+from .errors import CrucibleError, describe, missing_chunk_error
 from .fields import Field
 from .format.blocks import missing_blocks
 from .format.schema import open_group, read_commit
@@ -73,7 +73,7 @@ class LazyField:
         try:
             data = self._array.oindex[selection] if advanced else self._array[selection]
         except Exception as e:  # zarr raises codec errors for damaged chunks
-            raise CrucibleError(f"cannot read {self.name}{_show(key)}: {_describe(e)}") from e
+            raise CrucibleError(f"cannot read {self.name}{_show(key)}: {describe(e)}") from e
         data = np.asarray(data)
         return data if data.flags.c_contiguous else data.copy()  # (ascontiguousarray makes 0-d 1-d)
 
@@ -145,7 +145,7 @@ class Run:
         try:
             data = np.asarray(array[...]).copy()
         except Exception as e:
-            raise CrucibleError(f"cannot read {name}: {_describe(e)}") from e
+            raise CrucibleError(f"cannot read {name}: {describe(e)}") from e
         meta = dict(array.attrs).get("crucible_record", {})
         tensor = torch.from_numpy(data)
         return dtypes.from_stored(tensor, dtypes.dtype_from_name(meta["dtype"])) if "dtype" in meta else tensor
@@ -166,27 +166,6 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({self.location!r}, committed_steps={self.committed_steps}, fields={list(self.info.fields)})"
-
-
-def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
-    """Stored rows [start, stop) of one field, opened afresh from `location` (for dask tasks:
-    only the location and the row range travel; the commit marker is not re-read)."""
-    import zarr
-
-    store = open_store(location)
-    array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
-    if stop > start:
-        data = read_blocks(store, array, whole_rows(array, start, stop), name)
-        if data is not None:
-            return data
-    missing = missing_blocks(store, array, name, range(start, stop))
-    if missing:
-        unit = (array.shards or array.chunks)[0]
-        raise missing_chunk_error(name, missing[0] * unit, missing[0] * unit + unit - 1)
-    try:
-        return np.asarray(array[start:stop])
-    except Exception as e:
-        raise CrucibleError(f"cannot read {name}[{start}:{stop}]: {_describe(e)}") from e
 
 
 def normalize_key(key, shape) -> tuple[tuple, bool]:
@@ -249,8 +228,3 @@ def _show_range(r: range) -> str:
 
 def _show(key) -> str:
     return f"[{key!r}]" if not isinstance(key, tuple) else "[" + ", ".join(builtins.map(repr, key)) + "]"
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -562,7 +562,7 @@ def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int =
         if span is None:
             dest[...] = layout.fill
             return
-        stored = _decode_chunk(buf[span[0]:span[0] + span[1]], layout, coords)
+        stored = decode_chunk(buf[span[0]:span[0] + span[1]], layout, coords)
         _from_step_last(stored, dest, layout)
 
     coords_list = [tuple(c) for c in np.ndindex(*layout.grid)]
@@ -599,7 +599,7 @@ def _read_index(layout: ShardLayout, buf: np.ndarray) -> dict:
     return spans
 
 
-def _decode_chunk(payload: np.ndarray, layout: ShardLayout, coords) -> np.ndarray:
+def decode_chunk(payload: np.ndarray, layout: ShardLayout, coords) -> np.ndarray:
     """One inner chunk's bytes -> its stored (transposed) array, C-contiguous (a scratch buffer or a view)."""
     nbytes = layout.chunk_nbytes
     codecs = layout.bytes_codecs

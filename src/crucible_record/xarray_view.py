@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import dtypes
+from .blockread import read_rows
 from .errors import CrucibleError
 
 
@@ -28,7 +29,7 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return dtypes.decode_stored(np.asarray(bits), torch.bfloat16)
 
 
-def _imports():
+def dask_and_xarray():
     try:
         import dask.array as da
         import xarray as xr
@@ -45,7 +46,7 @@ def field_dask(field, location: str):
     into the graph, and reads exactly its rows of the prefix committed when the graph was built."""
     import dask
 
-    da, _ = _imports()
+    da, _ = dask_and_xarray()
     field.check_present(range(len(field)))
     block = field.array.chunks[0]
     dtype = dtypes.shown_dtype(field.dtype)
@@ -59,14 +60,12 @@ def field_dask(field, location: str):
 
 
 def _read_block(location: str, name: str, start: int, stop: int, dtype: torch.dtype) -> np.ndarray:
-    from .reader import read_rows
-
     return dtypes.decode_stored(read_rows(location, name, start, stop), dtype)
 
 
 def run_to_xarray(run):
     """``xarray.Dataset`` of a Run: one variable per field and constant, lazy where it reads fields."""
-    _, xr = _imports()
+    _, xr = dask_and_xarray()
     variables, coords = {}, {}
     for name in run.fields:
         field = run[name]
@@ -81,35 +80,3 @@ def run_to_xarray(run):
         variables[name] = (tuple(array.metadata.dimension_names or ()), dtypes.numpy_values(value))
     return xr.Dataset(variables, coords=coords,
                       attrs={"run": run.location, "committed_steps": run.committed_steps})
-
-
-def crucible_to_xarray(traj):
-    """Crucible-3 view: W (step, token, hidden) float32; h_mean (step, hidden) with NaN at step 0
-    (h_mean.sel(step=s) is from the forward pass of training step s, recorded with W.sel(step=s));
-    loss (step,) NaN at step 0; dead_mask and live_mask (token,). ``ds.sel(step=s)`` is everything
-    recorded after training step s."""
-    import json
-
-    da, xr = _imports()
-    n = traj.steps
-    hidden, vocab = traj.W.shape[2], traj.W.shape[1]
-    h_mean = field_dask(traj["h_mean"], traj.location)
-    if traj["h_mean"].steps.start == 1:  # format 1 stored h_mean from step 1
-        h_mean = da.concatenate([da.full((1, hidden), np.nan, dtype=np.float32, chunks=(1, hidden)), h_mean])
-    dead = traj.dead_mask.numpy().astype(bool)
-    return xr.Dataset(
-        {
-            "W": (("step", "token", "hidden"), field_dask(traj.W, traj.location),
-                  {"description": "token embedding after step t (t = 0: initialisation)",
-                   "encoding": "bfloat16 values decoded exactly to float32"}),
-            "h_mean": (("step", "hidden"), h_mean,
-                       {"description": "mean final hidden state of the forward pass of training step t; NaN at step 0"}),
-            "loss": (("step",), field_dask(traj["loss"], traj.location), {"description": "training loss of step t; NaN at step 0"}),
-            "dead_mask": (("token",), dead, {"description": "tokens that never occur in the corpus"}),
-            "live_mask": (("token",), ~dead, {"description": "tokens that occur in the corpus"}),
-        },
-        coords={"step": np.arange(n + 1), "token": np.arange(vocab)},
-        attrs={"run": traj.location, "committed_steps": n,
-               "configured_steps": int(traj.attrs.get("config", {}).get("steps", n)),
-               "config": json.dumps(traj.attrs.get("config", {}))},
-    )

@@ -1,7 +1,8 @@
 """The notebook's questions, answered from a store while streaming over blocks of steps.
 
-Every function takes a :class:`~crucible_record.trajectory.Trajectory` (``cr.open(run_dir)``), so a
-notebook user can call them directly; :func:`analyze` runs them all and adds a plain ``summary``.
+Every function takes a :class:`~crucible_record.crucible3.trajectory.Trajectory`
+(``open_trajectory(run_dir)``), so a notebook user can call them directly; :func:`analyze` runs
+them all and adds a plain ``summary``.
 Only committed steps are used, so a run still in progress can be analysed.
 
 Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored chunks
@@ -77,7 +78,7 @@ INDEXING = {
 
 def iter_blocks(traj: Trajectory, block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """(first step, W[first:first+block] as bf16) for consecutive blocks of whole stored chunks."""
-    block = block or traj.group["W"].chunks[0]
+    block = block or traj.W.array.chunks[0]
     for start in range(0, traj.steps + 1, block):
         yield start, traj.W[start:min(start + block, traj.steps + 1)]
 
@@ -192,7 +193,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     for _, W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
-        _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path, scratch)
+        scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path, scratch)
         prev = W[-1].clone()
         del W  # drop this block before the next one is read: one block in memory at a time
     if prev is None:
@@ -200,7 +201,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, prev)
 
 
-def _scan_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path,
+def scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path,
                 scratch: dict[str, torch.Tensor] | None = None) -> None:
     """One block of steps, a few steps at a time; ``prev`` is the step before the block (or None).
     `scratch`: buffers for the temporaries, kept by the caller across blocks (None: fresh ones)."""

@@ -9,14 +9,14 @@ cosines, summary: small) unchanged.
 What travels into the graph: plain values only. Each task gets the run's location string (a local
 path or a URL), its row range ``[start, stop)`` of W, and the dead mask as a numpy bool array (one
 graph key shared by every task). It reopens the field itself with
-:func:`crucible_record.reader.read_rows` (one row more at the front, the carried step before the
+:func:`crucible_record.blockread.read_rows` (one row more at the front, the carried step before the
 block); no store object, zarr array or credential is pickled (a worker reading ``s3://`` takes its
 credentials from its own environment). The committed prefix is read once, when the graph is built
 (``traj.steps``): tasks never re-read ``commit.json``, so a run still being written is analysed up
 to the steps committed at that moment.
 
 Results: bit-identical to the single-process pass on the same machine and library versions. Each
-task runs the very same per-block code (``analysis._scan_block``) on the same rows, so centroids,
+task runs the very same per-block code (``analysis.scan_W_block``) on the same rows, so centroids,
 changed fractions and the net displacement are identical; for the path length (a float64 sum over
 transitions) the task returns the float64 partial sum of each group of ``_SUB_STEPS`` transitions
 rather than one per block, and the client adds those partials in step order exactly as ``scan_W``
@@ -48,7 +48,7 @@ import torch
 
 from .. import dtypes
 from ..errors import CrucibleError
-from .analysis import WScan, _scan_block
+from .analysis import WScan, scan_W_block
 from .trajectory import Trajectory
 
 CONNECT_TIMEOUT_S = 10.0  # how long to try to reach a --scheduler before giving up
@@ -84,7 +84,7 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     of the block; ``changed_dead``/``changed_live`` (float64) for the transitions ending in the block;
     ``path_parts`` (groups, vocab) float64 partial sums of the transition norms; ``first`` (block 0
     only) and ``last`` (``keep_last`` only): one row of W as its bf16 bits (vocab, hidden) uint16."""
-    from ..reader import read_rows
+    from ..blockread import read_rows
 
     bits = read_rows(location, "W", start - 1 if start else start, stop)
     rows = dtypes.from_stored(torch.from_numpy(bits), torch.bfloat16)
@@ -98,7 +98,7 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     ch_dead: list[torch.Tensor] = []
     ch_live: list[torch.Tensor] = []
     groups = _GroupSums()
-    _scan_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
+    scan_W_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
     empty = np.zeros(0, dtype=np.float64)
     return {
         "start": start,

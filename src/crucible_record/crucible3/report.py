@@ -20,7 +20,7 @@ from .analysis import analyze
 from ..errors import CrucibleError
 from ..steps_text import steps_committed
 from ..storage import atomic_write_text
-from .trajectory import Trajectory
+from .trajectory import open_trajectory
 
 JSON_NAME = "analysis.json"
 PLOT_NAMES = (
@@ -50,7 +50,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
     ``workers`` (N) on a ``distributed.LocalCluster`` of N worker processes started for it (not both;
     see crucible3/distributed.py). The analysis.json is the same as without them.
     """
-    traj = Trajectory(run_dir)
+    traj = open_trajectory(run_dir)
     if traj.steps < 2:
         raise CrucibleError(
             f"{run_dir} has {max(traj.steps, 0)} committed step(s); the analysis needs at least 2"

@@ -1,8 +1,12 @@
 """A Crucible-3 run read back with the notebook's names: ``t.W``, ``t.h_mean``, ``t.loss``, masks.
 
+    from crucible_record.crucible3 import open_trajectory
+    t = open_trajectory("runs/crucible3")   # the one entry point; cr.open gives the generic Run
+
 The run itself is a generic one (fields ``W``, ``h_mean``, ``loss``, ``epoch``; constants
-``dead_mask``, ``dead_indices``); this class only maps the notebook's conventions onto it. The
-notebook's pairing, h_mean[i] from the forward pass of step i+1, is recorded generically: every
+``dead_mask``, ``dead_indices``); a Trajectory holds it (``t.run``) and only maps the notebook's
+conventions onto it, by composition, so the generic reader never learns the experiment's names.
+The notebook's pairing, h_mean[i] from the forward pass of step i+1, is recorded generically: every
 field is recorded at every step, and at step 0 (the initial embedding, before any forward pass)
 h_mean and loss are NaN. ``t.h_mean`` drops that row, as the notebook's ``h_mean_history`` has none.
 A run recorded with ``train --record`` has the fields ``W_grad``, ``W_exp_avg``, ``W_exp_avg_sq``
@@ -11,14 +15,16 @@ too (``t["W_grad"]``; bf16, NaN at step 0; ``t["W_grad"].rows``: the kept token 
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import CrucibleError
-from ..reader import Run
+from ..reader import LazyField, Run
+from ..xarray_view import dask_and_xarray, field_dask
 from .config import RunConfig
 
 EXPERIMENT = "crucible-3"
@@ -29,23 +35,48 @@ def is_crucible(run: Run) -> bool:
     return run.version == 1 or run.attributes.get("experiment") == EXPERIMENT
 
 
-class Trajectory(Run):
+def open_trajectory(source: str | Path | Run) -> Trajectory:
+    """Open a Crucible-3 run (a path, a URL or an opened :class:`Run`) with the notebook's names.
+
+    The entry point for the experiment's view: ``crucible_record.open`` returns the generic Run.
+    Refuses a run of another experiment, and one with no committed step, in one line.
+    """
+    return Trajectory(source if isinstance(source, Run) else Run(source))
+
+
+class Trajectory:
     """A Crucible-3 run opened for reading; everything reflects the committed steps only.
 
-    The generic interface (``t["W"]``, ``t["W_grad"]``, ``t.fields``, ``t.committed_steps``) works too.
+    ``t.run`` is the generic :class:`Run`; ``t["W_grad"]``, ``t.fields``, ``t.committed_steps``,
+    ``t.location`` are passed through to it. Open one with :func:`open_trajectory`.
     """
 
-    def __init__(self, source: str | Path | Run):
-        run = source if isinstance(source, Run) else Run(source)
+    def __init__(self, run: Run):
         if not is_crucible(run):
             raise CrucibleError(f"{run.location} is not a Crucible-3 run (it records {', '.join(run.fields)}); "
                                 f"this command needs one")
         if run.committed_steps < 1:
             raise CrucibleError(f"{run.location} has no committed step yet")
-        self.__dict__.update(run.__dict__)  # the opened run's state: nothing is read twice
-        self.attrs: dict[str, Any] = run.attributes
+        self.run = run
         self.steps = run.committed_steps - 1  # training steps: W holds steps 0..steps
         self.W = run["W"]
+
+    # the generic run's own answers, passed through
+    location = property(lambda self: self.run.location)
+    run_dir = property(lambda self: self.run.run_dir)
+    committed_steps = property(lambda self: self.run.committed_steps)
+    fields = property(lambda self: self.run.fields)
+    version = property(lambda self: self.run.version)
+    attrs = property(lambda self: self.run.attributes)
+
+    def __getitem__(self, name: str) -> LazyField | torch.Tensor:
+        return self.run[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.run
+
+    def constant(self, name: str) -> torch.Tensor:
+        return self.run.constant(name)
 
     @cached_property
     def config(self) -> RunConfig:
@@ -79,13 +110,38 @@ class Trajectory(Run):
         """Epochs begun by the last committed step."""
         if "epoch" in self.fields:
             return int(self["epoch"][-1])
-        return int(self.commit.get("epoch", 0))  # format 1 kept it in the commit marker
+        return int(self.run.commit.get("epoch", 0))  # format 1 kept it in the commit marker
 
     def to_xarray(self):
-        """An xarray.Dataset over the committed steps, W decoded to float32 lazily (dask)."""
-        from ..xarray_view import crucible_to_xarray
+        """An xarray.Dataset over the committed steps, W decoded to float32 lazily (dask).
 
-        return crucible_to_xarray(self)
+        W (step, token, hidden) float32; h_mean (step, hidden) with NaN at step 0 (h_mean.sel(step=s)
+        is from the forward pass of training step s, recorded with W.sel(step=s)); loss (step,) NaN
+        at step 0; dead_mask and live_mask (token,). ``ds.sel(step=s)`` is everything recorded after
+        training step s. (``t.run.to_xarray()`` is the generic view of the same run.)"""
+        da, xr = dask_and_xarray()
+        n = self.steps
+        hidden, vocab = self.W.shape[2], self.W.shape[1]
+        h_mean = field_dask(self["h_mean"], self.location)
+        if self["h_mean"].steps.start == 1:  # format 1 stored h_mean from step 1
+            h_mean = da.concatenate([da.full((1, hidden), np.nan, dtype=np.float32, chunks=(1, hidden)), h_mean])
+        dead = self.dead_mask.numpy().astype(bool)
+        return xr.Dataset(
+            {
+                "W": (("step", "token", "hidden"), field_dask(self.W, self.location),
+                      {"description": "token embedding after step t (t = 0: initialisation)",
+                       "encoding": "bfloat16 values decoded exactly to float32"}),
+                "h_mean": (("step", "hidden"), h_mean,
+                           {"description": "mean final hidden state of the forward pass of training step t; NaN at step 0"}),
+                "loss": (("step",), field_dask(self["loss"], self.location), {"description": "training loss of step t; NaN at step 0"}),
+                "dead_mask": (("token",), dead, {"description": "tokens that never occur in the corpus"}),
+                "live_mask": (("token",), ~dead, {"description": "tokens that occur in the corpus"}),
+            },
+            coords={"step": np.arange(n + 1), "token": np.arange(vocab)},
+            attrs={"run": self.location, "committed_steps": n,
+                   "configured_steps": int(self.attrs.get("config", {}).get("steps", n)),
+                   "config": json.dumps(self.attrs.get("config", {}))},
+        )
 
     def __repr__(self) -> str:
         return f"Trajectory({self.location!r}, steps={self.steps}, W={tuple(self.W.shape)})"

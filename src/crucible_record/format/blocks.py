@@ -10,6 +10,7 @@ committed rows an absent chunk can only mean damage.
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 
@@ -18,6 +19,16 @@ from ..storage import RunStore
 # zarr skips chunks equal to the fill value; every chunk is written so that an absent chunk always
 # means damage (readers check for it) and never "all fill".
 WRITE_ALL = {"write_empty_chunks": True}
+
+log = logging.getLogger("crucible_record")
+_logged: set[tuple[str, str, str]] = set()
+
+
+def log_fallback(path: str, what: str, why: str) -> None:
+    """Say once per array and reason that its blocks take zarr-python's path instead of shardio's."""
+    if (path, what, why) not in _logged:
+        _logged.add((path, what, why))
+        log.info("%s: whole blocks are %s through zarr-python, not shardio: %s", path, what, why)
 
 
 def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, threads: int = 1) -> dict[str, bytes]:
@@ -38,8 +49,6 @@ def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, thread
 
     import zarr
     from zarr.core.buffer import default_buffer_prototype
-
-    from ..blockread import log_fallback
 
     single = array.ndim == 1 or all(u >= s for s, u in zip(array.shape[2:], (array.shards or array.chunks)[2:]))
     if single:

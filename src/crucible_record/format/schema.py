@@ -4,7 +4,10 @@ A run is a Zarr v3 group. Each field is an array at the group's root with the st
 constants (tensors recorded once) sit beside them; row indices of row-subset fields live in the
 ``.rows`` subgroup; ``commit.json`` says how many steps every field holds durably. This module
 creates and opens that layout; it knows nothing of any experiment. How a field is split among
-ranks is format/planner.py; how a block of steps becomes files is format/blocks.py.
+ranks is format/planner.py; how a block of steps becomes files is format/blocks.py. Format-1 runs
+(crucible-record 0.1, all written by the Crucible-3 experiment) are read from their stored arrays'
+own metadata (dimension names, dtypes, lengths), not from a list of that experiment's fields: a
+hook into crucible3 would make opening a run depend on whether crucible3 was imported.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class RunInfo:
     attributes: dict[str, Any]
     layout: Layout
     steps: int | None  # steps the run was sized for; None = open-ended
-    first_step: dict[str, int] = field(default_factory=dict)  # format 1 only: h_mean starts at step 1
+    first_step: dict[str, int] = field(default_factory=dict)  # format 1 only: fields stored from step 1
     world_size: int = 1  # ranks of the torch.distributed job that recorded it
 
 
@@ -171,7 +174,7 @@ def open_group(store: RunStore, mode: str = "r"):
             f"{store.location} was written by a newer crucible-record (format {version}, this one reads "
             f"{FORMAT_VERSION}); upgrade crucible-record"
         )
-    info = _info_v1(attrs) if version == 1 else _info_v2(group, attrs, store)
+    info = _info_v1(group, attrs) if version == 1 else _info_v2(group, attrs, store)
     for name in list(info.fields) + info.constants:
         if name not in group:
             raise CrucibleError(f"{store.location} is damaged: array {name} is missing")
@@ -200,20 +203,28 @@ def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
                    steps=attrs.get("steps"), world_size=world_size)
 
 
-def _info_v1(attrs: dict) -> RunInfo:
-    """Format 1 (crucible-record 0.1): the Crucible-3 arrays, h_mean stored from step 1."""
-    config = attrs.get("config", {})
-    vocab, hidden = int(config.get("vocab_size", 0)), int(config.get("hidden_dim", 0))
-    fields = {
-        "W": Field((vocab, hidden), torch.bfloat16, dims=("token", "hidden")),
-        "h_mean": Field((hidden,), torch.float32, dims=("hidden",)),
-        "loss": Field((), torch.float32),
-    }
+def _info_v1(group, attrs: dict) -> RunInfo:
+    """Format 1 (crucible-record 0.1), derived from what is stored rather than from which experiment
+    wrote it, so this layer names no field: an array whose first axis is named ``step`` is a field,
+    ``step_minus_one`` a field recorded from step 1; any other array is a constant. 0.1 stored
+    bfloat16 as uint16 bits (and nothing else as uint16), without format 2's dtype attribute. It
+    sized every array for the whole run when it created it: their lengths give the run's steps."""
+    fields, constants, first_step, steps = {}, [], {}, 0
+    for name, array in sorted(group.arrays()):
+        dims = tuple(array.metadata.dimension_names or ())
+        if not dims or dims[0] not in ("step", "step_minus_one"):
+            constants.append(name)
+            continue
+        stored = np.dtype(array.dtype)
+        dtype = torch.bfloat16 if stored == np.uint16 else dtypes.dtype_from_name(stored.name)
+        fields[name] = Field(tuple(array.shape[1:]), dtype, dims=dims[1:] or None)
+        first = int(dims[0] == "step_minus_one")
+        if first:
+            first_step[name] = first
+        steps = max(steps, array.shape[0] + first)
     attributes = {k: v for k, v in attrs.items() if k not in ("format", "format_version", "commit", "layout")}
-    steps = config.get("steps")
-    return RunInfo(version=1, fields=fields, constants=["dead_mask", "dead_indices"], attributes=attributes,
-                   layout=Layout.from_dict(attrs.get("layout", {})), steps=steps + 1 if steps else None,
-                   first_step={"h_mean": 1})
+    return RunInfo(version=1, fields=fields, constants=constants, attributes=attributes,
+                   layout=Layout.from_dict(attrs.get("layout", {})), steps=steps or None, first_step=first_step)
 
 
 def read_commit(store: RunStore, group) -> dict[str, Any]:
