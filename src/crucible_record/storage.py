@@ -3,11 +3,11 @@
 Keys, not paths, are what the rest of the package passes around (``W/c/0/0/0``, ``commit.json``).
 Two kinds of run store share one interface:
 
-* :class:`LocalRunStore`: zarr's LocalStore replaces every file atomically (temporary file +
-  rename, zarr >= 3.1.3), which covers process kills; it never fsyncs, so durability against power
-  loss is done here: :meth:`sync` fsyncs the files written since the last commit, then their
-  directories, before the commit marker is replaced (atomically) and fsynced with its directory.
-  One writer per run: an OS file lock.
+* :class:`LocalRunStore`: every write into the run, ours and zarr's own (zarr.json on resize), is a
+  durable replace: a temporary file in the same directory, fsynced, renamed over the old file, then
+  the directory fsynced (and a parent of each directory created). zarr's LocalStore renames without
+  any fsync, so power loss could leave a torn block in place of rows committed before. With
+  ``durability="none"`` the rename stays atomic, without fsyncs. One writer per run: an OS file lock.
 * :class:`ObjectRunStore`: zarr's ObjectStore over obstore. A PUT is atomic and durable once it
   returns, one PUT per shard. S3 has no locks: the run is created by a conditional create of its
   commit marker (If-None-Match) and every later marker update is conditional on the marker's ETag
@@ -25,6 +25,7 @@ import json
 import os
 import re
 import stat
+import threading
 import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -166,7 +167,8 @@ class LocalRunStore(RunStore):
         self.name = self.run_dir.name
         self.root = self.run_dir / STORE_NAME
         self.durability = durability
-        self.store = _guarded_local_store()(self.root, read_only=read_only)
+        self.files = DurableFiles(durability == "fsync")
+        self.store = _guarded_local_store()(self.root, read_only=read_only, files=self.files)
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -183,22 +185,24 @@ class LocalRunStore(RunStore):
         if self.root.exists():
             raise CrucibleError(f"{self.run_dir} already holds a run; choose a new path (or resume it)")
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.files.make_dirs(self.run_dir)
         except OSError as e:
             raise CrucibleError(f"cannot create {self.run_dir}: {e.strerror or e}") from None
 
     def write_marker(self, doc: dict[str, Any]) -> None:
-        """Atomic replace (temporary file + rename), then fsync the file and the store root."""
+        """A durable replace, like every write into the run (see DurableFiles.replace)."""
         self.set(MARKER, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
-        self.sync([MARKER])
 
     def sync(self, keys) -> None:
-        """fsync the files of `keys`, then every directory from theirs up to the store root."""
+        """fsync what of `keys` was not written durably through this store (and its directories up
+        to the store root); what was (every set(), zarr's writes included) is durable already."""
         if self.durability == "none":
             return
         dirs: set[Path] = set()
         for key in keys:
             path = self.path(key)
+            if self.files.take_durable(path):
+                continue
             _fsync_path(path, os.O_RDONLY)
             parent = path.parent
             while parent != self.root.parent and parent not in dirs:
@@ -240,17 +244,113 @@ class LocalRunStore(RunStore):
             return None
 
 
+class DurableFiles:
+    """Durable replaces of the files of one local run (fsync=False: atomic renames, no fsync).
+
+    Remembers which files it made durable since a caller last asked (take_durable), so that
+    RunStore.sync does not fsync them again.
+    """
+
+    def __init__(self, fsync: bool):
+        self.fsync = fsync
+        self._lock = threading.Lock()  # zarr writes from its worker threads; sync() runs in the writer's
+        self._durable: set[Path] = set()
+
+    def make_dirs(self, directory: Path) -> None:
+        """mkdir -p; with fsync, each created directory's entry is made durable in its parent."""
+        missing = []
+        parent = directory
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            for created in reversed(missing):  # outermost first: each entry durable before the next
+                _fsync_path(created.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+    def replace(self, path: Path, data, *, exclusive: bool = False) -> None:
+        """Write `data` to a temporary file beside `path` (O_EXCL, O_NOFOLLOW), fsync it, rename it
+        over `path` (exclusive: link it, FileExistsError if `path` exists), fsync the directory.
+        The temporary name is zarr's (``<name>.<32 hex>.partial``), which sweep_partial_files removes."""
+        if exclusive and os.path.lexists(path):  # (zarr asks this for every parent group, at each array)
+            raise FileExistsError(errno.EEXIST, "file exists", str(path))
+        self.make_dirs(path.parent)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            try:
+                view = memoryview(data).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if exclusive:  # (rename would replace an existing file; link refuses to)
+                os.link(tmp, path)
+            else:
+                os.replace(tmp, path)
+        finally:  # (after a rename there is nothing left to remove; after a link or a failure there is)
+            tmp.unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_path(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            with self._lock:
+                self._durable.add(path)
+
+    def take_durable(self, path: Path) -> bool:
+        """Whether `path` was replaced durably since the last call for it (and forget it)."""
+        with self._lock:
+            if path in self._durable:
+                self._durable.discard(path)
+                return True
+            return False
+
+
 @functools.cache
 def _guarded_local_store():
-    """zarr's LocalStore, except that it refuses to write into a run whose root metadata is gone
-    (LocalStore would silently recreate the deleted folders of a run being written)."""
+    """zarr's LocalStore, except that every write is a durable replace (DurableFiles) and that it
+    refuses to write into a run whose root metadata is gone (LocalStore would silently recreate the
+    deleted folders of a run being written)."""
+    import asyncio
+
     import zarr
 
     class GuardedLocalStore(zarr.storage.LocalStore):
-        async def set(self, key, value):
+        def __init__(self, root, *, read_only: bool = False, files: DurableFiles | None = None):
+            super().__init__(root, read_only=read_only)
+            self.files = files if files is not None else DurableFiles(True)
+
+        def with_read_only(self, read_only: bool = False):
+            return type(self)(self.root, read_only=read_only, files=self.files)
+
+        async def _open(self, *, mode=None) -> None:
+            if not self.read_only:  # (LocalStore's own mkdir would not fsync the parent)
+                await asyncio.to_thread(self.files.make_dirs, self.root)
+            await super()._open(mode=mode)
+
+        def _checked(self, key: str, value) -> Path:
+            self._check_writable()
             if key != "zarr.json" and not (self.root / "zarr.json").is_file():
                 raise FileNotFoundError(f"the run at {self.root} disappeared ({STORE_NAME}/zarr.json is gone)")
-            await super().set(key, value)
+            return self.root / key
+
+        async def set(self, key, value) -> None:
+            if not self._is_open:
+                await self._open()
+            await asyncio.to_thread(self.files.replace, self._checked(key, value), value.as_buffer_like())
+
+        async def set_if_not_exists(self, key, value) -> None:
+            if not self._is_open:
+                await self._open()
+            try:
+                await asyncio.to_thread(self.files.replace, self._checked(key, value), value.as_buffer_like(),
+                                        exclusive=True)
+            except FileExistsError:
+                pass
+
+        def set_sync(self, key, value) -> None:
+            self._ensure_open_sync()
+            self.files.replace(self._checked(key, value), value.as_buffer_like())
 
     return GuardedLocalStore
 
