@@ -9,11 +9,13 @@ Two kinds of run store share one interface:
   any fsync, so power loss could leave a torn block in place of rows committed before. With
   ``durability="none"`` the rename stays atomic, without fsyncs. One writer per run: an OS file lock.
 * :class:`ObjectRunStore`: zarr's ObjectStore over obstore. A PUT is atomic and durable once it
-  returns, one PUT per shard. S3 has no locks: the run is created by a conditional create of its
-  commit marker (If-None-Match) and every later marker update is conditional on the marker's ETag
-  (If-Match), so a second writer is refused. Credentials and endpoint come from the standard
-  environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL,
-  AWS_ALLOW_HTTP); no listing caches stand between a live reader and new steps.
+  returns, one PUT per shard. S3 has no locks, so every PUT is conditional: If-None-Match for an
+  object the writer creates, If-Match on the ETag it last wrote or listed for a rewrite. The run is
+  claimed by creating (or, to resume, rewriting) its commit marker; a writer fenced off by a newer
+  one gets a failed precondition at its next PUT, and stops without overwriting anything. Credentials
+  and endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+  AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP); no listing caches stand between a live reader and
+  new steps.
 """
 
 from __future__ import annotations
@@ -356,21 +358,33 @@ def _guarded_local_store():
 
 
 class ObjectRunStore(RunStore):
-    """A run under an object-store URL; see the module docstring for the writer protocol."""
+    """A run under an object-store URL; see the module docstring for the writer protocol.
+
+    Every PUT is conditional on what this writer knows of the object: its ETag from this writer's
+    last PUT of it, or from one LIST when the writer takes the run (claim_existing; lazily at the
+    first write of a writer that never claims, e.g. a rank > 0), never from a HEAD just before it.
+    """
 
     conditional_put = True
 
     def __init__(self, url: str, *, read_only: bool = True):
-        import zarr
-
         self.location = url
         self.name = url.rsplit("/", 1)[-1]
         self.run_dir = None
         self._objects = _object_store(url)  # run-level files (checkpoints)
         self._zarr_objects = _object_store(f"{url}/{STORE_NAME}")
-        self.store = zarr.storage.ObjectStore(self._zarr_objects, read_only=read_only)
-        self._etag: str | None = None  # of the marker this writer last wrote
+        self.store = _conditional_object_store()(self._zarr_objects, read_only=read_only, run=self)
         self.token = uuid.uuid4().hex  # this writer, named in the marker
+        self._etags: dict[Any, dict[str, str | None]] = {id(self._objects): {}, id(self._zarr_objects): {}}
+        self._listed = False  # the ETags of the objects already there are known
+        self._list_lock = threading.Lock()
+        self._claimed = False  # this writer created or took the run: it holds the marker
+        self._fenced = False
+
+    @property
+    def _etag(self) -> str | None:
+        """The marker's ETag as this writer last wrote (or read) it."""
+        return self._etags[id(self._zarr_objects)].get(MARKER)
 
     def run_exists(self) -> bool:
         return self.exists("zarr.json")
@@ -380,45 +394,51 @@ class ObjectRunStore(RunStore):
             raise CrucibleError(f"{self.location} already holds a run; choose a new path (or resume it)")
 
     def claim_new(self) -> None:
+        """Create the marker (If-None-Match): of two creators racing, one wins."""
         import obstore
 
         try:
             result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({"steps": 0, "writer": self.token}),
                                  mode="create")
         except Exception as e:
-            if type(e).__name__ in ("AlreadyExistsError", "PreconditionError"):
+            if _refused(e, if_match=False):
                 raise CrucibleError(f"{self.location} already holds a run (created by another writer just now)") from None
             raise
-        self._etag = result["e_tag"]
+        self._etags[id(self._zarr_objects)][MARKER] = result["e_tag"]
+        self._claimed = True
+        self._listed = True  # a new run: nothing there (a stray object is handled like a stale writer's)
 
     def claim_existing(self) -> None:
+        """Take the run over: rewrite the marker If-Match on the ETag just read, then one LIST."""
         import obstore
 
-        meta = obstore.head(self._zarr_objects, MARKER)
-        doc = self.read_json(MARKER) or {}
-        self._update_marker({**doc, "writer": self.token}, meta["e_tag"])
+        found = self._get_with_etag(self._zarr_objects, MARKER)
+        doc = {}
+        if found is not None:
+            try:
+                doc = json.loads(found[0])
+            except ValueError:
+                pass
+        try:
+            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({**doc, "writer": self.token}),
+                                 mode={"e_tag": found[1]} if found else "create")
+        except Exception as e:
+            if _refused(e, if_match=found is not None):
+                raise CrucibleError(f"{self.location} is being taken over by another writer right now "
+                                    f"(its commit marker changed under this one); try again") from None
+            raise
+        self._etags[id(self._zarr_objects)][MARKER] = result["e_tag"]
+        self._claimed = True
+        self._listed = False
+        self._learn_etags()  # after the claim: a fenced writer's later PUTs show up as refusals
 
     def check_writer(self) -> None:
-        import obstore
-
-        if self._etag is not None and obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etag:
-            raise CrucibleError(f"another writer took over {self.location}; this one stops (nothing of it was committed)")
+        """Raise once a PUT found the run taken over (the PUTs themselves are the fence: no request)."""
+        if self._fenced:
+            raise self._fenced_error()
 
     def write_marker(self, doc: dict[str, Any]) -> None:
-        self._update_marker({**doc, "writer": self.token}, self._etag)
-
-    def _update_marker(self, doc: dict[str, Any], etag: str | None) -> None:
-        import obstore
-
-        try:
-            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes(doc),
-                                 mode={"e_tag": etag} if etag else "create")
-        except Exception as e:
-            if type(e).__name__ in ("PreconditionError", "AlreadyExistsError"):
-                raise CrucibleError(f"{self.location} is being written by another writer "
-                                    f"(its commit marker changed under this one)") from None
-            raise
-        self._etag = result["e_tag"]
+        self._put(self._zarr_objects, MARKER, _marker_bytes({**doc, "writer": self.token}))
 
     def bytes_on_disk(self) -> int:
         import obstore
@@ -426,9 +446,7 @@ class ObjectRunStore(RunStore):
         return sum(meta["size"] for batch in obstore.list(self._zarr_objects) for meta in batch)
 
     def put_file(self, name: str, data: bytes) -> None:
-        import obstore
-
-        obstore.put(self._objects, name, data)
+        self._put(self._objects, name, data)
 
     def get_file(self, name: str) -> bytes | None:
         import obstore
@@ -437,6 +455,153 @@ class ObjectRunStore(RunStore):
             return bytes(obstore.get(self._objects, name).bytes())
         except FileNotFoundError:
             return None
+
+    # ----- conditional PUTs -----------------------------------------------------------------------
+    def put_key(self, key: str, data, *, only_new: bool = False) -> bool:
+        """A key of the zarr store, PUT conditionally (the zarr store's set); only_new: zarr's
+        set_if_not_exists, False if the key exists."""
+        return self._put(self._zarr_objects, key, data, only_new=only_new)
+
+    def forget_key(self, key: str) -> None:
+        """A key of the zarr store was deleted: its next PUT creates it."""
+        self._etags[id(self._zarr_objects)].pop(key, None)
+
+    def forget_prefix(self, prefix: str) -> None:
+        etags = self._etags[id(self._zarr_objects)]
+        for key in [k for k in etags if k.startswith(prefix.rstrip("/") + "/")]:
+            etags.pop(key, None)
+
+    def _put(self, objects, key: str, data, *, only_new: bool = False) -> bool:
+        """PUT If-Match on the ETag this writer knows, If-None-Match where it knows none."""
+        import obstore
+
+        if self._fenced:
+            raise self._fenced_error()
+        if not self._listed:
+            self._learn_etags()
+        etags = self._etags[id(objects)]
+        etag = etags.get(key)
+        if only_new and etag is not None:
+            return False
+        try:
+            result = obstore.put(objects, key, data, mode={"e_tag": etag} if etag else "create")
+        except Exception as e:
+            if not _refused(e, if_match=etag is not None):
+                raise
+            if only_new and etag is None:
+                return False
+            result = self._put_over_a_stale_writer(objects, key, data)
+        etags[key] = result["e_tag"]
+        return True
+
+    def _put_over_a_stale_writer(self, objects, key: str, data):
+        """A PUT was refused: someone wrote `key` since this writer learnt its ETag. If this writer
+        still holds the marker, that was a writer it fenced off (or a stray object): read the ETag,
+        check the marker is still this writer's, and PUT on that ETag, so that a writer taking over
+        in between makes this PUT fail. Otherwise this writer was fenced off: stop."""
+        import obstore
+
+        if not self._claimed or key == MARKER:  # a rank > 0 cannot tell the two apart: stop
+            self._fence()
+        try:
+            etag = obstore.head(objects, key)["e_tag"]
+        except Exception as e:
+            if not _missing(e):
+                raise
+            etag = None
+        if obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etag:
+            self._fence()
+        try:
+            return obstore.put(objects, key, data, mode={"e_tag": etag} if etag else "create")
+        except Exception as e:
+            if _refused(e, if_match=etag is not None):
+                self._fence()
+            raise
+
+    def _learn_etags(self) -> None:
+        """One LIST (of the zarr store, and of the run-level files): the ETags later PUTs are conditional on."""
+        import obstore
+
+        with self._list_lock:
+            if self._listed:
+                return
+            for objects, metas in ((self._zarr_objects, (m for batch in obstore.list(self._zarr_objects) for m in batch)),
+                                   (self._objects, obstore.list_with_delimiter(self._objects)["objects"])):
+                etags = self._etags[id(objects)]
+                for meta in metas:
+                    etags.setdefault(meta["path"], meta["e_tag"])  # (what this writer wrote itself is as new)
+            self._listed = True
+
+    def _get_with_etag(self, objects, key: str) -> tuple[bytes, str | None] | None:
+        import obstore
+
+        try:
+            result = obstore.get(objects, key)
+        except Exception as e:
+            if _missing(e):
+                return None
+            raise
+        return bytes(result.bytes()), result.meta["e_tag"]
+
+    def _fence(self):
+        self._fenced = True
+        raise self._fenced_error()
+
+    def _fenced_error(self) -> CrucibleError:
+        return CrucibleError(f"another writer took over {self.location}; this writer stops: nothing of the other's "
+                             f"was overwritten (what this one committed before is kept)")
+
+
+@functools.cache
+def _conditional_object_store():
+    """zarr's ObjectStore whose writes are the run's conditional PUTs (zarr writes zarr.json itself,
+    on resize): a writer fenced off can never overwrite a newer writer's objects."""
+    import asyncio
+
+    import zarr
+
+    class ConditionalObjectStore(zarr.storage.ObjectStore):
+        def __init__(self, store, *, read_only: bool = False, run: ObjectRunStore):
+            super().__init__(store, read_only=read_only)
+            self.run = run
+
+        def with_read_only(self, read_only: bool = False):
+            return type(self)(self.store, read_only=read_only, run=self.run)
+
+        def __getstate__(self):  # (a pickled copy, e.g. for a dask task, only reads: no writer in it)
+            return {**super().__getstate__(), "run": None, "_read_only": True}
+
+        async def set(self, key, value) -> None:
+            self._check_writable()
+            await asyncio.to_thread(self.run.put_key, key, value.as_buffer_like())
+
+        async def set_if_not_exists(self, key, value) -> None:
+            self._check_writable()
+            await asyncio.to_thread(self.run.put_key, key, value.as_buffer_like(), only_new=True)
+
+        async def delete(self, key) -> None:
+            await super().delete(key)
+            self.run.forget_key(key)
+
+        async def delete_dir(self, prefix) -> None:
+            await super().delete_dir(prefix)
+            self.run.forget_prefix(prefix)
+
+    return ConditionalObjectStore
+
+
+def _refused(e: Exception, *, if_match: bool) -> bool:
+    """A failed precondition: If-None-Match on an object that exists, If-Match on another ETag (or,
+    if_match, on an object deleted since: S3 answers 404 there)."""
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+    return isinstance(e, (AlreadyExistsError, PreconditionError)) or (if_match and _missing(e))
+
+
+def _missing(e: Exception) -> bool:
+    from obstore.exceptions import NotFoundError
+
+    return isinstance(e, (NotFoundError, FileNotFoundError))
 
 
 def _marker_bytes(doc: dict[str, Any]) -> bytes:
