@@ -337,3 +337,26 @@ def test_a_fenced_writer_never_overwrites_the_new_writers_commits(s3):
     assert verify_run(url).ok
     assert "another writer took over" in str(raised.value) and "nothing of the other's was overwritten" in str(raised.value)
 
+
+def test_an_orphan_claim_without_a_run_is_created_anew_not_resumed(s3):
+    """commit.json claimed, no zarr.json: no run was ever created. Resuming says so; creating takes the
+    orphan claim over (conditionally: of two creators racing, one wins)."""
+    bucket, _, _ = s3
+    url = f"s3://{bucket}/runs/orphan"
+    stopped = open_store(url, read_only=False)
+    stopped.prepare_new()
+    stopped.claim_new()  # ... and then creation failed
+    with pytest.raises(CrucibleError, match="no run was ever created.*create it anew"):
+        cr.record(url, FIELDS, resume=True)
+    first, second = open_store(url, read_only=False), open_store(url, read_only=False)
+    first.prepare_new()
+    second.prepare_new()
+    first.claim_new()
+    with pytest.raises(CrucibleError, match="already holds a run"):
+        second.claim_new()
+    record_steps(url, 6)  # and a creator later takes the (again orphan) claim over
+    t = cr.open(url)
+    assert t.committed_steps == 6
+    assert torch.equal(t["w"][:], torch.stack([step_tensors(s)["w"] for s in range(6)]))
+    with pytest.raises(CrucibleError, match="already holds a run"):
+        record_steps(url, 1)  # a real run is never taken over by a creator

@@ -379,6 +379,7 @@ class ObjectRunStore(RunStore):
         self._listed = False  # the ETags of the objects already there are known
         self._list_lock = threading.Lock()
         self._claimed = False  # this writer created or took the run: it holds the marker
+        self._orphan: str | None = None  # ETag of a marker without a run, which claim_new takes over
         self._fenced = False
 
     @property
@@ -387,26 +388,48 @@ class ObjectRunStore(RunStore):
         return self._etags[id(self._zarr_objects)].get(MARKER)
 
     def run_exists(self) -> bool:
-        return self.exists("zarr.json")
+        if self.exists("zarr.json"):
+            return True
+        if self.exists(MARKER):
+            raise CrucibleError(f"no run was ever created at {self.location}: a writer claimed it (commit.json) but "
+                                f"stopped before creating the run's arrays; create it anew (without resume), which "
+                                f"takes that claim over")
+        return False
 
     def prepare_new(self) -> None:
-        if self.exists(MARKER) or self.exists("zarr.json"):
+        if self.exists("zarr.json"):
             raise CrucibleError(f"{self.location} already holds a run; choose a new path (or resume it)")
+        found = self._get_with_etag(self._zarr_objects, MARKER)
+        if found is None:
+            return
+        data, etag = found
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            doc = None
+        if not (isinstance(doc, dict) and doc.get("steps") == 0):
+            raise CrucibleError(f"{self.location} holds a commit marker but no run (zarr.json is gone): a damaged run; "
+                                f"choose a new path (or delete it)")
+        self._orphan = etag  # a claim whose run was never created: claim_new takes it over
 
     def claim_new(self) -> None:
-        """Create the marker (If-None-Match): of two creators racing, one wins."""
+        """Create the marker (If-None-Match), or take an orphan claim over (If-Match on its ETag):
+        of two creators racing, one wins."""
         import obstore
 
+        mode = {"e_tag": self._orphan} if self._orphan else "create"
         try:
-            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({"steps": 0, "writer": self.token}),
-                                 mode="create")
+            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({"steps": 0, "writer": self.token}), mode=mode)
         except Exception as e:
-            if _refused(e, if_match=False):
+            if _refused(e, if_match=bool(self._orphan)):
                 raise CrucibleError(f"{self.location} already holds a run (created by another writer just now)") from None
             raise
         self._etags[id(self._zarr_objects)][MARKER] = result["e_tag"]
         self._claimed = True
-        self._listed = True  # a new run: nothing there (a stray object is handled like a stale writer's)
+        if self._orphan:
+            self._learn_etags()  # what the stopped writer left (e.g. .ranks/0.json) is rewritten If-Match
+        else:
+            self._listed = True  # a new run: nothing there (a stray object is handled like a stale writer's)
 
     def claim_existing(self) -> None:
         """Take the run over: rewrite the marker If-Match on the ETag just read, then one LIST."""
