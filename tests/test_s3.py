@@ -360,3 +360,26 @@ def test_an_orphan_claim_without_a_run_is_created_anew_not_resumed(s3):
     assert torch.equal(t["w"][:], torch.stack([step_tensors(s)["w"] for s in range(6)]))
     with pytest.raises(CrucibleError, match="already holds a run"):
         record_steps(url, 1)  # a real run is never taken over by a creator
+
+
+def test_the_new_writer_rewrites_what_a_fenced_writer_left_and_the_fenced_one_stops(s3):
+    """A writer fenced off may still PUT an object the new writer has not rewritten since its LIST
+    (its ETag is still the one it knows); the new writer, holding the marker, then rewrites it; the
+    fenced one stops at its next PUT."""
+    bucket, _, _ = s3
+    url = f"s3://{bucket}/runs/stale"
+    a = open_store(url, read_only=False)
+    a.prepare_new()
+    a.claim_new()
+    a.set("k", b"a1")
+    b = open_store(url, read_only=False)
+    b.claim_existing()  # the marker is b's; one LIST: k's ETag
+    a.set("k", b"a2")  # a does not know yet: its ETag of k is still current
+    b.set("k", b"b1")  # refused, then rewritten on the ETag read after checking the marker
+    with pytest.raises(CrucibleError, match="another writer took over"):
+        a.set("k", b"a3")
+    with pytest.raises(CrucibleError, match="another writer took over"):
+        a.write_marker({"steps": 1})
+    b.set("k", b"b2")
+    b.write_marker({"steps": 0})
+    assert open_store(url).get("k") == b"b2"
