@@ -16,6 +16,7 @@ import torch
 import crucible_record as cr
 from crucible_record.crucible3 import open_trajectory
 from crucible_record.errors import CrucibleError, RecorderError
+from crucible_record.storage import open_store
 from crucible_record.verify import verify_run
 
 from .s3server import s3_server
@@ -81,7 +82,8 @@ def test_shards_are_written_in_one_put_each(s3, monkeypatch):
 
     bucket, _, _ = s3
     calls = []
-    real_get, real_set = zarr.storage.ObjectStore.get, zarr.storage.ObjectStore.set
+    conditional = type(open_store(f"s3://{bucket}/runs/puts").store)  # zarr's ObjectStore, PUTs conditional
+    real_get, real_set = zarr.storage.ObjectStore.get, conditional.set
 
     async def get(self, key, *args, **kwargs):
         calls.append(("get", key))
@@ -92,7 +94,7 @@ def test_shards_are_written_in_one_put_each(s3, monkeypatch):
         return await real_set(self, key, value)
 
     monkeypatch.setattr(zarr.storage.ObjectStore, "get", get)
-    monkeypatch.setattr(zarr.storage.ObjectStore, "set", set_)
+    monkeypatch.setattr(conditional, "set", set_)
     record_steps(f"s3://{bucket}/runs/puts", 8, commit_interval=1e9)
     shard_sets = [k for op, k in calls if op == "set" and k.startswith("w/c/")]
     assert sorted(shard_sets) == ["w/c/0/0/0", "w/c/1/0/0"]  # two blocks of 4 steps, one PUT each
@@ -263,3 +265,122 @@ def test_xarray_open_zarr_on_s3(s3):
     assert ds["w"].dims == ("step", "w_0", "w_1") and ds["w"].data.chunksize[0] == 4
     assert np.array_equal(ds["w"].values, cr.open(url)["w"].numpy())
     assert np.array_equal(ds["loss"].values, cr.open(url)["loss"][:].numpy())
+
+
+def test_every_put_of_a_run_is_conditional(s3, monkeypatch):
+    """No PUT without If-Match / If-None-Match: a writer fenced off between two requests can never
+    overwrite what a newer writer committed (blocks, zarr.json on resize, the marker, checkpoints)."""
+    from moto.s3.responses import S3Response
+
+    bucket, _, _ = s3
+    puts = []
+    real_put = S3Response._key_response_put
+
+    def put(self, query, key_name):
+        puts.append((key_name, self.headers.get("If-Match"), self.headers.get("If-None-Match"), sorted(query)))
+        return real_put(self, query, key_name)
+
+    monkeypatch.setattr(S3Response, "_key_response_put", put)
+    url = f"s3://{bucket}/runs/conditional"
+    with cr.record(url, FIELDS, layout=cr.Layout(time_chunk=4, row_chunk=16), commit_interval=1e-6) as rec:
+        for step in range(20):
+            rec.record(step, **step_tensors(step))
+        rec.store.put_file("checkpoint.bin", b"one")
+        rec.store.put_file("checkpoint.bin", b"two")
+    with cr.record(url, FIELDS, resume=True, commit_interval=1e-6) as rec:  # a second writer: ETags from a LIST
+        for step in range(20, 40):
+            rec.record(step, **step_tensors(step))
+        rec.store.put_file("checkpoint.bin", b"three")
+    monkeypatch.undo()
+    ours = [p for p in puts if p[0].startswith("runs/conditional/")]
+    assert len(ours) > 40
+    assert [p for p in ours if not p[1] and p[2] != "*"] == []
+    assert sum(1 for p in ours if p[1] and "/w/c/" in p[0]) >= 5  # partial blocks rewritten If-Match
+    t = cr.open(url)
+    assert t.committed_steps == 40 and t.store.get_file("checkpoint.bin") == b"three"
+    assert torch.equal(t["w"][:], torch.stack([step_tensors(s)["w"] for s in range(40)]))
+
+
+def test_a_fenced_writer_never_overwrites_the_new_writers_commits(s3):
+    """Writer A passes its writer check; before its PUT, writer B takes the run over and commits a
+    block; A's PUT of that block must be refused (not overwrite it), and A stops with a clear error."""
+    bucket, _, _ = s3
+    url = f"s3://{bucket}/runs/fenced"
+    a = cr.record(url, FIELDS, layout=cr.Layout(time_chunk=4), commit_interval=1e9)
+    for step in range(6):  # block 0 (steps 0-3) committed; steps 4, 5 staged
+        a.record(step, **step_tensors(step))
+    time.sleep(0.2)
+    assert cr.open(url).committed_steps == 4
+
+    def other(step):  # what B records: not what A has for the same steps
+        tensors = step_tensors(step)
+        return {**tensors, "w": tensors["w"] + 1}
+
+    real_check = a.store.check_writer
+    taken = []
+
+    def check_then_taken_over():
+        real_check()
+        if not taken:  # B takes over right after A's check, before A's PUT of block 1
+            taken.append(True)
+            with cr.record(url, FIELDS, resume=True, commit_interval=1e9) as b:
+                for step in range(b.next_step, 8):
+                    b.record(step, **other(step))
+
+    a.store.check_writer = check_then_taken_over
+    with pytest.raises(RecorderError) as raised:
+        a.close()  # commits steps 4, 5: its PUT of block 1 comes after B committed block 1
+    assert taken
+    t = cr.open(url)
+    assert t.committed_steps == 8
+    expected = [step_tensors(s)["w"] for s in range(4)] + [other(s)["w"] for s in range(4, 8)]
+    assert torch.equal(t["w"][:], torch.stack(expected))  # B's commit, intact
+    assert verify_run(url).ok
+    assert "another writer took over" in str(raised.value) and "nothing of the other's was overwritten" in str(raised.value)
+
+
+def test_an_orphan_claim_without_a_run_is_created_anew_not_resumed(s3):
+    """commit.json claimed, no zarr.json: no run was ever created. Resuming says so; creating takes the
+    orphan claim over (conditionally: of two creators racing, one wins)."""
+    bucket, _, _ = s3
+    url = f"s3://{bucket}/runs/orphan"
+    stopped = open_store(url, read_only=False)
+    stopped.prepare_new()
+    stopped.claim_new()  # ... and then creation failed
+    with pytest.raises(CrucibleError, match="no run was ever created.*create it anew"):
+        cr.record(url, FIELDS, resume=True)
+    first, second = open_store(url, read_only=False), open_store(url, read_only=False)
+    first.prepare_new()
+    second.prepare_new()
+    first.claim_new()
+    with pytest.raises(CrucibleError, match="already holds a run"):
+        second.claim_new()
+    record_steps(url, 6)  # and a creator later takes the (again orphan) claim over
+    t = cr.open(url)
+    assert t.committed_steps == 6
+    assert torch.equal(t["w"][:], torch.stack([step_tensors(s)["w"] for s in range(6)]))
+    with pytest.raises(CrucibleError, match="already holds a run"):
+        record_steps(url, 1)  # a real run is never taken over by a creator
+
+
+def test_the_new_writer_rewrites_what_a_fenced_writer_left_and_the_fenced_one_stops(s3):
+    """A writer fenced off may still PUT an object the new writer has not rewritten since its LIST
+    (its ETag is still the one it knows); the new writer, holding the marker, then rewrites it; the
+    fenced one stops at its next PUT."""
+    bucket, _, _ = s3
+    url = f"s3://{bucket}/runs/stale"
+    a = open_store(url, read_only=False)
+    a.prepare_new()
+    a.claim_new()
+    a.set("k", b"a1")
+    b = open_store(url, read_only=False)
+    b.claim_existing()  # the marker is b's; one LIST: k's ETag
+    a.set("k", b"a2")  # a does not know yet: its ETag of k is still current
+    b.set("k", b"b1")  # refused, then rewritten on the ETag read after checking the marker
+    with pytest.raises(CrucibleError, match="another writer took over"):
+        a.set("k", b"a3")
+    with pytest.raises(CrucibleError, match="another writer took over"):
+        a.write_marker({"steps": 1})
+    b.set("k", b"b2")
+    b.write_marker({"steps": 0})
+    assert open_store(url).get("k") == b"b2"
