@@ -1,33 +1,39 @@
-"""Whole time blocks read at the codec's own speed: one GET per shard file, decoded by shardio
-straight into the result.
+"""Reads of a run's fields by shardio, every shard file read as one version of it.
 
-zarr-python reads a shard through its general pipeline, which decodes every inner chunk into a
-fresh buffer, transposes it and copies it into the output (0.38x of the bare decompressor on a
-Crucible-size block, 0.22x at GPT-2 size: benchmarks/bench_codec_path.py). Reads that take whole
-blocks of steps (a scan, export, verify, a dask task) are the ones that need the speed; they go
-through here. A read that touches a few inner chunks of each shard (one token's trajectory) stays
-with zarr, which fetches only those chunks, or, for one row of the second axis (one token's
-trajectory: ``W[:, tok]``), goes through read_one_row: per block, the shard's index and the one
-inner chunk holding that row, fetched as byte ranges for every block at once (two rounds of
-concurrent reads) and decoded by shardio (zarr spends ~2 ms a shard on its own bookkeeping
-there: benchmarks/bench_token_layout.py).
+Whole time blocks (a scan, export, verify, a dask task) are read at the codec's own speed: one
+GET per shard file, decoded by shardio straight into the result (read_blocks). zarr-python reads
+a shard through its general pipeline, which decodes every inner chunk into a fresh buffer,
+transposes it and copies it into the output (0.38x of the bare decompressor on a Crucible-size
+block, 0.22x at GPT-2 size: benchmarks/bench_codec_path.py). Any other selection (one token's
+trajectory ``W[:, tok]``, ``x[:, 2]``, strided steps, a list) is read inner chunk by inner chunk
+(read_selection; read_one_row for ``W[a:b, tok]``): per shard file its index and only the inner
+chunks the selection touches, for every shard at once, decoded by shardio (zarr spends ~2 ms a
+shard on its own bookkeeping there: benchmarks/bench_token_layout.py).
 
-Where shardio cannot match an array's layout (a field split among ranks keeps several files per
-block; an unknown codec), the reason is logged once per array at INFO on the ``crucible_record``
-logger (format.blocks.log_fallback; encode_block does the same for writes) and the caller reads through zarr: same
-values, zarr's speed. A shard that *can* be decoded but is damaged is never handed to zarr
-instead: it is a CrucibleError.
+A writer replaces a partial block's shard file whole at every commit; every read here sees one
+version of each file (see fetch_shards), so a live reader never meets an index of one version and
+the bytes of another (a spurious checksum error). Shard indexes are checked as this format writes
+them: every inner chunk present, no two sharing bytes (shardio.index_spans).
+
+Where shardio cannot decode an array's shards (an unknown codec), the reason is logged once per
+array at INFO on the ``crucible_record`` logger (format.blocks.log_fallback; encode_block does the
+same for writes) and the caller reads through zarr: same values, zarr's speed. A shard that *can*
+be decoded but is damaged is never handed to zarr instead: it is a CrucibleError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import CrucibleError, describe, missing_chunk_error
 from .format.blocks import log_fallback, missing_blocks
-from .shardio import (MAX_U64, ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, parse_index,
+from .shardio import (ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, index_spans,
                       shard_layout)
 from .storage import open_store
 
@@ -129,7 +135,7 @@ def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray
     if data is None:
         raise _missing(name, first, first + len(out) - 1)
     try:
-        decode_shard_with(layout, data, out, threads)
+        decode_shard_with(layout, data, out, threads, complete=True)
     except ShardError as e:
         raise _undecodable(name, rows, e) from None
 
@@ -142,59 +148,241 @@ def wants_one_row(selection: tuple, shape) -> bool:
 
 
 def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None:
-    """``array[rows, k]`` (see wants_one_row) read inner chunk by inner chunk, or None where the
-    layout is not one inner chunk per block along every axis but the second (zarr reads it then)."""
-    from zarr.abc.store import RangeByteRequest, SuffixByteRequest
-    from zarr.core.buffer import default_buffer_prototype
+    """``array[rows, k]`` (see wants_one_row): per block, the shard's index and the one inner chunk
+    holding row k, from one version of the shard file (read_selection), or None where shardio
+    cannot decode the layout (zarr reads it then)."""
+    return read_selection(store, array, selection, name)
+
+
+def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | None:
+    """``array[selection]`` (a normalized selection: ints, slices of any step, at most one list;
+    orthogonal indexing) read inner chunk by inner chunk: per shard file, its index and only the
+    inner chunks the selection touches (the whole file in one read when it touches them all),
+    each file's reads from one version of it (see _fetch_shards), decoded by shardio. None where
+    shardio cannot decode the array's shards (an unknown codec; zarr reads it then). Shards split
+    among ranks (several files per block) are read file by file the same way."""
+    if array.ndim == 0:
+        return None
+    try:
+        layout = shard_layout(array)
+    except NotImplementedError as e:
+        log_fallback(array.path, "read", str(e))
+        return None
+    axes = [_axis_indices(k, n) for k, n in zip(selection, array.shape)]
+    shape = tuple(len(ix) for ix, _ in axes)
+    out = np.empty(shape, dtype=layout.dtype)
+    final = tuple(n for n, (_, dropped) in zip(shape, axes) if not dropped)
+    if out.size == 0:
+        return out.reshape(final)
+    grid = layout.grid
+    shards: dict[tuple[int, ...], list] = {}  # shard coords -> [(inner coords, out selection, chunk selection)]
+    for parts in itertools.product(*(_by_chunk(ix, n) for (ix, _), n in zip(axes, layout.chunk_shape))):
+        q = tuple(p[0] for p in parts)
+        shard = tuple(qi // g for qi, g in zip(q, grid))
+        inner = tuple(qi % g for qi, g in zip(q, grid))
+        shards.setdefault(shard, []).append((inner, _orthogonal([p[1] for p in parts]),
+                                             _orthogonal([p[2] for p in parts])))
+    unit = layout.shard_shape[0]
+    jobs = []
+    for shard, pieces in shards.items():
+        extent = tuple(min(s, n - c * s) for c, s, n in zip(shard, layout.shard_shape, array.shape))
+        wanted = None if len(pieces) == int(np.prod(grid)) or not layout.sharded else [p[0] for p in pieces]
+        jobs.append((f"{array.path}/{array.metadata.encode_chunk_key(shard)}", wanted, extent))
+    results = fetch_shards(store, layout, jobs)
+    for (shard, pieces), (_, _, extent), result in zip(shards.items(), jobs, results):
+        first = shard[0] * unit
+        last = first + extent[0] - 1
+        if result is None:
+            raise _missing(name, first, last)
+        try:
+            if isinstance(result, ShardError):
+                raise result
+            for inner, out_sel, chunk_sel in pieces:
+                stored = decode_chunk(result[inner], layout, inner)
+                chunk = stored.transpose(layout.inverse) if layout.perm else stored  # the array's axis order
+                out[out_sel] = chunk[chunk_sel]
+        except ShardError as e:
+            raise _undecodable(name, f"{first}-{last}", e) from None
+    return out.reshape(final)
+
+
+def _axis_indices(key, size: int) -> tuple[np.ndarray, bool]:
+    """One axis of a normalized selection as the indices it takes, and whether it drops the axis."""
+    if isinstance(key, int):
+        return np.array([key], dtype=np.int64), True
+    if isinstance(key, slice):
+        return np.arange(key.start, key.stop, key.step, dtype=np.int64), False
+    return np.asarray(key, dtype=np.int64), False
+
+
+def _by_chunk(indices: np.ndarray, chunk: int) -> list[tuple[int, Any, Any]]:
+    """Indices of one axis grouped by inner chunk: (chunk number, positions in the output,
+    positions in the chunk), positions as slices where they are evenly spaced."""
+    q = indices // chunk
+    order = np.argsort(q, kind="stable")
+    q_sorted = q[order]
+    cuts = np.flatnonzero(np.diff(q_sorted)) + 1
+    groups = []
+    for pos in np.split(order, cuts):
+        number = int(q[pos[0]])
+        groups.append((number, _as_slice(pos), _as_slice(indices[pos] - number * chunk)))
+    return groups
+
+
+def _as_slice(a: np.ndarray):
+    """Evenly spaced increasing indices as a slice (a view, not a gather); else the array."""
+    if len(a) == 1:
+        return slice(int(a[0]), int(a[0]) + 1)
+    step = int(a[1] - a[0])
+    if step > 0 and np.all(np.diff(a) == step):
+        return slice(int(a[0]), int(a[-1]) + 1, step)
+    return a
+
+
+def _orthogonal(keys: list) -> tuple:
+    """Per-axis keys as one numpy index that selects orthogonally (np.ix_ when two are arrays)."""
+    if sum(isinstance(k, np.ndarray) for k in keys) <= 1:
+        return tuple(keys)
+    return np.ix_(*(np.arange(k.start, k.stop, k.step) if isinstance(k, slice) else k for k in keys))
+
+
+# ----- one version of a shard file --------------------------------------------------------------
+# A writer replaces a partial block's shard file whole at every commit (a rename on a disk, one PUT
+# on an object store). A read that took the index of one version and the inner chunks of another
+# would see a checksum mismatch (or, without checksums, wrong values) in a healthy run. So every
+# read of a shard file here sees one version: the whole file in one read; or on a disk the index
+# and the chunks read from one open file descriptor (a rename does not change what an open file
+# reads); or on an object store ranged GETs pinned to the ETag of the index's GET (If-Match): an
+# object replaced meanwhile is read again from its index, and after RANGED_TRIES changes whole.
+RANGED_TRIES = 3
+CONCURRENT_FILES = 16  # shard files read at once (object stores: requests in flight)
+
+
+def fetch_shards(store, layout: ShardLayout, jobs: list) -> list:
+    """For each job (key, wanted inner chunks or None for all, extent of the shard in its array):
+    {inner coords: payload bytes} from one version of the file, None if the file is absent, or the
+    ShardError its index raised. Every request started is awaited before this returns."""
     from zarr.core.sync import sync
 
-    layout = _layout_or_log(array)
-    if layout is None or not layout.sharded or any(g != 1 for i, g in enumerate(layout.grid) if i != 1):
-        return None
-    rows, k = selection[0], selection[1]
-    unit, per_chunk = layout.shard_shape[0], layout.chunk_shape[1]
-    coords = (0, k // per_chunk) + (0,) * (array.ndim - 2)
-    blocks = list(range(rows.start // unit, (rows.stop - 1) // unit + 1))
-    keys = [_shard_key(array, b) for b in blocks]
-    prototype = default_buffer_prototype()
+    async def run():
+        limit = asyncio.Semaphore(CONCURRENT_FILES)
 
-    async def fetch(requests):
-        return await asyncio.gather(*(store.store.get(key, prototype, byte_range=req) for key, req in requests))
+        async def one(job):
+            async with limit:
+                return await _fetch_one(store, layout, *job)
+
+        results = await asyncio.gather(*(one(job) for job in jobs), return_exceptions=True)
+        for result in results:  # anything but a ShardError is not about the data: raise the first
+            if isinstance(result, BaseException) and not isinstance(result, ShardError):
+                raise result
+        return results
+
+    return sync(run())
+
+
+async def _fetch_one(store, layout: ShardLayout, key: str, wanted, extent):
+    import zarr
+
+    inner = store.store
+    if wanted is not None and isinstance(inner, zarr.storage.LocalStore):
+        return _local_chunks(Path(inner.root) / key, layout, wanted, extent)
+    if wanted is not None and isinstance(inner, zarr.storage.ObjectStore):
+        for _ in range(RANGED_TRIES):
+            result = await _object_chunks(inner.store, key, layout, wanted, extent)
+            if result is not _CHANGED:
+                return result
+    return await _whole(inner, key, layout, wanted, extent)  # any other store: one read is one version
+
+
+_CHANGED = object()
+
+
+async def _whole(inner, key: str, layout: ShardLayout, wanted, extent):
+    from zarr.core.buffer import default_buffer_prototype
+
+    data = await inner.get(key, default_buffer_prototype())
+    if data is None:
+        return None
+    buf = data.as_numpy_array()
+    if layout.sharded:
+        n = layout.index_nbytes
+        if len(buf) < n:
+            return ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
+        try:
+            spans = index_spans(layout, buf[:n] if layout.index_at_start else buf[len(buf) - n:], len(buf), extent)
+        except ShardError as e:
+            return e
+    else:
+        spans = {(0,) * len(layout.grid): (0, len(buf))}
+    coords = spans if wanted is None else wanted
+    return {c: buf[spans[c][0]:spans[c][0] + spans[c][1]] for c in coords}
+
+
+def _local_chunks(path: Path, layout: ShardLayout, wanted, extent):
+    """The index and the wanted inner chunks of a local shard file, read from one descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        n = layout.index_nbytes
+        if size < n:
+            return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")
+        try:
+            spans = index_spans(layout, _pread(fd, n, 0 if layout.index_at_start else size - n), size, extent)
+        except ShardError as e:
+            return e
+        return {c: _pread(fd, spans[c][1], spans[c][0]) for c in wanted}
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, n: int, offset: int) -> np.ndarray:
+    data = os.pread(fd, n, offset)
+    while len(data) < n:  # a short read: only at the end of the file (which a rename never changes)
+        more = os.pread(fd, n - len(data), offset + len(data))
+        if not more:
+            break
+        data += more
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+async def _object_chunks(objects, key: str, layout: ShardLayout, wanted, extent):
+    """The index and the wanted inner chunks of an object, every GET pinned to the first one's ETag;
+    _CHANGED if the object was replaced in between."""
+    import obstore
+    from obstore.exceptions import NotFoundError, PreconditionError
 
     n = layout.index_nbytes
-    where = RangeByteRequest(0, n) if layout.index_at_start else SuffixByteRequest(n)
-    indexes = sync(fetch([(key, where) for key in keys]))
-    spans = []
-    for block, buf in zip(blocks, indexes):
-        rows_of_block = f"{block * unit}-{block * unit + unit - 1}"
-        if buf is None:
-            raise _missing(name, block * unit, block * unit + unit - 1)
-        try:
-            offset, nbytes = (int(x) for x in parse_index(layout, buf.as_numpy_array())[coords])
-        except ShardError as e:
-            raise _undecodable(name, rows_of_block, e) from None
-        absent = offset == int(MAX_U64) and nbytes == int(MAX_U64)  # a fill-valued inner chunk
-        spans.append(None if absent else (offset, nbytes))
-    wanted = [(key, RangeByteRequest(span[0], span[0] + span[1])) for key, span in zip(keys, spans) if span]
-    payloads = iter(sync(fetch(wanted)))
-    out = np.empty((rows.stop - rows.start,) + tuple(array.shape[2:]), dtype=layout.dtype)
-    for block, span in zip(blocks, spans):
-        first = block * unit
-        lo, hi = max(first, rows.start), min(first + unit, rows.stop)
-        dest = out[lo - rows.start:hi - rows.start]
-        if span is None:  # an inner chunk left out of the index reads as the fill value, as in zarr
-            dest[...] = layout.fill
-            continue
-        payload = next(payloads)
-        try:
-            if payload is None or len(payload) != span[1]:
-                raise ShardError(f"inner chunk {coords} is truncated")
-            stored = decode_chunk(payload.as_numpy_array(), layout, coords)
-        except ShardError as e:
-            raise _undecodable(name, f"{first}-{first + unit - 1}", e) from None
-        chunk = stored.transpose(layout.inverse) if layout.perm else stored  # back to the array's axis order
-        dest[...] = chunk[lo - first:hi - first, k % per_chunk]
-    return out
+    try:
+        first = await obstore.get_async(objects, key, options={"range": (0, n) if layout.index_at_start
+                                                               else {"suffix": n}})
+        raw = np.frombuffer(await first.bytes_async(), dtype=np.uint8)
+    except (FileNotFoundError, NotFoundError):
+        return None
+    etag, size = first.meta.get("e_tag"), int(first.meta["size"])
+    if etag is None:  # a store without ETags: one whole GET instead
+        return _CHANGED
+    if size < n:
+        return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")
+    try:
+        spans = index_spans(layout, raw, size, extent)
+    except ShardError as e:
+        return e
+
+    async def chunk(c):
+        offset, nbytes = spans[c]
+        got = await obstore.get_async(objects, key, options={"range": (offset, offset + nbytes), "if_match": etag})
+        return np.frombuffer(await got.bytes_async(), dtype=np.uint8)
+
+    payloads = await asyncio.gather(*(chunk(c) for c in wanted), return_exceptions=True)
+    for payload in payloads:
+        if isinstance(payload, (PreconditionError, FileNotFoundError, NotFoundError)):
+            return _CHANGED
+        if isinstance(payload, BaseException):
+            raise payload
+    return dict(zip(wanted, payloads))
 
 
 def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
@@ -206,7 +394,10 @@ def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
     store = open_store(location)
     array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
     if stop > start:
-        data = read_blocks(store, array, whole_rows(array, start, stop), name)
+        selection = whole_rows(array, start, stop)
+        data = read_blocks(store, array, selection, name)
+        if data is None:  # a block split among ranks' files
+            data = read_selection(store, array, selection, name)
         if data is not None:
             return data
     missing = missing_blocks(store, array, name, range(start, stop))

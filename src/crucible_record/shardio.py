@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "encode_shard_with", "decode_shard_with",
-           "shard_layout", "default_threads", "parse_index"]
+           "shard_layout", "default_threads", "parse_index", "index_spans", "decode_chunk"]
 
 MAX_U64 = np.uint64(2**64 - 1)
 _TORCH_MIN = 60 * 60  # torch's blocked transpose copy needs at least this many elements
@@ -542,14 +542,22 @@ def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
     return decode_shard_with(layout, data, out, threads)
 
 
-def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
-    """decode_shard with a layout already parsed (see shard_layout)."""
+def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1, complete: bool = False) -> np.ndarray:
+    """decode_shard with a layout already parsed (see shard_layout).
+
+    complete: the shard was written with every inner chunk, each its own bytes (a crucible-record
+    run's shards are): an inner chunk of `out`'s region absent from the index, or two index entries
+    that overlap, raise ShardError instead of reading as the fill value (see index_spans)."""
     if hasattr(data, "as_numpy_array"):  # a zarr Buffer, as store.get returns it
         data = data.as_numpy_array()
     buf = np.frombuffer(data, dtype=np.uint8)
     cs = layout.chunk_shape
     if layout.sharded:
-        spans = _read_index(layout, buf)
+        n = layout.index_nbytes
+        if len(buf) < n:
+            raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
+        raw = buf[:n] if layout.index_at_start else buf[len(buf) - n:]
+        spans = index_spans(layout, raw, len(buf), out.shape if complete else None)
     else:
         spans = {layout.data_order[0]: (0, len(buf))}
 
@@ -582,20 +590,35 @@ def parse_index(layout: ShardLayout, raw: np.ndarray) -> np.ndarray:
     return raw.view("<u8").reshape(layout.grid + (2,))
 
 
-def _read_index(layout: ShardLayout, buf: np.ndarray) -> dict:
+def index_spans(layout: ShardLayout, raw: np.ndarray, size: int,
+                extent: tuple[int, ...] | None = None) -> dict[tuple[int, ...], tuple[int, int]]:
+    """The (offset, nbytes) of each inner chunk present in a shard of `size` bytes whose index's
+    bytes are `raw`: checksum verified, every span inside the shard's data (ShardError otherwise).
+
+    extent (the part of the shard inside its array, per axis; None: no such check): the shard was
+    written with every inner chunk, each its own bytes, as the recorder writes them (WRITE_ALL).
+    Then an inner chunk that lies in `extent` but is absent from the index, or two entries whose
+    bytes overlap, are damage: ShardError (zarr would read the first as fill values and the second
+    as whatever the shared bytes decode to)."""
+    index = parse_index(layout, np.asarray(raw, dtype=np.uint8))
     n = layout.index_nbytes
-    if len(buf) < n:
-        raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
-    index = parse_index(layout, buf[:n] if layout.index_at_start else buf[len(buf) - n:])
-    lo, hi = (n, len(buf)) if layout.index_at_start else (0, len(buf) - n)
-    spans = {}
+    lo, hi = (n, size) if layout.index_at_start else (0, size - n)
+    absent = int(MAX_U64)
+    spans: dict[tuple[int, ...], tuple[int, int]] = {}
     for coords in np.ndindex(*layout.grid):
         offset, nbytes = (int(x) for x in index[coords])
-        if offset == int(MAX_U64) and nbytes == int(MAX_U64):
+        if offset == absent and nbytes == absent:
+            if extent is not None and all(c * k < e for c, k, e in zip(coords, layout.chunk_shape, extent)):
+                raise ShardError(f"inner chunk {coords} is absent from the shard index (every inner chunk is written)")
             continue
         if offset < lo or offset + nbytes > hi:
             raise ShardError(f"shard index entry {coords} ({offset}, {nbytes}) points outside the shard's data")
         spans[tuple(coords)] = (offset, nbytes)
+    if extent is not None:
+        ordered = sorted(spans.items(), key=lambda item: item[1])
+        for (a, (a_off, a_n)), (b, (b_off, _)) in zip(ordered, ordered[1:]):
+            if a_off + a_n > b_off:
+                raise ShardError(f"shard index entries {a} and {b} overlap (bytes {b_off}-{a_off + a_n - 1})")
     return spans
 
 

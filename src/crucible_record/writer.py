@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from . import dtypes
+from .blockread import read_selection
 from .errors import CrucibleError, RecorderError, describe, missing_chunk_error
 from .fields import Field, Shard, as_shard_tensor, as_tensor
 from .format.blocks import WRITE_ALL, encode_block, missing_blocks
@@ -121,7 +122,20 @@ class BlockBuffer:
         if self.filled:  # resuming inside a block: keep its committed rows (never fill read as data)
             if missing_blocks(store, self.array, key, range(self.start, committed_rows)):
                 raise missing_chunk_error(key, self.start, committed_rows - 1, "crucible-record verify --repair")
-            self.buf[: self.filled] = self.array[(slice(self.start, committed_rows),) + select[1:]]
+            self.buf[: self.filled] = self._committed_rows(committed_rows, select)
+
+    def _committed_rows(self, committed_rows: int, select: tuple) -> np.ndarray:
+        """This block's committed rows, read back to resume inside it: through blockread (damage is
+        one CrucibleError, every read it started finished), or zarr where shardio cannot decode."""
+        selection = [slice(self.start, committed_rows, 1)] + [slice(0, n, 1) for n in self.array.shape[1:]]
+        if len(select) > 1:
+            selection[1] = slice(select[1].start, select[1].stop, 1)
+        try:
+            data = read_selection(self.store, self.array, tuple(selection), self.key)
+            return data if data is not None else np.asarray(self.array[tuple(selection)])
+        except Exception as e:
+            raise CrucibleError(f"cannot resume {self.store.location}: {describe(e)} "
+                                f"(run `crucible-record verify --repair`)") from e
 
     @property
     def full(self) -> bool:
