@@ -8,7 +8,7 @@ from pathlib import Path
 from .blockread import DamagedBlock, read_blocks, whole_rows
 from .errors import CrucibleError
 from .format.blocks import missing_blocks
-from .format.schema import COMMIT_KEY, ROWS_GROUP, open_group, read_commit, write_commit
+from .format.schema import COMMIT_KEY, ROWS_GROUP, check_commit, open_group, read_commit, write_commit
 from .storage import RunStore, open_store
 
 
@@ -33,8 +33,10 @@ def verify_run(run_dir: str | Path) -> VerifyReport:
     group, info = open_group(store)
     steps = read_commit(store, group)["steps"]  # type-checked only: a marker past the arrays is reported below
     report = VerifyReport(steps=steps, sized_steps=info.steps)
-    held = info.steps_held()
-    if steps > held:  # rows past an array's end would read as whatever memory held: never data
+    try:
+        check_commit(store, group, info, steps)  # (an open-ended run being written is looked at again)
+    except CrucibleError:  # rows past an array's end would read as whatever memory held: never data
+        held = info.steps_held()
         report.problems.append(f"{COMMIT_KEY} says {steps} steps are committed, but the arrays hold only {held}")
         report.first_bad_step[COMMIT_KEY] = held
         steps = held
