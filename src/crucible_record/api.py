@@ -126,7 +126,7 @@ def open_to_resume(store: RunStore, stack: ExitStack, fields: Mapping[str, Field
                             f"continued by {_ranks_text(info.world_size)}, not by {_ranks_text(world_size)}")
     store.claim_existing()
     store.sweep_partial_files()
-    committed = read_commit(store, group)["steps"]
+    committed = read_commit(store, group, info)["steps"]
     if info.steps is None:
         for name, spec in info.fields.items():
             array = group[name]

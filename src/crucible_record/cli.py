@@ -86,21 +86,28 @@ def verify(run_dir, repair):
     from .verify import repair_run, verify_run
 
     report = verify_run(run_dir)
-    run = Run(run_dir)
-    training = experiment_of(run) is not None
-    progress = steps_committed(report.steps, of=run.info.steps, training=training)
     for problem in report.problems:
         click.echo(f"CORRUPT {problem}")
     if not report.ok and repair:
         before, after = repair_run(run_dir)
+        training = _is_experiment(run_dir)
         click.echo(f"Repaired: commit marker moved back from steps 0..{before - 1}: "
-                   f"{steps_committed(after, of=run.info.steps, training=training)}; "
+                   f"{steps_committed(after, of=report.sized_steps, training=training)}; "
                    f"continue with `crucible-record train --resume {run_dir}` (Crucible-3 runs) or cr.record(..., resume=True)")
         return
+    progress = steps_committed(report.steps, of=report.sized_steps, training=_is_experiment(run_dir))
     if not report.ok:
         raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s); {progress} "
                             f"(--repair rolls the commit back before them)")
     click.echo(f"OK: {progress}; {report.blocks_read} blocks read, all checksums match")
+
+
+def _is_experiment(run_dir) -> bool:
+    """Whether an experiment recorded the run (its steps are then counted as training steps)."""
+    try:
+        return experiment_of(Run(run_dir)) is not None
+    except CrucibleError:  # e.g. a marker past the arrays, which verify has just reported
+        return False
 
 
 def experiment_of(run: Run):

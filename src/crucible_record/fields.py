@@ -18,6 +18,16 @@ import torch
 from . import dtypes
 from .errors import CrucibleError
 
+# At most this many elements in one step of a field, or in a constant (a bound on what a run's
+# metadata may claim, so that a crafted shape is refused before anything is allocated).
+MAX_ELEMENTS = 1 << 40
+# A name is a directory in the run (and a key segment on object stores): kept well within the
+# 255-byte file name limit of common file systems.
+MAX_NAME_BYTES = 200
+# Names of the format's own files and folders at the group's root (compared case-insensitively).
+RESERVED_NAMES = {"zarr.json", "commit.json", ".rows", ".ranks"}
+
+
 @dataclass(frozen=True, eq=False)
 class Field:
     """One recorded tensor.
@@ -42,6 +52,8 @@ class Field:
             raise CrucibleError(f"Field shape must be a tuple of ints, got {self.shape!r}") from None
         if any(s < 0 for s in shape):
             raise CrucibleError(f"Field shape must not be negative, got {shape}")
+        if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+            raise CrucibleError(f"Field shape {shape} has more than {MAX_ELEMENTS} elements a step")
         object.__setattr__(self, "shape", shape)
         if not dtypes.supported(self.dtype):
             known = ", ".join(str(d) for d in dtypes.TABLE)
@@ -181,15 +193,21 @@ def _check_rows(rows: Any, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def check_name(name: Any) -> str:
-    """Field names become array names in the store: plain, unique, not reserved."""
+    """Field and constant names become array names in the store: plain, unique, not reserved."""
     if not isinstance(name, str) or not name:
         raise CrucibleError(f"field name must be a non-empty string, got {name!r}")
     if "/" in name or "\\" in name:
         raise CrucibleError(f"field name {name!r} must not contain '/'")
     if name.startswith(".") or name.startswith("__"):
         raise CrucibleError(f"field name {name!r} must not start with '.' or '__' (reserved by the format)")
-    if name == "commit.json" or any(ord(c) < 32 for c in name):
-        raise CrucibleError(f"field name {name!r} is reserved or has control characters")
+    if name.lower() in RESERVED_NAMES or any(ord(c) < 32 for c in name):
+        raise CrucibleError(f"field name {name!r} is reserved by the format (its files: "
+                            f"{', '.join(sorted(RESERVED_NAMES))}) or has control characters")
+    if name.endswith(".partial"):
+        raise CrucibleError(f"field name {name!r} must not end with '.partial' (an interrupted write's temporary file)")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise CrucibleError(f"field name {name[:20]!r}... is {len(name.encode('utf-8', 'surrogatepass'))} bytes "
+                            f"long in UTF-8; names are at most {MAX_NAME_BYTES} bytes (they are directory names)")
     return name
 
 
@@ -207,14 +225,28 @@ def check_fields(fields: Mapping[str, Field]) -> dict[str, Field]:
     return checked
 
 
-def field_from_description(description: Mapping[str, Any], rows: np.ndarray | None) -> Field:
-    """The inverse of :meth:`Field.describe` (rows read from the run's row array)."""
-    try:
-        dims = description.get("dims")
-        return Field(tuple(description["shape"]), dtypes.dtype_from_name(description["dtype"]),
-                     every=int(description["every"]), rows=rows, dims=tuple(dims) if dims else None)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CrucibleError(f"malformed field description {dict(description)!r}: {e}") from None
+def field_from_description(description: Any, rows: np.ndarray | None) -> Field:
+    """The inverse of :meth:`Field.describe` (rows read from the run's row array), strictly typed:
+    a run's metadata is read as written, never coerced (an ``every`` of 2.5 or "2" is damage)."""
+    if not isinstance(description, Mapping):
+        raise CrucibleError(f"description {description!r} is not an object")
+    shape, every, kept, dims = (description.get(k) for k in ("shape", "every", "rows", "dims"))
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise CrucibleError(f"shape {shape!r} is not a list of integers >= 0")
+    if not _is_int(every) or every < 1:
+        raise CrucibleError(f"every {every!r} is not an integer >= 1")
+    if kept is not None and (not _is_int(kept) or kept < 1 or not shape or kept > shape[0]):
+        raise CrucibleError(f"rows {kept!r} is not null or a count of the first axis's rows")
+    if rows is not None and len(rows) != kept:
+        raise CrucibleError(f"rows says {kept} rows are kept, its row index array holds {len(rows)}")
+    if dims is not None and (not isinstance(dims, list) or not all(isinstance(d, str) for d in dims)):
+        raise CrucibleError(f"dims {dims!r} is not null or a list of names")
+    dtype = dtypes.dtype_from_name(description.get("dtype"))
+    return Field(tuple(shape), dtype, every=every, rows=rows, dims=tuple(dims) if dims else None)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def as_tensor(name: str, value: Any, spec: Field) -> torch.Tensor:

@@ -107,7 +107,7 @@ class Run:
         self.location = self.store.location  # a local path or a URL
         self.run_dir = self.store.run_dir  # a Path for a local run, None for a URL
         self._group, self.info = open_group(self.store)
-        self.commit = read_commit(self.store, self._group)
+        self.commit = read_commit(self.store, self._group, self.info)
         self.committed_steps = int(self.commit["steps"])  # steps 0 .. committed_steps-1 are readable
         self._fields: dict[str, LazyField] = {}
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from .blockread import DamagedBlock, read_blocks, read_selection, whole_rows
 from .errors import CrucibleError
 from .format.blocks import missing_blocks
-from .format.schema import ROWS_GROUP, open_group, read_commit, write_commit
+from .format.schema import COMMIT_KEY, ROWS_GROUP, check_commit, open_group, read_commit, write_commit
 from .storage import RunStore, open_store
 
 
 @dataclass
 class VerifyReport:
-    steps: int  # committed steps (0 .. steps-1)
+    steps: int  # committed steps (0 .. steps-1), as the marker says
+    sized_steps: int | None = None  # the steps the run was sized for (None: open-ended)
     blocks_read: int = 0
     problems: list[str] = field(default_factory=list)
     # per field: the first step whose block is damaged (what a repair rolls the marker back to)
@@ -30,8 +31,15 @@ def verify_run(run_dir: str | Path) -> VerifyReport:
     """Decode every chunk holding committed rows; crc32c checksums catch flipped bits."""
     store = open_store(run_dir)
     group, info = open_group(store)
-    steps = read_commit(store, group)["steps"]
-    report = VerifyReport(steps=steps)
+    steps = read_commit(store, group)["steps"]  # type-checked only: a marker past the arrays is reported below
+    report = VerifyReport(steps=steps, sized_steps=info.steps)
+    try:
+        check_commit(store, group, info, steps)  # (an open-ended run being written is looked at again)
+    except CrucibleError:  # rows past an array's end would read as whatever memory held: never data
+        held = info.steps_held()
+        report.problems.append(f"{COMMIT_KEY} says {steps} steps are committed, but the arrays hold only {held}")
+        report.first_bad_step[COMMIT_KEY] = held
+        steps = held
     for name, spec in info.fields.items():
         first = info.first_step.get(name, 0)
         _check_array(store, group[name], name, spec.rows_at(steps - first), report,
@@ -97,7 +105,8 @@ def repair_run(run_dir: str | Path) -> tuple[int, int]:
         raise CrucibleError(f"{run_dir} is a format-1 run: repair needs format 2")
     with store.writer_lock():
         store.claim_existing()
-        steps = min(report.first_bad_step.values())
+        # never past what the arrays hold, nor past the marker itself
+        steps = min(*report.first_bad_step.values(), info.steps_held(), report.steps)
         write_commit(store, steps)
     return report.steps, steps
 

@@ -23,6 +23,7 @@ from .. import dtypes
 from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format.schema import open_group, read_commit
+from ..verify import verify_run
 from ..api import record
 from ..writer import DEFAULT_COMMIT_INTERVAL, Recorder
 from ..steps_text import steps_committed
@@ -99,9 +100,13 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     if info.attributes.get("experiment") != EXPERIMENT:
         raise CrucibleError(f"{run_dir} is not a Crucible-3 run; `train --resume` continues only those")
     config = RunConfig.from_dict(info.attributes["config"])  # with its --record choice, if any
-    done = read_commit(store, group)["steps"] - 1
+    done = read_commit(store, group, info)["steps"] - 1
     if done >= config.steps:
         raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}")
+    damage = verify_run(run_dir)  # continuing over a damaged committed block would keep the damage and exit 0
+    if not damage.ok:
+        raise CrucibleError(f"{run_dir} is damaged ({damage.problems[0]}): run `crucible-record verify --repair` "
+                            f"to move the commit back before it, then resume")
     inputs = load_inputs(config)
     if _input_hashes(inputs) != info.attributes.get("inputs"):
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")

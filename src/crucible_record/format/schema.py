@@ -12,6 +12,8 @@ hook into crucible3 would make opening a run depend on whether crucible3 was imp
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +23,8 @@ import torch
 
 from .. import dtypes
 from ..codecs import Layout, codecs_for, time_chunk_for
-from ..errors import CrucibleError
-from ..fields import Field, check_fields, check_name, field_from_description, stored_dims
+from ..errors import CrucibleError, describe
+from ..fields import MAX_ELEMENTS, Field, check_fields, check_name, field_from_description, stored_dims
 from ..storage import MARKER, STORE_NAME, RunStore
 from .blocks import WRITE_ALL
 from .planner import Partition, partition_chunking
@@ -32,6 +34,9 @@ FORMAT_VERSION = 2
 COMMIT_KEY = MARKER
 ROWS_GROUP = ".rows"
 RANKS_PREFIX = ".ranks"  # .ranks/<rank>.json: a rank's progress (multi-rank runs)
+DIGESTS = "metadata_sha256"  # group attribute: array path -> sha256 of its zarr.json as created, less "shape"
+# codecs this package writes (codecs.py, shardio); anything else in an array's zarr.json is not ours
+KNOWN_CODECS = {"sharding_indexed", "transpose", "bytes", "zstd", "blosc", "crc32c", "numcodecs.delta"}
 
 
 @dataclass
@@ -46,6 +51,16 @@ class RunInfo:
     steps: int | None  # steps the run was sized for; None = open-ended
     first_step: dict[str, int] = field(default_factory=dict)  # format 1 only: fields stored from step 1
     world_size: int = 1  # ranks of the torch.distributed job that recorded it
+    array_rows: dict[str, int] = field(default_factory=dict)  # each field array's first axis, when opened
+
+    def steps_held(self) -> int:
+        """The most steps the field arrays hold, as their first axes were at open (and within
+        ``steps`` for a sized run): a marker beyond this is damage, never data."""
+        held = [self.first_step.get(name, 0) + self.array_rows.get(name, 0) * spec.every
+                for name, spec in self.fields.items()]
+        if self.steps is not None:
+            held.append(self.steps)
+        return min(held)
 
 
 def check_run_arguments(fields: Mapping[str, Field], steps: int | None, layout: Layout,
@@ -110,7 +125,9 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
         meta = {"constant": True, "dtype": dtypes.dtype_name(tensor.dtype), "shape": list(tensor.shape),
                 **dtypes.encoding_attribute(tensor.dtype)}
         _write_whole(group, name, dtypes.stored_numpy(tensor), dims, {"crucible_record": meta}, **small)
+    written = [*fields, *constants, *(f"{ROWS_GROUP}/{n}" for n, spec in fields.items() if spec.row_indices is not None)]
     group.attrs.put({  # one write (attrs.update writes zarr.json once per key: readers would see halves)
+        DIGESTS: {path: metadata_digest(group[path]) for path in written},
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "fields": {name: spec.describe() for name, spec in fields.items()},
@@ -154,7 +171,10 @@ def _check_constants(constants: Mapping[str, Any], fields: Mapping[str, Field]) 
 
 
 def open_group(store: RunStore, mode: str = "r"):
-    """Open a run's group and read its metadata, refusing what is not a run of a known version."""
+    """Open a run's group and read its metadata, refusing what is not a run of a known version,
+    and checking the run's own record of every field and constant against its array's metadata
+    (dtype, shape, cadence, codecs; the sha256 of each array's metadata as created, where the run
+    has them) before anything is read or allocated. Every refusal is a CrucibleError."""
     import zarr
 
     if not store.run_exists():
@@ -163,7 +183,7 @@ def open_group(store: RunStore, mode: str = "r"):
         group = zarr.open_group(store.store, mode=mode, zarr_format=3)
         attrs = dict(group.attrs)
     except Exception as e:
-        raise CrucibleError(f"{store.location}: cannot open {STORE_NAME}: {type(e).__name__}: {e}") from None
+        raise CrucibleError(f"{store.location}: cannot open {STORE_NAME}: {describe(e)}") from None
     if attrs.get("format") != FORMAT_NAME:
         raise CrucibleError(f"{store.location} is not a crucible-record run (no format marker)")
     version = attrs.get("format_version")
@@ -174,33 +194,180 @@ def open_group(store: RunStore, mode: str = "r"):
             f"{store.location} was written by a newer crucible-record (format {version}, this one reads "
             f"{FORMAT_VERSION}); upgrade crucible-record"
         )
-    info = _info_v1(group, attrs) if version == 1 else _info_v2(group, attrs, store)
+    try:
+        info = _info_v1(group, attrs) if version == 1 else _info_v2(group, attrs, store)
+    except CrucibleError:
+        raise
+    except Exception as e:  # zarr's own errors on an array's metadata (malformed JSON, unknown codec...)
+        raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}: {describe(e)}") from None
     for name in list(info.fields) + info.constants:
-        if name not in group:
-            raise CrucibleError(f"{store.location} is damaged: array {name} is missing")
+        array = _array(store, group, name)
+        if version > 1:
+            check_array(store, name, array, info, attrs)
+        if name in info.fields:
+            info.array_rows[name] = int(array.shape[0])
     return group, info
 
 
+def _array(store: RunStore, group, path: str):
+    """The array at `path` of the group, its metadata parsed by zarr (errors as CrucibleErrors)."""
+    try:
+        return group[path]
+    except KeyError:
+        raise CrucibleError(f"{store.location} is damaged: array {path} is missing") from None
+    except Exception as e:
+        raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/{path}/zarr.json: {describe(e)}") from None
+
+
+def metadata_digest(array) -> str:
+    """sha256 of an array's metadata as zarr reads it, without ``shape`` (open-ended arrays grow)."""
+    meta = array.metadata.to_dict()
+    meta.pop("shape", None)
+    text = json.dumps(meta, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_array(store: RunStore, path: str, array, info: RunInfo, attrs: Mapping[str, Any]) -> None:
+    """What the run recorded of the field or constant at `path` against what zarr reads of its array:
+    the digest of its metadata as created (runs written since it is kept), and in every case its
+    dtype, shape, cadence, endianness and codecs. A mismatch would read wrong values silently."""
+    where = f"{store.location} is damaged: {STORE_NAME}/{path}/zarr.json"
+    digests = attrs.get(DIGESTS)
+    if digests is not None:
+        if not isinstance(digests, dict) or path not in digests:
+            raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/zarr.json: {DIGESTS} has no entry for {path}")
+        if metadata_digest(array) != digests[path]:
+            raise CrucibleError(f"{where} was changed after the run was created (its metadata no longer matches "
+                                f"the sha256 the run recorded); restore it from a copy")
+    meta = array.metadata.to_dict()
+    own = dict(array.attrs).get("crucible_record")
+    if not isinstance(own, dict):
+        raise CrucibleError(f"{where}: its attributes lack the crucible_record description")
+    spec = info.fields.get(path)
+    if spec is not None:
+        dtype, shape = spec.dtype, tuple(array.shape[1:])
+        recorded = {**spec.describe(), "time_chunk": own.get("time_chunk")}
+        if {k: own.get(k) for k in recorded} != recorded:
+            raise CrucibleError(f"{where}: its description {_short(own)} contradicts the group's {_short(spec.describe())}")
+        tc, unit = own.get("time_chunk"), (array.shards or array.chunks)
+        if isinstance(tc, bool) or not isinstance(tc, int) or tc != unit[0]:
+            raise CrucibleError(f"{where}: time_chunk {tc!r} is not the array's block of {unit[0]} rows")
+        if array.ndim != 1 + len(spec.stored_shape) or shape != spec.stored_shape:
+            raise CrucibleError(f"{where}: shape {tuple(array.shape)} does not hold steps of {spec.stored_shape}")
+        if info.steps is not None and array.shape[0] > spec.rows_at(info.steps):
+            raise CrucibleError(f"{where}: {array.shape[0]} rows, more than the run's {info.steps} steps hold")
+    else:
+        try:
+            dtype = dtypes.dtype_from_name(own.get("dtype"))
+        except CrucibleError as e:
+            raise CrucibleError(f"{where}: {e}") from None
+        shape = tuple(array.shape)
+        if own.get("constant") is not True or own.get("shape") != list(shape):
+            raise CrucibleError(f"{where}: shape {shape} contradicts its description {_short(own)}")
+        if array.chunks != tuple(max(1, s) for s in shape) or array.shards is not None:
+            raise CrucibleError(f"{where}: a constant is stored in one chunk, not in chunks of {array.chunks}")
+    if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+        raise CrucibleError(f"{where}: shape {shape} is beyond any tensor this package records")
+    stored = np.dtype(dtypes.stored_dtype(dtype))
+    if meta.get("data_type") != stored.name or np.dtype(array.dtype) != stored:
+        raise CrucibleError(f"{where}: data_type {meta.get('data_type')!r}, but {path} records "
+                            f"{dtypes.dtype_name(dtype)} (stored as {stored.name})")
+    if (own.get("encoding") is not None) != bool(dtypes.encoding_attribute(dtype)):
+        raise CrucibleError(f"{where}: its encoding attribute does not fit dtype {dtypes.dtype_name(dtype)}")
+    _check_codecs(where, meta.get("codecs"), array.ndim if spec is not None else 0)
+
+
+def _check_codecs(where: str, codecs: Any, ndim: int) -> None:
+    """Only codecs this package writes, bytes little-endian, a transpose only as the step-last order."""
+    if not isinstance(codecs, (list, tuple)):
+        raise CrucibleError(f"{where}: no codec list")
+    for codec in codecs:
+        name = codec.get("name") if isinstance(codec, dict) else None
+        config = codec.get("configuration") or {} if isinstance(codec, dict) else {}
+        if name not in KNOWN_CODECS:
+            raise CrucibleError(f"{where}: codec {name!r} is not one crucible-record writes")
+        if name == "bytes" and config.get("endian", "little") != "little":
+            raise CrucibleError(f"{where}: {config.get('endian')!r}-endian bytes; runs are little-endian")
+        if name == "transpose" and list(config.get("order", ())) != [*range(1, ndim), 0]:
+            raise CrucibleError(f"{where}: transpose order {config.get('order')!r} is not the step-last order "
+                                f"{[*range(1, ndim), 0]}")
+        if name == "sharding_indexed":
+            _check_codecs(where, config.get("codecs"), ndim)
+            _check_codecs(where, config.get("index_codecs"), 0)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
+    where = f"{store.location} is damaged: {STORE_NAME}/zarr.json"
     described = attrs.get("fields")
     if not isinstance(described, dict) or not described:
         raise CrucibleError(f"{store.location} is damaged: no field descriptions")
     fields = {}
     for name, description in described.items():
+        try:
+            check_name(name)
+            field_from_description(description, None)  # strict types first, before any array is read
+        except CrucibleError as e:
+            raise CrucibleError(f"{where}: field {name!r}: {e}") from None
         rows = None
-        if isinstance(description, dict) and description.get("rows") is not None:
+        if description.get("rows") is not None:
+            path = f"{ROWS_GROUP}/{name}"
+            array = _array(store, group, path)
+            if np.dtype(array.dtype) != np.int64 or tuple(array.shape) != (description["rows"],):
+                raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/{path}/zarr.json: {array.dtype} "
+                                    f"{tuple(array.shape)}, the field keeps {description['rows']} rows (int64)")
+            if attrs.get(DIGESTS) is not None and metadata_digest(array) != dict(attrs[DIGESTS]).get(path):
+                raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/{path}/zarr.json was changed after "
+                                    f"the run was created; restore it from a copy")
             try:
-                rows = np.asarray(group[f"{ROWS_GROUP}/{name}"][...])
+                rows = np.asarray(array[...])
             except Exception as e:
-                text = str(e).splitlines()[0] if str(e) else ""
-                raise CrucibleError(f"{store.location} is damaged: row indices of {name}: {type(e).__name__}: {text}") from None
-        fields[check_name(name)] = field_from_description(description, rows)
+                raise CrucibleError(f"{store.location} is damaged: row indices of {name}: {describe(e)}") from None
+        try:
+            fields[name] = field_from_description(description, rows)
+        except CrucibleError as e:
+            raise CrucibleError(f"{where}: field {name!r}: {e}") from None
     world_size = attrs.get("world_size", 1)
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise CrucibleError(f"{store.location} is damaged: world_size {world_size!r}")
-    return RunInfo(version=2, fields=fields, constants=list(attrs.get("constants", [])),
-                   attributes=dict(attrs.get("attributes") or {}), layout=Layout.from_dict(attrs.get("layout", {})),
-                   steps=attrs.get("steps"), world_size=world_size)
+    constants = attrs.get("constants", [])
+    if not isinstance(constants, list) or not all(isinstance(c, str) for c in constants):
+        raise CrucibleError(f"{where}: constants {_short(constants)} is not a list of names")
+    for name in constants:
+        try:
+            check_name(name)
+        except CrucibleError as e:
+            raise CrucibleError(f"{where}: {e}") from None
+    steps = attrs.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise CrucibleError(f"{where}: steps {steps!r} is not a positive integer or null")
+    user = attrs.get("attributes") or {}
+    if not isinstance(user, dict):
+        raise CrucibleError(f"{where}: attributes {_short(user)} is not an object")
+    return RunInfo(version=2, fields=fields, constants=list(constants), attributes=dict(user),
+                   layout=read_layout(attrs.get("layout", {}), where), steps=steps, world_size=world_size)
+
+
+def read_layout(values: Any, where: str) -> Layout:
+    """The group's layout attribute, strictly typed (it is what a resumed run's blocks follow)."""
+    if not isinstance(values, dict):
+        raise CrucibleError(f"{where}: layout {_short(values)} is not an object")
+    try:
+        layout = Layout.from_dict(values)
+        tc, rc = layout.time_chunk, layout.row_chunk
+        if (tc is not None and (isinstance(tc, bool) or not isinstance(tc, int))) or isinstance(rc, bool) \
+                or not isinstance(rc, int) or not isinstance(layout.codec, str):
+            raise CrucibleError("chunk sizes must be integers")
+        layout.validate()
+    except CrucibleError as e:
+        raise CrucibleError(f"{where}: layout {_short(values)}: {e}") from None
+    except Exception as e:
+        raise CrucibleError(f"{where}: layout {_short(values)}: {describe(e)}") from None
+    return layout
 
 
 def _info_v1(group, attrs: dict) -> RunInfo:
@@ -227,15 +394,51 @@ def _info_v1(group, attrs: dict) -> RunInfo:
                    layout=Layout.from_dict(attrs.get("layout", {})), steps=steps or None, first_step=first_step)
 
 
-def read_commit(store: RunStore, group) -> dict[str, Any]:
-    """The commit marker: ``steps`` = how many steps (0 .. steps-1) every field holds durably."""
-    if int(group.attrs.get("format_version", 0)) == 1:
-        commit = dict(group.attrs.get("commit", {}))
-        return {"steps": int(commit.get("steps", -1)) + 1, "epoch": int(commit.get("epoch", 0))}
-    commit = store.read_json(COMMIT_KEY)
-    if not isinstance(commit, dict) or not isinstance(commit.get("steps"), int) or commit["steps"] < 0:
-        raise CrucibleError(f"{store.location} is damaged: {COMMIT_KEY} is missing or malformed")
+def read_commit(store: RunStore, group, info: RunInfo | None = None) -> dict[str, Any]:
+    """The commit marker: ``steps`` = how many steps (0 .. steps-1) every field holds durably.
+
+    With `info` (from open_group) the marker is checked against the arrays: a marker that says more
+    steps than a field's array holds would read uninitialised rows, so it is refused (``verify
+    --repair`` moves it back). Without, only its type is checked (an int >= 0, not a bool)."""
+    if info is not None and info.version == 1 or info is None and group.attrs.get("format_version") == 1:
+        commit = group.attrs.get("commit", {})
+        steps, epoch = (commit.get("steps", -1), commit.get("epoch", 0)) if isinstance(commit, dict) else (None, None)
+        if not _is_count(steps, -1) or not _is_count(epoch, 0):
+            raise CrucibleError(f"{store.location} is damaged: the commit attribute {_short(commit)} is malformed")
+        commit = {"steps": steps + 1, "epoch": epoch}
+    else:
+        try:
+            commit = store.read_json(COMMIT_KEY)
+        except Exception as e:  # not JSON, not UTF-8
+            raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/{COMMIT_KEY} is unreadable: {describe(e)} "
+                                f"(`crucible-record verify --repair` cannot fix this: restore it, or write "
+                                f'{{"steps": 0}} to start over)') from None
+        if not isinstance(commit, dict) or not _is_count(commit.get("steps"), 0):
+            raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/{COMMIT_KEY} is missing or malformed "
+                                f"(its steps must be an integer >= 0, got {_short(commit)})")
+    if info is not None:
+        check_commit(store, group, info, commit["steps"])
     return commit
+
+
+def _is_count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_commit(store: RunStore, group, info: RunInfo, steps: int) -> None:
+    """Refuse a marker past what the arrays hold: past a sized run's steps, or past a field's rows.
+    An open-ended array read before the marker may have grown since: it is looked at again."""
+    held = info.steps_held()
+    if steps <= held:
+        return
+    if info.steps is None or steps <= info.steps:
+        for name in info.fields:
+            info.array_rows[name] = int(_array(store, group, name).shape[0])  # a live run grows
+        held = info.steps_held()
+        if steps <= held:
+            return
+    raise CrucibleError(f"{store.location} is damaged: {STORE_NAME}/{COMMIT_KEY} says {steps} steps are committed, "
+                        f"but the arrays hold {held}; run `crucible-record verify --repair` to move it back")
 
 
 def rank_key(rank: int) -> str:
