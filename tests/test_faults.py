@@ -155,27 +155,27 @@ def test_cuda_training_steps_do_not_synchronize(tmp_path, tiny_config):
 
 
 KILLED_MID_WRITE = r"""
-import sys, time
+import sys, time, uuid
 from pathlib import Path
-import zarr.storage._local as local
+from crucible_record.storage import DurableFiles
 from tests.test_recorder import fake_step, new_run
 
 run, flag = Path(sys.argv[1]), Path(sys.argv[2])
-real_put = local._put
+real_replace = DurableFiles.replace
 
-def torn_put(path, value, exclusive=False):
-    # W's third block (steps 8-11): half its shard reaches the disk, then the process is killed
+def torn_replace(self, path, data, *, exclusive=False):
+    # W's third block (steps 8-11): half its shard reaches the temporary file, then the process is killed
     if "W/c/2/" in Path(path).as_posix():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with local._atomic_write(path, "wb", exclusive=exclusive) as f:
-            data = value.as_buffer_like()
-            f.write(data[: len(data) // 2])
+        self.make_dirs(path.parent)
+        view = memoryview(data).cast("B")
+        with open(path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial"), "wb") as f:
+            f.write(view[: len(view) // 2])
             f.flush()
-            flag.touch()
-            time.sleep(120)
-    return real_put(path, value, exclusive)
+        flag.touch()
+        time.sleep(120)
+    return real_replace(self, path, data, exclusive=exclusive)
 
-local._put = torn_put
+DurableFiles.replace = torn_replace
 rec = new_run(run, time_chunk=4)
 for step in range(12):
     rec.record(step, **fake_step(step))
@@ -184,7 +184,7 @@ rec.close()
 
 
 def test_kill_during_a_block_write_keeps_the_committed_steps(tmp_path):
-    """SIGKILL while the shard of a block is half written (shardio's bytes, zarr's temporary file):
+    """SIGKILL while the shard of a block is half written (shardio's bytes, the store's temporary file):
     the two committed blocks read back intact, verify finds nothing wrong, and resume rewrites the
     block."""
     import os
