@@ -71,19 +71,14 @@ def centroids(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
 def quick_stats(traj: Trajectory) -> dict[str, float]:
     """The notebook's "Quick Stats" cell, in bounded memory."""
     centroid_dead, centroid_live = centroids(traj)
-    dead_norm = torch.norm(centroid_dead, dim=1)
-    live_norm = torch.norm(centroid_live, dim=1)
+    stats = {}
+    for who, c in (("dead", centroid_dead), ("live", centroid_live)):
+        norm = torch.norm(c, dim=1)
+        stats[f"{who}_centroid_norm_first"] = norm[0].item()
+        stats[f"{who}_centroid_norm_last"] = norm[-1].item()
+        stats[f"{who}_centroid_displacement"] = torch.norm(c[-1] - c[0]).item()
     separation = torch.norm(centroid_dead - centroid_live, dim=1)
-    stats = {
-        "dead_centroid_norm_first": dead_norm[0].item(),
-        "dead_centroid_norm_last": dead_norm[-1].item(),
-        "dead_centroid_displacement": torch.norm(centroid_dead[-1] - centroid_dead[0]).item(),
-        "live_centroid_norm_first": live_norm[0].item(),
-        "live_centroid_norm_last": live_norm[-1].item(),
-        "live_centroid_displacement": torch.norm(centroid_live[-1] - centroid_live[0]).item(),
-        "separation_first": separation[0].item(),
-        "separation_last": separation[-1].item(),
-    }
+    stats.update(separation_first=separation[0].item(), separation_last=separation[-1].item())
     if traj.steps > 0:
         h_norm = torch.norm(traj.h_mean, dim=1)
         stats.update(
@@ -96,15 +91,13 @@ def quick_stats(traj: Trajectory) -> dict[str, float]:
 
 def format_quick_stats(traj: Trajectory, stats: dict[str, float]) -> str:
     last = traj.steps
-    lines = [
-        "Dead token centroid:",
-        f"  Norm at t=0: {stats['dead_centroid_norm_first']:.6f}",
-        f"  Norm at t={last}: {stats['dead_centroid_norm_last']:.6f}",
-        f"  Total displacement: {stats['dead_centroid_displacement']:.6f}",
-        "Live token centroid:",
-        f"  Norm at t=0: {stats['live_centroid_norm_first']:.6f}",
-        f"  Norm at t={last}: {stats['live_centroid_norm_last']:.6f}",
-        f"  Total displacement: {stats['live_centroid_displacement']:.6f}",
+    lines = []
+    for who in ("dead", "live"):
+        lines += [f"{who.capitalize()} token centroid:",
+                  f"  Norm at t=0: {stats[f'{who}_centroid_norm_first']:.6f}",
+                  f"  Norm at t={last}: {stats[f'{who}_centroid_norm_last']:.6f}",
+                  f"  Total displacement: {stats[f'{who}_centroid_displacement']:.6f}"]
+    lines += [
         "Live/Dead separation:",
         f"  Distance at t=0: {stats['separation_first']:.6f}",
         f"  Distance at t={last}: {stats['separation_last']:.6f}",
@@ -197,21 +190,16 @@ def _scratch(scratch: dict[str, torch.Tensor], key: str, shape, dtype: torch.dty
     return buffer.view(-1)[:int(shape[0]) * size].view(tuple(shape))
 
 
-def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int,
-                 scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int, scratch: dict[str, torch.Tensor]) -> torch.Tensor:
     if count == 0:
         return torch.full((W.shape[0], W.shape[2]), float("nan"), dtype=torch.float32)
-    if scratch is None:
-        return W[:, mask, :].float().mean(dim=1)
     shape = (W.shape[0], count, W.shape[2])  # W[:, mask, :].float(), into reused buffers: the same values
     gathered = torch.index_select(W, 1, mask.nonzero().flatten(), out=_scratch(scratch, f"gather{count}", shape, W.dtype))
     return _scratch(scratch, f"float{count}", shape, torch.float32).copy_(gathered).mean(dim=1)
 
 
-def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path,
-                 scratch: dict[str, torch.Tensor] | None = None) -> None:
+def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path, scratch) -> None:
     """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
-    scratch = {} if scratch is None else scratch
     per_token = torch.ne(a, b, out=_scratch(scratch, "ne", a.shape, torch.bool)).sum(dim=2)  # (k, vocab) changed entries (by value: -0.0 == +0.0)
     ch_dead.append(per_token[:, dead].sum(dim=1).double() / (n_dead * hidden) if n_dead else
                    torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
