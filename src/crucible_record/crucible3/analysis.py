@@ -81,11 +81,8 @@ def quick_stats(traj: Trajectory) -> dict[str, float]:
     stats.update(separation_first=separation[0].item(), separation_last=separation[-1].item())
     if traj.steps > 0:
         h_norm = torch.norm(traj.h_mean, dim=1)
-        stats.update(
-            h_mean_norm_min=h_norm.min().item(),
-            h_mean_norm_max=h_norm.max().item(),
-            h_mean_norm_mean=h_norm.mean().item(),
-        )
+        stats.update(h_mean_norm_min=h_norm.min().item(), h_mean_norm_max=h_norm.max().item(),
+                     h_mean_norm_mean=h_norm.mean().item())
     return stats
 
 
@@ -306,9 +303,7 @@ def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = Non
     ``scan``: the pass over W made elsewhere (e.g. ``distributed.scan_W_dask``) for the same steps."""
     n = traj.steps
     if n < 2:
-        raise CrucibleError(
-            f"{traj.location} has {max(n, 0)} committed step(s); the analysis needs at least 2"
-        )
+        raise CrucibleError(f"{traj.location} has {max(n, 0)} committed step(s); the analysis needs at least 2")
     if scan is None:
         scan = scan_W(traj, block)
     elif scan.centroid_dead.shape[0] != n + 1:
