@@ -1,6 +1,5 @@
-"""What the generic commands (cli.py) and an experiment's commands (crucible3/cli.py) share, so that
-an experiment's command module never imports cli.py (which imports it): the RUN argument type,
-default output folders, sizes as text."""
+"""What the generic commands (cli.py) and an experiment's commands share, so that an experiment's
+command module never imports cli.py (which imports it)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """Codec presets and chunk layouts, chosen by measurement (benchmarks/README.md).
 
-A field's array is cut along the step axis into blocks of ``time_chunk`` rows; a block is one shard
-(one file, one PUT) holding inner chunks of ``row_chunk`` rows of the tensor's first axis. The
-writer buffers a whole block in RAM and writes it once: a partial-chunk write is a read-modify-write.
-Inside a chunk the step axis is put last (v3 ``transpose``): consecutive steps of one weight become
-neighbours in the byte stream, which is what makes training trajectories compress.
+A block of ``time_chunk`` steps is one shard (one file, one PUT), written once from RAM: a
+partial-chunk write is a read-modify-write. Inside a chunk the step axis is put last, so consecutive
+steps of one weight are neighbours in the byte stream: that is what makes trajectories compress.
 """
 
 from __future__ import annotations
@@ -24,10 +22,7 @@ MAX_TIME_CHUNK = 64
 @dataclass(frozen=True)
 class Layout:
     """How fields are cut into chunks and compressed. Saved with the run.
-
-    time_chunk: steps per block (None: up to 64, fewer for fields over 4 MiB a step);
-    row_chunk: rows of the first axis per inner chunk (small = fast reads of a few rows).
-    """
+    time_chunk None: up to 64 steps, fewer for large fields; small row_chunk: fast reads of a few rows."""
 
     time_chunk: int | None = 64
     row_chunk: int = 100
@@ -52,39 +47,29 @@ class Layout:
 
 def codecs_for(preset: str, chunk_shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
     """Filters/serializer/compressors for one array; all lossless, crc32c on every chunk.
-
-    ``default`` uses only codecs of the Zarr v3 specification, so any v3 reader opens the run:
-    zstd-3, except blosc-lz4 with byte shuffle for float32/float64, where zstd alone finds little
-    to squeeze in the mantissas (benchmarks/bench_hf_overhead.py, a GPT-2 loop's float32 wte:
-    zstd-3 1.08x at ~700 MB/s a core, blosc-lz4-shuffle 1.31x at ~1,700 MB/s);
-    ``max`` adds numcodecs' Delta along steps (not in the spec) and zstd level 9.
-    """
+    ``default`` uses only codecs of the Zarr v3 specification, so any v3 reader opens the run; blosc-lz4
+    shuffle for wide floats, where zstd finds little to squeeze in the mantissas (bench_hf_overhead.py)."""
     from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec, ZstdCodec
 
     ndim = len(chunk_shape)
     crc = Crc32cCodec()
     step_last = [TransposeCodec(order=tuple(range(1, ndim)) + (0,))] if ndim >= 2 else []
     itemsize = np.dtype(storage_dtype).itemsize
+    wide_float = np.dtype(storage_dtype).kind == "f" and itemsize >= 4
+    if preset == "fast" or (preset == "default" and wide_float):
+        blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)
+        return {"filters": step_last, "compressors": [blosc, crc]}
     if preset == "default":
-        wide_float = np.dtype(storage_dtype).kind == "f" and itemsize >= 4
-        if wide_float:
-            blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)
-            return {"filters": step_last, "compressors": [blosc, crc]}
         return {"filters": step_last, "compressors": [ZstdCodec(level=3), crc]}
     if preset == "max":
         from zarr.codecs.numcodecs import Delta
 
-        # Delta in floating point does not invert exactly; on integers (bf16 bits) it wraps: lossless.
-        # Only where the transposed inner chunk is not Fortran-ordered (two or more non-step axes
-        # longer than 1, or no transpose at all): numcodecs' Delta encodes a Fortran-ordered chunk in
-        # memory order but decodes it in C order, a silent corruption (tests catch it).
+        # Delta is lossless on integers only (bf16 bits), and only on chunks that are not
+        # Fortran-ordered: numcodecs' Delta encodes those in memory order but decodes in C order.
         c_ordered = ndim == 1 or sum(size > 1 for size in chunk_shape[1:]) >= 2
         lossless = np.dtype(storage_dtype).kind in "iu" and c_ordered
         delta = [Delta(dtype=np.dtype(storage_dtype).str)] if lossless else []
         return {"filters": step_last + delta, "compressors": [ZstdCodec(level=9), crc]}
-    if preset == "fast":
-        blosc = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=itemsize)
-        return {"filters": step_last, "compressors": [blosc, crc]}
     if preset == "zstd":
         return {"filters": [], "compressors": [ZstdCodec(level=3), crc]}
     if preset == "raw":

@@ -1,18 +1,8 @@
 """The one dtype table: how each torch dtype a field may have is stored, filled and exported.
 
-safetensors keeps one such table; so does this package. Adding a dtype (float8, say) is one row
-here: its name in the format, the numpy dtype stored on disk (bf16 has none in numpy or zarr 3.1,
-so its bits are stored as uint16 and the array's ``encoding`` attribute says so), what an unwritten
-row reads as, and its safetensors name. Everything else (Field checks, the writer's staging,
-readers, exports, xarray, the safetensors header) asks this module instead of testing for bfloat16
-itself.
-
-A float8 row would be ``Storage("float8_e4m3fn", "uint8", <NaN bits>, "F8_E4M3", bits_of=torch.uint8,
-shown_as=torch.float32)``: zarr 3.1 has no float8 dtype, so like bf16 its bits are stored and numpy
-(xarray, JSON) sees its values decoded exactly to float32. Its safetensors name is already in
-:data:`SAFETENSORS_ORDER`. Nothing outside this module would need touching; the codec presets
-(codecs.py) take any stored numpy dtype, and shardio's zarr-exact encoding sees only the stored
-uint8 array.
+Adding a dtype (float8, say) is one row here; everything else asks this module instead of testing
+for bfloat16 itself. bf16 has no numpy or zarr 3.1 dtype, so its bits are stored as uint16 (the
+array's ``encoding`` attribute says so) and numpy sees its values decoded exactly to float32.
 """
 
 from __future__ import annotations
@@ -118,8 +108,7 @@ def shown_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def decode_stored(stored: np.ndarray, dtype: torch.dtype) -> np.ndarray:
-    """Stored values of a `dtype` array as numpy values: as stored, or, for a dtype numpy lacks
-    (bf16), decoded exactly to the dtype it is shown as (float32: bf16 is the top half of one)."""
+    """Stored values of a `dtype` array as numpy values; bf16 decoded exactly to float32."""
     shown = TABLE[dtype].shown_as
     if shown is None:
         return stored

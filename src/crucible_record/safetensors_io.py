@@ -1,21 +1,15 @@
 """The one place that writes and parses a safetensors header.
 
-The format (safetensors' README): an 8-byte little-endian header length N, N bytes of a JSON object
-(padded with spaces to a multiple of 8) mapping each tensor name to its dtype, shape and
-``data_offsets`` [begin, end) into the data that follows, plus an optional ``__metadata__`` object
-of string values; the tensors' bytes follow back to back, with no holes.
-
-The safetensors library does the rest of this package's safetensors work (``save``/``load`` of a
-small file held whole: checkpoints, dead masks). It cannot here: its writers take every tensor in
-memory at once, and its readers give neither a tensor's byte offsets (for plain streamed reads of a
-file larger than memory) nor, from bytes, the metadata. So an export streams its header from
-:func:`header`, and an import or a checkpoint parses one with :func:`parse_header`, which refuses in
-one line what safetensors' reader refuses: a header over 100 MB, offsets that overlap, leave gaps or
-run past the file, a byte count that does not match dtype and shape.
+The safetensors library cannot do this here: its writers take every tensor in memory at once, and
+its readers give neither a tensor's byte offsets (for streamed reads of a file larger than memory)
+nor, from bytes, the metadata. :func:`parse_header` refuses in one line what safetensors' reader
+refuses: a header over 100 MB, offsets that overlap, leave gaps or run past the file, a byte count
+that does not match dtype and shape.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
@@ -46,10 +40,8 @@ def header(tensors: Mapping[str, tuple[str, list[int], int]],
            metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[str]]:
     """Header bytes (length prefix included) and the order the tensors' data must follow.
 
-    tensors: name -> (safetensors dtype, shape, number of bytes). Laid out as safetensors'
-    ``save_file`` lays it out (by dtype in its enum order, largest first, then by name; compact JSON;
-    ``__metadata__`` first), byte for byte when there is no metadata (save_file writes metadata keys
-    in a random order; here they are sorted).
+    tensors: name -> (safetensors dtype, shape, number of bytes). Byte for byte ``save_file``'s
+    layout when there is no metadata (save_file writes metadata keys in a random order; here sorted).
     """
     rank = {name: i for i, name in enumerate(dtypes.SAFETENSORS_ORDER)}
     order = sorted(tensors, key=lambda name: (-rank[tensors[name][0]], name))
@@ -70,8 +62,7 @@ def header(tensors: Mapping[str, tuple[str, list[int], int]],
 
 def parse_header(read: Callable[[int], bytes], size: int, where: str) -> Header:
     """Parse and check the header of a safetensors file of `size` bytes whose first bytes `read(n)`
-    returns (a file's read, or a slice of bytes held whole). Every refusal is one CrucibleError:
-    ``<where> is not a safetensors file (<why>)``."""
+    returns; every refusal is one CrucibleError."""
 
     def bad(why: str) -> CrucibleError:
         return CrucibleError(f"{where} is not a safetensors file ({why})")
@@ -119,13 +110,4 @@ def parse_header(read: Callable[[int], bytes], size: int, where: str) -> Header:
 
 def parse_bytes(data: bytes, where: str) -> Header:
     """:func:`parse_header` of a file held whole."""
-    view = memoryview(data)
-    position = 0
-
-    def read(n: int) -> bytes:
-        nonlocal position
-        chunk = bytes(view[position:position + n])
-        position += len(chunk)
-        return chunk
-
-    return parse_header(read, len(data), where)
+    return parse_header(io.BytesIO(data).read, len(data), where)

@@ -1,7 +1,5 @@
 """One wording of how far a run got, shared by every command (train, info, verify, analyze, export).
-
-A run's *recorded steps* are the rows 0..n-1 that ``record()`` was given. A Crucible-3 run records
-step 0 as the initial state, before any update, so its recorded steps 0..T are T *training steps*.
+A Crucible-3 run records step 0 as the initial state, so its recorded steps 0..T are T training steps.
 """
 
 from __future__ import annotations

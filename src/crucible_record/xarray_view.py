@@ -1,17 +1,9 @@
 """A run as an ``xarray.Dataset`` backed by dask: named axes, committed steps only.
 
-Two ways in:
-
-* ``cr.open(run).to_xarray()`` (this module): every field clipped to its committed rows, bf16
-  decoded exactly to float32, step numbers and kept rows as coordinates, dask chunks = whole shards
-  (one stored block of steps; a partial-shard read would be one request per inner chunk).
-* ``xarray.open_zarr("RUN/trajectory.zarr", consolidated=False)``: the raw arrays with their own
-  dimension names (``step`` for fields recorded every step, ``step_every_K`` otherwise). The arrays
-  may hold rows past the commit marker while a run is written (and fill values in a run sized with
-  ``steps=N``): trust only the first ``rows_at(commit.json["steps"])`` rows (FORMAT.md). bf16 fields
-  stay uint16 there: decode them with :func:`bf16_bits_to_float32`. xarray's default dask chunks
-  are the small inner chunks; pass whole shards instead, e.g. ``chunks={"step": 64}`` for fields
-  stored in blocks of 64 steps (the array's ``shards`` in its zarr.json).
+``xarray.open_zarr("RUN/trajectory.zarr", consolidated=False)`` reads the raw arrays instead: they
+may hold rows past the commit marker (trust only the committed rows, FORMAT.md), bf16 fields stay
+uint16 there (:func:`bf16_bits_to_float32`), and xarray's default dask chunks are the small inner
+chunks (pass whole shards instead, e.g. ``chunks={"step": 64}``).
 """
 
 from __future__ import annotations
@@ -39,11 +31,8 @@ def dask_and_xarray():
 
 
 def field_dask(field, location: str):
-    """A LazyField as a dask array over its committed rows, one chunk per stored block of steps
-    (a whole shard), bf16 decoded to float32. Checks first that no chunk holding committed rows is
-    missing (zarr would read fill values). Each task reopens the run from its location (a path or
-    URL; credentials come from the worker's environment), so no store object or key is pickled
-    into the graph, and reads exactly its rows of the prefix committed when the graph was built."""
+    """A LazyField as a dask array over its committed rows, one chunk per shard, bf16 as float32.
+    Each task reopens the run from its location, so no store object or key is pickled."""
     import dask
 
     da, _ = dask_and_xarray()

@@ -1,36 +1,11 @@
 """The notebook's questions, answered from a store while streaming over blocks of steps.
 
-Every function takes a :class:`~crucible_record.crucible3.trajectory.Trajectory`
-(``open_trajectory(run_dir)``), so a notebook user can call them directly; :func:`analyze` runs
-them all and adds a plain ``summary``.
-Only committed steps are used, so a run still in progress can be analysed.
-
-Memory: W is never loaded whole. :func:`scan_W` makes one pass over whole stored chunks
-(:func:`iter_blocks`), carrying the previous block's last step across block boundaries for the
-step-to-step differences, and works inside a block a few steps at a time. Peak memory is bounded by
-one stored chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length; the
-temporaries live in buffers reused from block to block (``_scratch``: allocated afresh they fragment
-the heap and the resident memory grows with every block).
-
-Indexing (also written into analysis.json under ``indexing``). With ``n`` committed steps:
-
-* ``W[t]``, ``loss[t]`` and every per-step array (``centroid_*``, ``centroid_separation``), length
-  ``n + 1``: ``t`` is the training step after which W was recorded (``t = 0`` is the initialisation).
-* ``h_mean[i]``, ``i = 0 .. n-1``: from the forward pass of training step ``i + 1``. That forward pass
-  read ``W[i]``; its optimizer update produced ``W[i+1]``, and the notebook records ``h_mean[i]``
-  together with ``W[i+1]``.
-* Per-transition arrays, length ``n``, index ``i`` (training step ``i + 1``, the ``transition_step``
-  axis): they pair ``h_mean[i]`` with the update ``W[i] -> W[i+1]`` (``c[i+1] - c[i]`` for the drift
-  cosines, entries of ``W[i+1]`` vs ``W[i]`` for ``frac_changed_*``), and
-  ``cos_hmean_live_centroid[i] = cos(h_mean[i], c_live[i+1])`` and
-  ``cos_hmean_live_minus_dead[i] = cos(h_mean[i], c_live[i+1] - c_dead[i+1])`` use the centroids of
-  ``W[i+1]``, the embedding recorded with ``h_mean[i]``.
-* ``h_mean_cos_lag1[i] = cos(h_mean[i], h_mean[i+1])``, ``i = 0 .. n-2``;
-  ``h_mean_autocorr[k]`` is the mean over ``i`` of ``cos(h_mean[i], h_mean[i+k])`` for the lag
-  ``k = 0 .. n-1`` (index = lag; ``k = 0`` is 1 by definition);
-  ``h_mean_cos_to_first[i] = cos(h_mean[0], h_mean[i])``.
-
-A cosine with a zero vector (e.g. a centroid that did not move in bf16) is NaN.
+Every function takes a :class:`~crucible_record.crucible3.trajectory.Trajectory`; :func:`analyze` runs
+them all and adds a plain ``summary``. Only committed steps are used, so a run in progress can be analysed.
+W is never loaded whole: :func:`scan_W` makes one pass over whole stored chunks, so peak memory is one
+chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
+How every array is indexed (h_mean[i] comes from training step i+1): :data:`INDEXING`, also written
+into analysis.json. A cosine with a zero vector (e.g. a centroid that did not move in bf16) is NaN.
 """
 
 from __future__ import annotations
@@ -96,40 +71,30 @@ def centroids(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
 def quick_stats(traj: Trajectory) -> dict[str, float]:
     """The notebook's "Quick Stats" cell, in bounded memory."""
     centroid_dead, centroid_live = centroids(traj)
-    dead_norm = torch.norm(centroid_dead, dim=1)
-    live_norm = torch.norm(centroid_live, dim=1)
+    stats = {}
+    for who, c in (("dead", centroid_dead), ("live", centroid_live)):
+        norm = torch.norm(c, dim=1)
+        stats[f"{who}_centroid_norm_first"] = norm[0].item()
+        stats[f"{who}_centroid_norm_last"] = norm[-1].item()
+        stats[f"{who}_centroid_displacement"] = torch.norm(c[-1] - c[0]).item()
     separation = torch.norm(centroid_dead - centroid_live, dim=1)
-    stats = {
-        "dead_centroid_norm_first": dead_norm[0].item(),
-        "dead_centroid_norm_last": dead_norm[-1].item(),
-        "dead_centroid_displacement": torch.norm(centroid_dead[-1] - centroid_dead[0]).item(),
-        "live_centroid_norm_first": live_norm[0].item(),
-        "live_centroid_norm_last": live_norm[-1].item(),
-        "live_centroid_displacement": torch.norm(centroid_live[-1] - centroid_live[0]).item(),
-        "separation_first": separation[0].item(),
-        "separation_last": separation[-1].item(),
-    }
+    stats.update(separation_first=separation[0].item(), separation_last=separation[-1].item())
     if traj.steps > 0:
         h_norm = torch.norm(traj.h_mean, dim=1)
-        stats.update(
-            h_mean_norm_min=h_norm.min().item(),
-            h_mean_norm_max=h_norm.max().item(),
-            h_mean_norm_mean=h_norm.mean().item(),
-        )
+        stats.update(h_mean_norm_min=h_norm.min().item(), h_mean_norm_max=h_norm.max().item(),
+                     h_mean_norm_mean=h_norm.mean().item())
     return stats
 
 
 def format_quick_stats(traj: Trajectory, stats: dict[str, float]) -> str:
     last = traj.steps
-    lines = [
-        "Dead token centroid:",
-        f"  Norm at t=0: {stats['dead_centroid_norm_first']:.6f}",
-        f"  Norm at t={last}: {stats['dead_centroid_norm_last']:.6f}",
-        f"  Total displacement: {stats['dead_centroid_displacement']:.6f}",
-        "Live token centroid:",
-        f"  Norm at t=0: {stats['live_centroid_norm_first']:.6f}",
-        f"  Norm at t={last}: {stats['live_centroid_norm_last']:.6f}",
-        f"  Total displacement: {stats['live_centroid_displacement']:.6f}",
+    lines = []
+    for who in ("dead", "live"):
+        lines += [f"{who.capitalize()} token centroid:",
+                  f"  Norm at t=0: {stats[f'{who}_centroid_norm_first']:.6f}",
+                  f"  Norm at t={last}: {stats[f'{who}_centroid_norm_last']:.6f}",
+                  f"  Total displacement: {stats[f'{who}_centroid_displacement']:.6f}"]
+    lines += [
         "Live/Dead separation:",
         f"  Distance at t=0: {stats['separation_first']:.6f}",
         f"  Distance at t={last}: {stats['separation_last']:.6f}",
@@ -143,21 +108,13 @@ def format_quick_stats(traj: Trajectory, stats: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# One streaming pass over W
-# --------------------------------------------------------------------------------------------
+# --- One streaming pass over W ---
 
 
 @dataclass
 class WScan:
-    """What one pass over W gathers (n = committed steps).
-
-    centroid_dead, centroid_live: (n+1, hidden) float32, ``W[t][mask].float().mean(0)`` (NaN if the
-    population is empty). changed_dead, changed_live: (n,) float64, share of the population's entries
-    of W[i+1] whose bf16 value differs from W[i] (+0.0 and -0.0 count as equal).
-    path_length: (vocab,) float64, sum over t of the float32 L2 norm of W[t+1] - W[t].
-    net_displacement: (vocab,) float32, |W[n] - W[0]|.
-    """
+    """What one pass over W gathers: per-step centroids (n+1, hidden) float32 (NaN for an empty
+    population), per-transition changed shares (n,) float64, per-token path length and |W[n] - W[0]|."""
 
     centroid_dead: torch.Tensor
     centroid_live: torch.Tensor
@@ -181,7 +138,7 @@ class WScan:
 
 
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
-    """Stream once over W in blocks of whole stored chunks (see the module docstring for memory)."""
+    """Stream once over W in blocks of whole stored chunks, carrying the last step across blocks."""
     dead = traj.dead_mask.bool()
     live = ~dead
     n_dead, n_live = int(dead.sum()), int(live.sum())
@@ -189,7 +146,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     c_dead, c_live, ch_dead, ch_live = [], [], [], []
     path = torch.zeros(vocab, dtype=torch.float64)
     first = prev = None
-    scratch: dict[str, torch.Tensor] = {}  # the temporaries, reused by every block (see _scratch)
+    scratch: dict[str, torch.Tensor] = {}  # temporaries reused by every block (see _scratch)
     for _, W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
@@ -203,8 +160,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
 
 def scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path,
                 scratch: dict[str, torch.Tensor] | None = None) -> None:
-    """One block of steps, a few steps at a time; ``prev`` is the step before the block (or None).
-    `scratch`: buffers for the temporaries, kept by the caller across blocks (None: fresh ones)."""
+    """One block of steps, a few at a time; ``prev``: the step before the block (or None)."""
     scratch = {} if scratch is None else scratch
     for s in range(0, W.shape[0], _SUB_STEPS):
         part = W[s:s + _SUB_STEPS]
@@ -222,12 +178,8 @@ def scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch
 
 
 def _scratch(scratch: dict[str, torch.Tensor], key: str, shape, dtype: torch.dtype) -> torch.Tensor:
-    """A buffer of `shape` for one temporary, the same memory from block to block.
-
-    A streaming pass's temporaries (a few steps of W gathered, as float32, their differences: MBs
-    each) allocated afresh every few steps fragment the C heap: without reuse the resident memory
-    of a scan grew by ~150 MB a block of W (Crucible size). Sizes only shrink within a pass (a
-    block's last steps), so a buffer is allocated once, at its largest, and sliced."""
+    """A buffer of `shape`, the same memory from block to block: temporaries allocated afresh
+    fragment the C heap (the resident memory grew ~150 MB a block). Allocated at its largest, sliced."""
     size = int(np.prod(shape[1:], dtype=np.int64))
     buffer = scratch.get(key)
     if buffer is None or buffer.dtype != dtype or buffer.shape[1:].numel() != size or buffer.shape[0] < shape[0]:
@@ -235,21 +187,16 @@ def _scratch(scratch: dict[str, torch.Tensor], key: str, shape, dtype: torch.dty
     return buffer.view(-1)[:int(shape[0]) * size].view(tuple(shape))
 
 
-def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int,
-                 scratch: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int, scratch: dict[str, torch.Tensor]) -> torch.Tensor:
     if count == 0:
         return torch.full((W.shape[0], W.shape[2]), float("nan"), dtype=torch.float32)
-    if scratch is None:
-        return W[:, mask, :].float().mean(dim=1)
     shape = (W.shape[0], count, W.shape[2])  # W[:, mask, :].float(), into reused buffers: the same values
     gathered = torch.index_select(W, 1, mask.nonzero().flatten(), out=_scratch(scratch, f"gather{count}", shape, W.dtype))
     return _scratch(scratch, f"float{count}", shape, torch.float32).copy_(gathered).mean(dim=1)
 
 
-def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path,
-                 scratch: dict[str, torch.Tensor] | None = None) -> None:
+def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path, scratch) -> None:
     """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
-    scratch = {} if scratch is None else scratch
     per_token = torch.ne(a, b, out=_scratch(scratch, "ne", a.shape, torch.bool)).sum(dim=2)  # (k, vocab) changed entries (by value: -0.0 == +0.0)
     ch_dead.append(per_token[:, dead].sum(dim=1).double() / (n_dead * hidden) if n_dead else
                    torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
@@ -259,13 +206,11 @@ def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, pat
     path += torch.norm(fb.sub_(_scratch(scratch, "fa", a.shape, torch.float32).copy_(a)), dim=2).double().sum(dim=0)
 
 
-# --------------------------------------------------------------------------------------------
-# The questions
-# --------------------------------------------------------------------------------------------
+# --- The questions ---
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine in float64, NaN where either row is zero (or not finite)."""
+    """Row-wise cosine in float64, NaN where either row is zero."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     a, b = torch.broadcast_tensors(a, b)
     denom = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
@@ -274,13 +219,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def h_mean_persistence(traj: Trajectory) -> dict[str, torch.Tensor]:
-    """Question 1: does h_mean keep its direction?
-
-    Returns (float64): ``h_mean_cos_lag1`` (n-1,) = cos(h_mean[i], h_mean[i+1]);
-    ``h_mean_autocorr`` (n,) indexed by lag k = 0..n-1, the mean over i of cos(h_mean[i], h_mean[i+k])
-    (computed with an FFT: O(n log n) time, O(n x hidden) memory); ``h_mean_cos_to_first`` (n,) =
-    cos(h_mean[0], h_mean[i]). h_mean[i] comes from the forward pass of training step i+1.
-    """
+    """Question 1: does h_mean keep its direction? (autocorr by FFT: O(n log n), not O(n^2))"""
     h = traj.h_mean.double()
     n = h.shape[0]
     norms = torch.norm(h, dim=1)
@@ -302,11 +241,7 @@ def h_mean_persistence(traj: Trajectory) -> dict[str, torch.Tensor]:
 
 
 def centroid_dynamics(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
-    """Question 2, per step t = 0..n (float32 math on the bf16 values, as the notebook's Quick Stats).
-
-    ``centroid_dead_norm``, ``centroid_live_norm``: |c[t]|; ``centroid_dead_displacement``,
-    ``centroid_live_displacement``: |c[t] - c[0]|; ``centroid_separation``: |c_dead[t] - c_live[t]|.
-    """
+    """Question 2, per step t = 0..n (float32 math on the bf16 values, as the notebook's Quick Stats)."""
     scan = scan or scan_W(traj)
     cd, cl = scan.centroid_dead, scan.centroid_live
     return {
@@ -319,10 +254,7 @@ def centroid_dynamics(traj: Trajectory, scan: WScan | None = None) -> dict[str, 
 
 
 def path_straightness(traj: Trajectory, scan: WScan | None = None) -> torch.Tensor:
-    """Per token (vocab,) float64: |W[n] - W[0]| / sum_t |W[t+1] - W[t]|; 1.0 is a straight line.
-
-    NaN for tokens that never moved (their path length is 0).
-    """
+    """Per token (vocab,) float64; NaN for tokens that never moved (their path length is 0)."""
     scan = scan or scan_W(traj)
     ratio = scan.net_displacement.double() / scan.path_length
     return torch.where(scan.path_length > 0, ratio, torch.full_like(ratio, float("nan")))
@@ -342,18 +274,9 @@ def straightness_summary(straightness: torch.Tensor, mask: torch.Tensor) -> dict
 
 
 def alignment(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
-    """Question 3, per transition i = 0..n-1 (training step i+1), float64.
-
-    ``cos_hmean_live_centroid[i]`` = cos(h_mean[i], c_live[i+1]);
-    ``cos_hmean_live_minus_dead[i]`` = cos(h_mean[i], c_live[i+1] - c_dead[i+1]);
-    ``cos_dead_drift_neg_hmean[i]`` = cos(c_dead[i+1] - c_dead[i], -h_mean[i]);
-    ``cos_dead_drift_neg_sign_hmean[i]`` = cos(c_dead[i+1] - c_dead[i], -sign(h_mean[i]));
-    ``cos_live_drift_hmean[i]`` = cos(c_live[i+1] - c_live[i], h_mean[i]);
-    ``cos_live_drift_sign_hmean[i]`` = cos(c_live[i+1] - c_live[i], sign(h_mean[i])).
-    h_mean[i] is from the forward pass of step i+1, recorded with W[i+1] (see the module docstring).
-    Under Adam a steady gradient moves each coordinate by about the learning rate, so the drift may
-    follow sign(h_mean) more closely than h_mean: compare the two pairs.
-    """
+    """Question 3, per transition i = 0..n-1, float64. Under Adam a steady gradient moves each
+    coordinate by about the learning rate, so the drift may follow sign(h_mean) more closely than
+    h_mean: both are computed."""
     scan = scan or scan_W(traj)
     h = traj.h_mean
     cd, cl = scan.centroid_dead, scan.centroid_live
@@ -370,27 +293,17 @@ def alignment(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Te
 
 
 def frac_changed(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
-    """Question 4, per transition i = 0..n-1: share of the dead (live) tokens' entries of W[i+1]
-    whose bf16 value differs from W[i] (compared as values: -0.0 == +0.0).
-    ``frac_changed_dead``, ``frac_changed_live``."""
+    """Question 4, per transition: share of the dead (live) entries whose bf16 value changed."""
     scan = scan or scan_W(traj)
     return {"frac_changed_dead": scan.changed_dead, "frac_changed_live": scan.changed_live}
 
 
 def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = None) -> dict[str, Any]:
     """All four questions in one pass over W: every array above, the axes, ``indexing`` and ``summary``.
-
-    Arrays are torch tensors. The per-token ``path_straightness`` and ``dead_mask`` (vocab,) are
-    included too; analysis.json leaves those two out (their percentiles are in the summary).
-    ``scan``: the pass over W made elsewhere (e.g. ``crucible3.distributed.scan_W_dask`` on a Dask
-    cluster) for the same committed steps; by default :func:`scan_W` runs here.
-    Raises CrucibleError for a run with fewer than 2 committed steps.
-    """
+    ``scan``: the pass over W made elsewhere (e.g. ``distributed.scan_W_dask``) for the same steps."""
     n = traj.steps
     if n < 2:
-        raise CrucibleError(
-            f"{traj.location} has {max(n, 0)} committed step(s); the analysis needs at least 2"
-        )
+        raise CrucibleError(f"{traj.location} has {max(n, 0)} committed step(s); the analysis needs at least 2")
     if scan is None:
         scan = scan_W(traj, block)
     elif scan.centroid_dead.shape[0] != n + 1:
@@ -421,17 +334,14 @@ def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = Non
     return result
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    return x[torch.isfinite(x)]
-
-
 def _num(x) -> float | None:
     x = float(x)
     return x if np.isfinite(x) else None
 
 
 def _nanmean(x: torch.Tensor) -> float | None:
-    x = _finite(x.double())
+    x = x.double()
+    x = x[torch.isfinite(x)]
     return float(x.mean()) if x.numel() else None
 
 

@@ -77,9 +77,7 @@ class RunConfig:
                     raise CrucibleError(f"{f.name} must be a path, got {value!r}")
             elif f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise CrucibleError(f"{f.name} must be an integer, got {value!r}")
-            elif f.type == "float" and (
-                isinstance(value, bool) or not isinstance(value, (int, float))
-            ):
+            elif f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise CrucibleError(f"{f.name} must be a number, got {value!r}")
         for name, limit in _LIMITS.items():
             value = getattr(self, name)
@@ -88,9 +86,7 @@ class RunConfig:
             if value > limit:
                 raise CrucibleError(f"--{_flag(name)} {value} is larger than the limit {limit}")
         if self.hidden_dim % self.num_heads:
-            raise CrucibleError(
-                f"--num-heads {self.num_heads} does not divide --hidden-dim {self.hidden_dim}"
-            )
+            raise CrucibleError(f"--num-heads {self.num_heads} does not divide --hidden-dim {self.hidden_dim}")
         if not (self.lr > 0 and self.lr < float("inf")):
             raise CrucibleError(f"--lr must be a positive finite number, got {self.lr}")
         if not (0 <= self.weight_decay < float("inf")):
@@ -130,10 +126,9 @@ class RunConfig:
             raise CrucibleError(f"unknown config key(s): {', '.join(unknown)}")
         values = dict(values)
         for f in fields(cls):  # JSON has no int/float distinction: 1 means 1.0 for a float
-            if f.type == "float" and isinstance(values.get(f.name), int) and not isinstance(
-                values.get(f.name), bool
-            ):
-                values[f.name] = float(values[f.name])
+            value = values.get(f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                values[f.name] = float(value)
         return cls(**values)
 
     def replace(self, **changes: Any) -> "RunConfig":

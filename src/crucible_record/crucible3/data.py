@@ -35,9 +35,7 @@ def load_tokenizer(path: str | Path, vocab_size: int):
         raise CrucibleError(f"tokenizer {path} is not a valid tokenizers JSON file: {first_line}") from None
     size = tokenizer.get_vocab_size()
     if size != vocab_size:
-        raise CrucibleError(
-            f"tokenizer {path} has {size} tokens but --vocab-size is {vocab_size}"
-        )
+        raise CrucibleError(f"tokenizer {path} has {size} tokens but --vocab-size is {vocab_size}")
     return tokenizer
 
 
@@ -68,8 +66,7 @@ class TextDataset(Dataset):
 
     def __getitem__(self, idx: int) -> torch.Tensor:
         start = idx * self.seq_len
-        chunk = self.tokens[start:start + self.seq_len]
-        return torch.tensor(chunk, dtype=torch.long)
+        return torch.tensor(self.tokens[start:start + self.seq_len], dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -105,9 +102,7 @@ def load_dead_mask(path: str | Path, vocab_size: int) -> TokenMasks:
         raise CrucibleError(f"dead mask {path} has no tensor named {', '.join(missing)}")
     mask, indices = masks["dead_mask"], masks["dead_indices"]
     if mask.dim() != 1 or mask.numel() != vocab_size:
-        raise CrucibleError(
-            f"dead mask {path}: dead_mask has shape {list(mask.shape)}, expected [{vocab_size}]"
-        )
+        raise CrucibleError(f"dead mask {path}: dead_mask has shape {list(mask.shape)}, expected [{vocab_size}]")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
         raise CrucibleError(f"dead mask {path}: dead_mask has dtype {mask.dtype}, expected bool")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):

@@ -1,37 +1,11 @@
 """The streaming pass over W on a Dask cluster (``crucible-record analyze RUN --scheduler/--workers``).
 
-:func:`scan_W_dask` builds one task per stored block of W (a whole shard of steps, the blocks
-``analysis.iter_blocks`` reads; or ``block`` steps) and combines their partials on the client, in block order, into the same
-:class:`~crucible_record.crucible3.analysis.WScan` that :func:`~crucible_record.crucible3.analysis.scan_W`
-makes in one process; :func:`~crucible_record.crucible3.analysis.analyze` then does the rest (h_mean,
-cosines, summary: small) unchanged.
-
-What travels into the graph: plain values only. Each task gets the run's location string (a local
-path or a URL), its row range ``[start, stop)`` of W, and the dead mask as a numpy bool array (one
-graph key shared by every task). It reopens the field itself with
-:func:`crucible_record.blockread.read_rows` (one row more at the front, the carried step before the
-block); no store object, zarr array or credential is pickled (a worker reading ``s3://`` takes its
-credentials from its own environment). The committed prefix is read once, when the graph is built
-(``traj.steps``): tasks never re-read ``commit.json``, so a run still being written is analysed up
-to the steps committed at that moment.
-
-Results: bit-identical to the single-process pass on the same machine and library versions. Each
-task runs the very same per-block code (``analysis.scan_W_block``) on the same rows, so centroids,
-changed fractions and the net displacement are identical; for the path length (a float64 sum over
-transitions) the task returns the float64 partial sum of each group of ``_SUB_STEPS`` transitions
-rather than one per block, and the client adds those partials in step order exactly as ``scan_W``
-does, so even that sum has the same rounding. (Were the workers' torch to reduce in another order,
-e.g. other CPUs or torch versions, float32 centroids could differ in the last bits: ~1e-7
-relative.)
-
-Memory: a task holds one block of W (plus the row before it) and its float32 temporaries, and
-returns O(block x hidden + block/8 x vocab) numbers (two rows of W for the first and last block);
-a worker holds one block per thread (``--workers`` starts one thread per worker process). The client
-keeps only the partials of blocks that finished out of order, besides the WScan itself.
-Cost: the row before a block lies in the previous shard, whose inner chunks span all its steps, so
-each task decodes that shard too: twice the decompression of the single-process pass, which
-carries the row (decoding is the smaller part of a block's time; see benchmarks/bench_dask_analysis.py).
-
+One task per stored block of W runs the very same per-block code as ``analysis.scan_W`` and the
+client combines the partials in block order, so the WScan is bit-identical to the single-process one
+(path lengths come back as per-group partial sums to keep the same rounding). Tasks get plain values
+only (the run's location, a row range, the dead mask) and reopen the field themselves: no store or
+credential is pickled, and the committed prefix is the one read when the graph was built. Each task
+also decodes the previous shard for the row before its block: twice the decompression of one process.
 A ``memory://`` run lives inside one process: workers cannot open it, so it is refused.
 """
 
@@ -52,21 +26,16 @@ from .analysis import WScan, scan_W_block
 from .trajectory import Trajectory
 
 CONNECT_TIMEOUT_S = 10.0  # how long to try to reach a --scheduler before giving up
-# A LocalCluster's scheduler starts an HTTP server (health, metrics) even without a dashboard, on
-# port 8787 by default (or a random one, with a warning, when 8787 is taken): a free port on
-# localhost instead.
+# A LocalCluster's scheduler serves HTTP even without a dashboard, on 8787 by default: a free local port.
 NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 
 
-# --------------------------------------------------------------------------------------------
-# On the workers
-# --------------------------------------------------------------------------------------------
+# --- On the workers ---
 
 
 class _GroupSums:
-    """Stands in for scan_W's running path-length tensor inside a task: ``path += x`` (in
-    ``analysis._transitions``) keeps each group's float64 partial instead of adding it, so that the
-    client can add them in the same order as the single-process pass."""
+    """Stands in for scan_W's path-length tensor: ``path += x`` keeps each group's partial, so that
+    the client adds them in the same order as the single-process pass."""
 
     def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []
@@ -77,13 +46,8 @@ class _GroupSums:
 
 
 def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last: bool) -> dict[str, Any]:
-    """One task: rows [start, stop) of W (and the row before, to carry the step-to-step
-    differences across the block boundary), read afresh from ``location``.
-
-    Returns numpy arrays only: ``centroid_dead``/``centroid_live`` (k, hidden) float32 for the steps
-    of the block; ``changed_dead``/``changed_live`` (float64) for the transitions ending in the block;
-    ``path_parts`` (groups, vocab) float64 partial sums of the transition norms; ``first`` (block 0
-    only) and ``last`` (``keep_last`` only): one row of W as its bf16 bits (vocab, hidden) uint16."""
+    """One task: rows [start, stop) of W and the row before (for the transitions across the block
+    boundary), read afresh from ``location``; numpy arrays only come back."""
     from ..blockread import read_rows
 
     bits = read_rows(location, "W", start - 1 if start else start, stop)
@@ -93,10 +57,7 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     live_t = ~dead_t
     n_dead, n_live = int(dead_t.sum()), int(live_t.sum())
     vocab, hidden = W.shape[1], W.shape[2]
-    c_dead: list[torch.Tensor] = []
-    c_live: list[torch.Tensor] = []
-    ch_dead: list[torch.Tensor] = []
-    ch_live: list[torch.Tensor] = []
+    c_dead, c_live, ch_dead, ch_live = [], [], [], []
     groups = _GroupSums()
     scan_W_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
     empty = np.zeros(0, dtype=np.float64)
@@ -115,14 +76,11 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
     }
 
 
-# --------------------------------------------------------------------------------------------
-# On the client
-# --------------------------------------------------------------------------------------------
+# --- On the client ---
 
 
 def block_ranges(traj: Trajectory, block: int | None = None) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of W over the committed steps: whole stored blocks (shards) of
-    steps by default, the same blocks as ``analysis.iter_blocks``."""
+    """[start, stop) row ranges of W over the committed steps: whole stored shards by default."""
     array = traj.W.array
     unit = block or (array.shards or array.chunks)[0]
     if unit < 1:
@@ -132,8 +90,7 @@ def block_ranges(traj: Trajectory, block: int | None = None) -> list[tuple[int, 
 
 
 def build_tasks(traj: Trajectory, block: int | None = None) -> list:
-    """The graph: one ``dask.delayed`` task per block, in block order (see the module docstring
-    for what each task gets). The committed prefix is the one ``traj`` read when it was opened."""
+    """The graph: one ``dask.delayed`` task per block, in block order."""
     import dask
     from dask.base import tokenize
 
@@ -152,13 +109,8 @@ def build_tasks(traj: Trajectory, block: int | None = None) -> list:
 
 
 def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
-    """:func:`~crucible_record.crucible3.analysis.scan_W` as a dask graph run on ``client``'s cluster
-    (a ``distributed.Client``), one task per stored block of W, combined here in block order.
-
-    Same result as ``scan_W(traj, block)`` (bit for bit on the same machine; see the module
-    docstring). A task's CrucibleError (a damaged chunk) is raised here as it was raised on the
-    worker; any other failure of a task (a worker that cannot see the run, a worker that died)
-    becomes a one-line CrucibleError naming the rows, with the original chained."""
+    """``analysis.scan_W`` on ``client``'s cluster; any task failure other than a CrucibleError
+    becomes a one-line CrucibleError naming the rows."""
     from distributed import as_completed
 
     tasks = build_tasks(traj, block)
@@ -208,12 +160,8 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
 @contextlib.contextmanager
 def dask_client(scheduler: str | None = None, workers: int | None = None, *,
                 timeout: float | None = None, memory_limit: str | int | None = "auto") -> Iterator[Any]:
-    """A ``distributed.Client``: connected to the scheduler at ``scheduler`` (e.g.
-    ``tcp://host:8786``), or to a ``distributed.LocalCluster`` of ``workers`` worker processes (one
-    thread each) started here and closed on exit. A scheduler that cannot be reached, or has no
-    worker, within ``timeout`` seconds (default :data:`CONNECT_TIMEOUT_S`) raises a one-line
-    CrucibleError. The local workers are spawned processes: a script that calls this must guard
-    its entry point (``if __name__ == "__main__":``); the ``crucible-record`` command does."""
+    """A ``distributed.Client`` of the scheduler at ``scheduler``, or of a LocalCluster of ``workers``
+    processes started here. The workers are spawned: a calling script must guard its entry point."""
     if scheduler is not None and workers is not None:
         raise CrucibleError("pass either a Dask scheduler address or a number of local workers, not both")
     if scheduler is None and workers is None:
@@ -244,17 +192,14 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         return
     address = str(scheduler).strip()
     wait = CONNECT_TIMEOUT_S if timeout is None else timeout
+    failure = None
     try:
         client = distributed.Client(address, timeout=wait)
     except Exception as e:
         failure = _one_line(e)
-    else:
-        failure = None
     if failure is not None:
-        # The half-built Client keeps an IO-loop thread until its __del__ closes it. Left to a later,
-        # random garbage collection, that __del__ can run inside another LoopRunner.start (the next
-        # Client or LocalCluster) and deadlock on distributed's class-wide loop lock: collect it here,
-        # where no such lock is held, and raise outside the except block so no traceback keeps it.
+        # The half-built Client's __del__, left to a later collection, can deadlock on distributed's
+        # loop lock inside the next Client: collect it here, and raise outside the except block.
         gc.collect()
         raise CrucibleError(f"cannot connect to the Dask scheduler at {address}: {failure}")
     try:

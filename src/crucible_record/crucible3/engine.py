@@ -1,9 +1,7 @@
 """The notebook's training loop. It knows nothing of storage: it hands each step to a Recorder.
 
-Everything that decides the numbers (seeding, model construction, optimizer, DataLoader
-shuffling, autocast, bf16 casts) follows the notebook line for line, so that on the CPU the
-recorded trajectory is bit-identical to the notebook's. Checkpoints add the state needed to
-resume exactly: model, optimizer, RNG states, and the position in the current epoch.
+Everything that decides the numbers follows the notebook line for line, so that on the CPU the
+recorded trajectory is bit-identical to the notebook's. Checkpoints add what an exact resume needs.
 """
 
 from __future__ import annotations
@@ -93,13 +91,8 @@ class TrainResult:
 
 
 def fields(config: RunConfig, masks: TokenMasks | None = None) -> dict[str, Field]:
-    """What a Crucible-3 run records at every step (h_mean and loss are NaN at step 0).
-
-    With ``config.record`` (``--record``) also the Crucible-2 data of W: its gradient ``W_grad`` and
-    AdamW's ``W_exp_avg``, ``W_exp_avg_sq`` (NaN at step 0), of the rows ``config.record_rows``
-    says (dead or live ones: `masks` needed). The model is bf16, and so are W's gradient and AdamW's
-    state (``zeros_like(W)``): recorded as bf16, bit-exact (the recorder refuses any other dtype).
-    """
+    """What a Crucible-3 run records at every step (h_mean and loss are NaN at step 0), and with
+    ``--record`` W's gradient and AdamW state: bf16 like the model, so recorded bit-exact."""
     recorded = {
         "W": Field((config.vocab_size, config.hidden_dim), torch.bfloat16, dims=("token", "hidden")),
         "h_mean": Field((config.hidden_dim,), torch.float32, dims=("hidden",)),
@@ -131,8 +124,7 @@ StepHook = Callable[[int, dict], None]
 
 
 def build_model(config: RunConfig) -> TinyLM:
-    """The notebook's model for `config`, in float32 on the current default device (train() moves
-    and casts it; a resume builds it on the meta device to check a checkpoint against)."""
+    """The notebook's model for `config`, float32 on the default device (train() moves and casts it)."""
     return TinyLM(config.vocab_size, config.hidden_dim, config.num_layers, config.num_heads, config.seq_len)
 
 
@@ -147,13 +139,8 @@ def train(
     replay: StepHook | None = None,
 ) -> TrainResult:
     """Run the notebook's experiment, handing every step to `recorder` (None: train unrecorded).
-
-    checkpoints_to: a run store; at each commit point of the recorder a snapshot is saved to it
-        once that step is committed (never ahead of the data).
-    resume_from: a checkpoint (crucible3.checkpoint.load); training continues after its step.
-    replay: steps before ``recorder.next_step`` are already recorded; they are recomputed and
-        passed to `replay` (which checks them against the store) instead of being recorded again.
-    """
+    Checkpoints are saved only once their step is committed (never ahead of the data); steps already
+    recorded are recomputed and passed to `replay` to be checked instead of being recorded again."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -187,8 +174,7 @@ def train(
         return recorder is not None and recorder.record(step, **tensors)
 
     def crucible2(grad: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """--record: W's gradient of this step and the AdamW state its update left ({} by default).
-        Passed as they are (the recorder copies them at once, before they change); NaN at step 0."""
+        """--record: W's gradient and AdamW state, passed as they are (the recorder copies them at once)."""
         if not config.record:
             return {}
         if grad is None:  # step 0: no gradient or optimizer state yet

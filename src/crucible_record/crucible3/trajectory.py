@@ -1,16 +1,9 @@
 """A Crucible-3 run read back with the notebook's names: ``t.W``, ``t.h_mean``, ``t.loss``, masks.
 
-    from crucible_record.crucible3 import open_trajectory
-    t = open_trajectory("runs/crucible3")   # the one entry point; cr.open gives the generic Run
-
-The run itself is a generic one (fields ``W``, ``h_mean``, ``loss``, ``epoch``; constants
-``dead_mask``, ``dead_indices``); a Trajectory holds it (``t.run``) and only maps the notebook's
-conventions onto it, by composition, so the generic reader never learns the experiment's names.
-The notebook's pairing, h_mean[i] from the forward pass of step i+1, is recorded generically: every
-field is recorded at every step, and at step 0 (the initial embedding, before any forward pass)
-h_mean and loss are NaN. ``t.h_mean`` drops that row, as the notebook's ``h_mean_history`` has none.
-A run recorded with ``train --record`` has the fields ``W_grad``, ``W_exp_avg``, ``W_exp_avg_sq``
-too (``t["W_grad"]``; bf16, NaN at step 0; ``t["W_grad"].rows``: the kept token ids, or None).
+The run is a generic one; a Trajectory holds it (``t.run``) and maps the notebook's conventions onto
+it by composition, so the generic reader never learns the experiment's names. Every field is recorded
+at every step, so at step 0 (before any forward pass) h_mean and loss are NaN; ``t.h_mean`` drops that
+row, as the notebook's ``h_mean_history`` has none.
 """
 
 from __future__ import annotations
@@ -36,20 +29,12 @@ def is_crucible(run: Run) -> bool:
 
 
 def open_trajectory(source: str | Path | Run) -> Trajectory:
-    """Open a Crucible-3 run (a path, a URL or an opened :class:`Run`) with the notebook's names.
-
-    The entry point for the experiment's view: ``crucible_record.open`` returns the generic Run.
-    Refuses a run of another experiment, and one with no committed step, in one line.
-    """
+    """Open a Crucible-3 run (a path, a URL or an opened :class:`Run`) with the notebook's names."""
     return Trajectory(source if isinstance(source, Run) else Run(source))
 
 
 class Trajectory:
-    """A Crucible-3 run opened for reading; everything reflects the committed steps only.
-
-    ``t.run`` is the generic :class:`Run`; ``t["W_grad"]``, ``t.fields``, ``t.committed_steps``,
-    ``t.location`` are passed through to it. Open one with :func:`open_trajectory`.
-    """
+    """A Crucible-3 run opened for reading (committed steps only); ``t.run`` is the generic Run."""
 
     def __init__(self, run: Run):
         if not is_crucible(run):
@@ -113,12 +98,8 @@ class Trajectory:
         return int(self.run.commit.get("epoch", 0))  # format 1 kept it in the commit marker
 
     def to_xarray(self):
-        """An xarray.Dataset over the committed steps, W decoded to float32 lazily (dask).
-
-        W (step, token, hidden) float32; h_mean (step, hidden) with NaN at step 0 (h_mean.sel(step=s)
-        is from the forward pass of training step s, recorded with W.sel(step=s)); loss (step,) NaN
-        at step 0; dead_mask and live_mask (token,). ``ds.sel(step=s)`` is everything recorded after
-        training step s. (``t.run.to_xarray()`` is the generic view of the same run.)"""
+        """An xarray.Dataset over the committed steps, W decoded to float32 lazily (dask);
+        ``ds.sel(step=s)`` is everything recorded after training step s."""
         da, xr = dask_and_xarray()
         n = self.steps
         hidden, vocab = self.W.shape[2], self.W.shape[1]

@@ -1,10 +1,7 @@
 """Whole blocks of steps as store files: encoded in zarr's exact bytes, found, checked for absence.
 
-The writer buffers a block of steps and writes it once (a partial-shard write would be a
-read-modify-write); :func:`encode_block` produces its shard file(s) by ``shardio`` where it can
-(zarr's exact bytes, less CPU), else by zarr's own pipeline as the reference. Readers ask
-:func:`missing_blocks` first: zarr reads an absent chunk as fill values without complaint, but for
-committed rows an absent chunk can only mean damage.
+Readers ask :func:`missing_blocks` first: zarr reads an absent chunk as fill values without
+complaint, but for committed rows an absent chunk can only mean damage.
 """
 
 from __future__ import annotations
@@ -32,19 +29,12 @@ def log_fallback(path: str, what: str, why: str) -> None:
 
 
 def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, threads: int = 1) -> dict[str, bytes]:
-    """The chunk (shard) files of time block `block` of `array` holding `rows`, encoded by zarr's own
-    codec pipeline: store key -> bytes.
+    """The shard files of time block `block` of `array` holding `rows`: store key -> bytes.
+    row_shard: `rows` are the rows of zarr shard `row_shard` along the first axis (one rank's share).
 
-    row_shard: `rows` are one rank's shard of a field split among ranks (Partition): the rows of
-    zarr shard `row_shard` along the first axis, at most one shard's rows; its keys are
-    ``c/<block>/<row_shard>/0...``.
-
-    zarr's write of a sharded array reads the existing shard first and merges into it (a
-    read-modify-write: a GET over the network on S3, and a failure if the old shard is damaged).
-    The block is therefore encoded whole and written in one piece (one PUT per file, atomic):
-    by crucible_record.shardio (zarr's exact bytes with numcodecs, 1.2-1.4x less CPU than zarr's
-    pipeline: benchmarks/bench_codec_path.py) where the block is one shard file, else by zarr's
-    own pipeline into a scratch in-memory array with the same metadata, shaped just this block."""
+    zarr's own write of a sharded array reads the old shard and merges into it (a GET on S3, and a
+    failure if it is damaged), so a block is encoded whole here: by shardio (1.2-1.4x less CPU) where
+    it is one file, else by zarr's pipeline into a scratch in-memory array shaped just this block."""
     import json
 
     import zarr
@@ -86,8 +76,7 @@ def block_keys(array, array_key: str, block: int) -> list[str]:
 
 
 def missing_blocks(store: RunStore, array, array_key: str, rows: range) -> list[int]:
-    """Time blocks covering `rows` with an absent chunk file: zarr would read them as fill values
-    without complaint; for committed rows an absent chunk can only mean damage."""
+    """Time blocks covering `rows` with an absent chunk file."""
     if len(rows) == 0 or array.size == 0:
         return []
     unit = (array.shards or array.chunks)[0]

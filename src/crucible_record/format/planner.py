@@ -1,10 +1,5 @@
 """How a field's rows are split among the ranks of a multi-rank run, and chunked so that every
 shard file has exactly one writer (FORMAT.md, "Several ranks").
-
-Each rank gives its rows of a split field as ``(offset, rows)`` at the first step; :func:`tile`
-turns what every rank gave into one :class:`Partition` (the same on every rank, or the same
-error), and :func:`partition_chunking` cuts the array so that each block of steps is one shard per
-rank's rows (``<field>/c/<block>/<shard>/0...``).
 """
 
 from __future__ import annotations
@@ -19,14 +14,9 @@ from ..errors import CrucibleError
 
 @dataclass(frozen=True)
 class Partition:
-    """How a field's first axis is split among the ranks of a multi-rank run.
-
-    shards: ``(offset, rows, ranks)`` in row order, tiling ``[0, n)``: every shard has ``shard_rows``
-    rows except a shorter last one (torch.chunk's and DTensor Shard(0)'s split), so shard ``i``
-    starts at row ``i * shard_rows`` and is the zarr shard ``i`` along that axis. ``ranks`` hold it
-    (more than one: replicas, e.g. data-parallel copies of a tensor-parallel shard); the first
-    (lowest) writes it, the others only check theirs. Ranks in no shard hold 0 rows.
-    """
+    """How a field's first axis is split among the ranks: ``(offset, rows, ranks)`` in row order.
+    Equal shards but a shorter last one (torch.chunk's split), so shard ``i`` is zarr shard ``i``;
+    of several ranks holding one shard (replicas) the lowest writes it, the others only check theirs."""
 
     shard_rows: int
     shards: tuple[tuple[int, int, tuple[int, ...]], ...]
@@ -66,12 +56,8 @@ def show_partition(partition: Partition | None) -> str:
 
 
 def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partition:
-    """The partition of field `name` (first axis `n_rows`) from each rank's ``(offset, rows)``.
-
-    Refuses gaps, overlaps (two ranks giving identical rows are replicas, not an overlap) and
-    unequal shards (equal lengths but a shorter last one). Deterministic: every rank that runs it on
-    the same gathered input raises the same error.
-    """
+    """The partition of field `name` from each rank's ``(offset, rows)``; refuses gaps, overlaps and
+    unequal shards. Deterministic: every rank raises the same error on the same gathered input."""
     held: dict[tuple[int, int], list[int]] = {}
     for rank in sorted(given):
         offset, rows = given[rank]
@@ -114,8 +100,7 @@ def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partit
 
 
 def inner_rows(shard_rows: int, row_chunk: int) -> int:
-    """Rows of an inner chunk of a rank's shard: the largest divisor of `shard_rows` <= row_chunk
-    (zarr's sharding needs the shard to be a whole number of inner chunks)."""
+    """The largest divisor of `shard_rows` <= row_chunk: a shard must be whole inner chunks."""
     best = 1
     for d in range(1, int(shard_rows ** 0.5) + 1):
         if shard_rows % d == 0:
@@ -127,8 +112,7 @@ def inner_rows(shard_rows: int, row_chunk: int) -> int:
 
 def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk: int,
                        partition: Partition | None) -> dict[str, Any]:
-    """chunks/shards of a field: one shard per block (codecs.chunking), or, for a field split
-    among ranks, one shard per block and rank shard, so that each shard file has one writer."""
+    """chunks/shards of a field: for a field split among ranks, one shard per block and rank shard."""
     if partition is None or len(partition.shards) == 1:
         return chunking(stored_shape, time_chunk, row_chunk)
     rest = tuple(max(1, s) for s in stored_shape[1:])

@@ -68,3 +68,22 @@ class RecordingSession:
         """Commit what is recorded and release the run (again: nothing)."""
         if self.recorder is not None:
             self.recorder.close()
+
+
+class SessionCallback:
+    """What both frameworks' callbacks share. Keyword arguments as for :func:`crucible_record.watch`
+    and, for the rest (``commit_interval``, ``layout``, ...), :func:`crucible_record.record`."""
+
+    def __init__(self, path: str | Path, *, params=(), grads=(), optim_state=(), every: int = 1, rows=None,
+                 loss: bool = True, **record_options):
+        self.session = RecordingSession(
+            path, dict(params=params, grads=grads, optim_state=optim_state, every=every, rows=rows, loss=loss),
+            record_options)
+        self._hook = None
+
+    def close(self) -> None:
+        """Commit and release the run."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self.session.close()

@@ -7,35 +7,22 @@
     with recorder:          # commits and closes the run even if train() raises
         trainer.train()
 
-Step s is the Trainer's ``global_step`` s: recorded in ``on_optimizer_step``, after the optimizer
-step and before ``model.zero_grad()``, so the gradients are those the optimizer used (after
-clipping). Step 0 is the state when training begins. The loss is the one the model returns
-(``outputs.loss``) for the step's micro-batches, combined as the Trainer combines them (their sum
-when it passes ``num_items_in_batch``, else their mean), not the ``logging_steps`` average; a loss
-the Trainer computes itself (``label_smoothing_factor``, ``compute_loss_func``) is not what the
-model returns: record with ``loss=False`` then.
+Step s is recorded in ``on_optimizer_step``, before ``model.zero_grad()``, so the gradients are
+those the optimizer used (after clipping). The loss is the model's ``outputs.loss`` combined as the
+Trainer combines micro-batches; a loss the Trainer computes itself (``label_smoothing_factor``,
+``compute_loss_func``) is not that: record with ``loss=False`` then.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import TrainerCallback
 
 from ..errors import CrucibleError
-from ._session import RecordingSession
+from ._session import SessionCallback
 
 
-class RecordCallback(TrainerCallback):
-    """See the module docstring; keyword arguments as for :func:`crucible_record.watch` and,
-    for the rest (``commit_interval``, ``layout``, ``durability``, ...), :func:`crucible_record.record`."""
-
-    def __init__(self, path: str | Path, *, params=(), grads=(), optim_state=(), every: int = 1, rows=None,
-                 loss: bool = True, **record_options):
-        self.session = RecordingSession(
-            path, dict(params=params, grads=grads, optim_state=optim_state, every=every, rows=rows, loss=loss),
-            record_options)
-        self._hook = None
+class RecordCallback(SessionCallback, TrainerCallback):
+    """See the module docstring and :class:`SessionCallback`."""
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.session.records_loss and getattr(args, "label_smoothing_factor", 0):
@@ -57,13 +44,6 @@ class RecordCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.close()
-
-    def close(self) -> None:
-        """Commit and release the run (what ``with recorder:`` does on leaving)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self.session.close()
 
     def __enter__(self) -> "RecordCallback":
         return self

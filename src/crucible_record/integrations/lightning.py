@@ -5,36 +5,25 @@
                                         grads="wte.weight", optim_state=("exp_avg", "exp_avg_sq"))])
     trainer.fit(module)
 
-Step s is the s-th optimizer step, recorded by a hook on the optimizer right after it steps (the
-closure has run: the gradients are those it used, not yet zeroed). Step 0 is the state when
-training starts. The loss is the one passed to backward, summed over the step's micro-batches
-(Lightning divides each by ``accumulate_grad_batches``). The run is committed and closed when
-training ends or raises (``on_exception``).
+Step s is recorded by a hook on the optimizer right after it steps (the gradients are those it
+used, not yet zeroed). The loss is the one passed to backward, summed over the step's micro-batches
+(Lightning divides each by ``accumulate_grad_batches``).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from lightning.pytorch import Callback
 
 from ..errors import CrucibleError
-from ._session import RecordingSession
+from ._session import SessionCallback
 
 log = logging.getLogger("crucible_record")
 
 
-class RecordCallback(Callback):
-    """See the module docstring; keyword arguments as for :func:`crucible_record.watch` and,
-    for the rest (``commit_interval``, ``layout``, ``durability``, ...), :func:`crucible_record.record`."""
-
-    def __init__(self, path: str | Path, *, params=(), grads=(), optim_state=(), every: int = 1, rows=None,
-                 loss: bool = True, **record_options):
-        self.session = RecordingSession(
-            path, dict(params=params, grads=grads, optim_state=optim_state, every=every, rows=rows, loss=loss),
-            record_options)
-        self._hook = None
+class RecordCallback(SessionCallback, Callback):
+    """See the module docstring and :class:`SessionCallback`."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         if len(trainer.optimizers) != 1:
@@ -55,9 +44,3 @@ class RecordCallback(Callback):
             self.close()  # every recorded step committed before the training error propagates
         except CrucibleError as e:  # the training error stays the one raised; the recorder's is logged
             log.error("crucible-record: closing %s after a training error failed: %s", self.session.path, e)
-
-    def close(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self.session.close()
