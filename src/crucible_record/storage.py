@@ -387,6 +387,40 @@ def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool
     return fd
 
 
+def open_output_dir(out: str | Path, run_dir: str | Path | None = None) -> int:
+    """A descriptor of the folder a command writes its files into (export, analysis), created if
+    missing. Inside `run_dir` (e.g. RUN/export) no component below the run directory may be a
+    symlink; elsewhere the folder itself may not be one (its parents are the user's path). So a
+    link planted in the run, or given as --out, never sends files outside. The caller closes it."""
+    out = Path(out)
+    parts = None
+    if run_dir is not None:
+        try:
+            parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
+        except ValueError:
+            parts = None
+    try:
+        if parts:
+            return open_dir_beneath(run_dir, parts, make=True)
+        if out.is_symlink():
+            raise CrucibleError(f"output folder {out} is a symlink; refusing to write through it (give the folder itself)")
+        out.mkdir(parents=True, exist_ok=True)
+        return os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileExistsError:
+        raise CrucibleError(f"output folder {out} exists and is not a directory") from None
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            raise CrucibleError(f"output folder {out} exists and is not a directory") from None
+        if e.errno == errno.ELOOP:
+            raise CrucibleError(f"output folder {out} is a symlink; refusing to write through it (give the folder itself)") from None
+        raise CrucibleError(f"cannot create {out}: {e.strerror or e}") from None
+
+
+def lexists_at(name: str, dir_fd: int) -> bool:
+    """Whether `name` exists in the folder `dir_fd` (a symlink counts, dangling or not)."""
+    return _lexists_at(name, dir_fd)
+
+
 def _lexists_at(name: str, dir_fd: int) -> bool:
     try:
         os.lstat(name, dir_fd=dir_fd)
