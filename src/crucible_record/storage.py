@@ -182,7 +182,11 @@ class LocalRunStore(RunStore):
         return self.root / key
 
     def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """A file is there (a FIFO, a device or a symlink too: reading it says what is wrong)."""
+        try:
+            return not stat.S_ISDIR(os.lstat(self.path(key)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def run_exists(self) -> bool:
         if not self.run_dir.exists():

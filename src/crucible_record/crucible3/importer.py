@@ -283,7 +283,7 @@ def load_metadata(path: Path) -> dict[str, Any]:
     try:
         fd, size = open_regular(path, MAX_METADATA_BYTES, follow=True, what="metadata file ")
     except FileNotFoundError:
-        raise CrucibleError(f"metadata file not found: {path}") from None
+        raise CrucibleError(f"cannot read metadata file {path}: No such file or directory") from None
     except IsADirectoryError:
         raise CrucibleError(f"metadata file {path} is a directory, not a file") from None
     try:
