@@ -360,10 +360,8 @@ def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool
     entry durable in its parent). A symlinked component is a CrucibleError; a missing one
     FileNotFoundError, a file in the way NotADirectoryError. The caller closes the descriptor."""
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    where = Path(base)
     try:
-        for part in parts:
-            where = where / part
+        for i, part in enumerate(parts):
             try:
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except FileNotFoundError:
@@ -378,6 +376,7 @@ def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool
                         os.fsync(fd)
                 child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             except OSError as e:
+                where = Path(base, *parts[:i + 1])
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
                     raise _symlink_error(where) from None
                 if e.errno == errno.ENOTDIR:
@@ -498,7 +497,7 @@ def open_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None,
         raise
 
 
-def read_fd(fd: int, start: int, stop: int, label: str = "") -> bytearray:
+def read_fd(fd: int, start: int, stop: int) -> bytearray:
     """Bytes [start, stop) of an open file, by pread (stops early at the end of the file)."""
     out = bytearray(max(stop - start, 0))
     view, done = memoryview(out), 0
@@ -514,22 +513,24 @@ def read_fd(fd: int, start: int, stop: int, label: str = "") -> bytearray:
 
 def read_file_beneath(base: Path, key: str, max_bytes: int, byte_range=None) -> bytearray | None:
     """A file `base`/key (bounded, no symlink anywhere beneath `base`), or None if absent."""
-    parts = _parts_beneath(base, base / key)
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise CrucibleError(f"{base}/{key}: a path inside a run has no empty, '.' or '..' component")
     try:
         dir_fd = open_dir_beneath(base, parts[:-1])
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        fd, size = open_regular(base / key, max_bytes, dir_fd=dir_fd, name=parts[-1])
+        fd, size = open_regular(f"{base}/{key}", max_bytes, dir_fd=dir_fd, name=parts[-1])
     except (FileNotFoundError, IsADirectoryError):
         return None
     finally:
         os.close(dir_fd)
     try:
         start, stop = _range(byte_range, size)
-        return read_fd(fd, start, stop, str(base / key))
+        return read_fd(fd, start, stop)
     except OSError as e:
-        raise CrucibleError(f"cannot read {base / key}: {e.strerror or e}") from None
+        raise CrucibleError(f"cannot read {base}/{key}: {e.strerror or e}") from None
     finally:
         os.close(fd)
 
