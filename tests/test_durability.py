@@ -399,6 +399,8 @@ def log_file_operations(monkeypatch) -> list[tuple[str, str]]:
     def moved(real, name):
         def move(src, dst, *args, **kwargs):
             result = real(src, dst, *args, **kwargs)
+            folder = kwargs.get("dst_dir_fd")  # (a name in a folder opened without following symlinks)
+            dst = dst if folder is None else os.path.join(os.readlink(f"/proc/self/fd/{folder}"), dst)
             events.append((name, os.path.realpath(os.fspath(dst))))
             return result
         return move
@@ -610,7 +612,10 @@ def test_every_replace_in_a_local_run_is_a_durable_replace(monkeypatch, tmp_path
 
     def moved(real):
         def move(src, dst, *args, **kwargs):
-            src_path, dst_path = os.path.realpath(os.fspath(src)), os.path.realpath(os.fspath(dst))
+            def where(name, folder):  # (a name in a folder opened without following symlinks)
+                name = os.fspath(name)
+                return os.path.realpath(name if folder is None else os.path.join(os.readlink(f"/proc/self/fd/{folder}"), name))
+            src_path, dst_path = where(src, kwargs.get("src_dir_fd")), where(dst, kwargs.get("dst_dir_fd"))
             existed = os.path.isfile(dst_path)
             result = real(src, dst, *args, **kwargs)
             events.append(("move", dst_path, src_path, existed))

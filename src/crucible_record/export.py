@@ -24,42 +24,57 @@ from . import dtypes
 from .errors import CrucibleError
 from .reader import LazyField, Run
 from .safetensors_io import header as safetensors_header
+from .storage import lexists_at, open_output_dir
 
 # name -> (safetensors dtype, shape, a function yielding the tensor's little-endian bytes in order)
 Chunks = Callable[[], Iterator[memoryview | bytes]]
 
 
 def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int, Chunks]],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Stream tensors into `target` (temporary file, fsync, rename: never a torn file)."""
+                      metadata: Mapping[str, str] | None = None, *, dir_fd: int | None = None) -> None:
+    """Stream tensors into `target` (temporary file, fsync, rename: never a torn file; a symlink
+    at `target` is replaced, never written through). dir_fd: `target`'s folder, opened by the
+    caller (open_output_dir); else its parent as named."""
     header, order = safetensors_header({name: spec[:3] for name, spec in tensors.items()}, metadata)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    target = Path(target)
+    tmp = f".{target.name}.{uuid.uuid4().hex}.tmp"
+    folder = dir_fd
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        # One thread writes a block while this one decodes the next: the file's writes (page cache
-        # copies, throttled to the disk's speed) overlap the decoding instead of following it. At
-        # most one block is being written at a time, so memory stays two blocks.
-        with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
-            f.write(header)
-            pending = None
-            for name in order:
-                written = 0
-                for chunk in tensors[name][3]():
-                    if pending is not None:
-                        pending.result()
-                    pending = writer.submit(f.write, chunk)
-                    written += memoryview(chunk).nbytes
-                if written != tensors[name][2]:
-                    raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
-            if pending is not None:
-                pending.result()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if folder is None:
+            folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        try:
+            # One thread writes a block while this one decodes the next: the file's writes (page cache
+            # copies, throttled to the disk's speed) overlap the decoding instead of following it. At
+            # most one block is being written at a time, so memory stays two blocks.
+            with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
+                f.write(header)
+                pending = None
+                for name in order:
+                    written = 0
+                    for chunk in tensors[name][3]():
+                        if pending is not None:
+                            pending.result()
+                        pending = writer.submit(f.write, chunk)
+                        written += memoryview(chunk).nbytes
+                    if written != tensors[name][2]:
+                        raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
+                if pending is not None:
+                    pending.result()
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
+        finally:
+            try:
+                os.unlink(tmp, dir_fd=folder)
+            except FileNotFoundError:
+                pass
     except OSError as e:
         raise CrucibleError(f"cannot write {target}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if dir_fd is None and folder is not None:
+            os.close(folder)
 
 
 def field_blocks(field: LazyField, start: int = 0, stop: int | None = None) -> Chunks:
@@ -90,18 +105,20 @@ def tensor_spec(tensor: torch.Tensor) -> tuple[str, list[int], int, Chunks]:
     return dtypes.safetensors_name(tensor.dtype), list(tensor.shape), bits.numel() * bits.element_size(), whole(bits.numpy())
 
 
-def check_targets(out_dir: Path, names: list[str], force: bool) -> list[Path]:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CrucibleError(f"--out {out_dir} exists and is not a directory")
-    paths = [out_dir / name for name in names]
-    for path in paths:
-        if path.exists() and not force:
-            raise CrucibleError(f"{path} already exists; pass --force to overwrite it")
+def check_targets(out_dir: Path, names: list[str], force: bool, run_dir: Path | None = None) -> tuple[int, list[Path]]:
+    """Open (create) the output folder without following a symlink into it (see open_output_dir)
+    and check none of `names` is there unless `force`: (the folder's descriptor, the targets).
+    The caller closes the descriptor."""
+    fd = open_output_dir(out_dir, run_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CrucibleError(f"cannot create {out_dir}: {e.strerror or e}") from None
-    return paths
+        paths = [out_dir / name for name in names]
+        for path in paths:
+            if lexists_at(path.name, fd) and not force:
+                raise CrucibleError(f"{path} already exists; pass --force to overwrite it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, paths
 
 
 def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
@@ -109,7 +126,15 @@ def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
     indices of row-subset fields (``<name>.rows``), in ``RUN_NAME.safetensors``. The file's
     metadata holds each field's step numbers: ``<name>.steps`` -> JSON ``{"start", "every",
     "count"}`` (row i holds step start + i * every), read back by ``safe_open(...).metadata()``."""
-    (target,) = check_targets(Path(out_dir), [f"{run.store.name or 'run'}.safetensors"], force)
+    folder, (target,) = check_targets(Path(out_dir), [f"{run.store.name or 'run'}.safetensors"], force, run.run_dir)
+    try:
+        _export(run, target, folder)
+    finally:
+        os.close(folder)
+    return target
+
+
+def _export(run: Run, target: Path, folder: int) -> None:
     tensors, metadata = {}, {}
     for name, spec in run.fields.items():
         field = run[name]
@@ -121,5 +146,4 @@ def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
             tensors[f"{name}.rows"] = tensor_spec(field.rows)
     for name in run.info.constants:
         tensors[name] = tensor_spec(run.constant(name))
-    write_safetensors(target, tensors, metadata)
-    return target
+    write_safetensors(target, tensors, metadata, dir_fd=folder)

@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import stat
 import threading
 import uuid
@@ -43,6 +44,8 @@ _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporar
 DURABILITY = ("fsync", "none")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # (pathlib folds "s3://b/run" into "s3:/b/run")
 URL_SCHEMES = ("s3", "file", "memory")
+MAX_METADATA_BYTES = 16 << 20  # a run's JSON documents (zarr.json, commit.json, .ranks/*.json)
+MAX_FILE_BYTES = 1 << 30  # a store file whose size its array's metadata cannot bound
 _MEMORY: dict[str, Any] = {}  # memory:// stores of this process, by URL
 
 
@@ -155,7 +158,7 @@ class RunStore:
         """A run-level file beside the store (e.g. a checkpoint), replaced atomically."""
         raise NotImplementedError
 
-    def get_file(self, name: str) -> bytes | None:
+    def get_file(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
         raise NotImplementedError
 
 
@@ -168,15 +171,22 @@ class LocalRunStore(RunStore):
         self.location = str(self.run_dir)
         self.name = self.run_dir.name
         self.root = self.run_dir / STORE_NAME
+        if self.root.is_symlink():  # (the run directory itself may be a symlink: the user named it)
+            raise CrucibleError(f"{self.root} is a symlink; a run's store must be a directory inside the run, "
+                                f"never read or written through a link (replace it by the store itself)")
         self.durability = durability
-        self.files = DurableFiles(durability == "fsync")
+        self.files = DurableFiles(durability == "fsync", self.run_dir)
         self.store = _guarded_local_store()(self.root, read_only=read_only, files=self.files)
 
     def path(self, key: str) -> Path:
         return self.root / key
 
     def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """A file is there (a FIFO, a device or a symlink too: reading it says what is wrong)."""
+        try:
+            return not stat.S_ISDIR(os.lstat(self.path(key)).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
 
     def run_exists(self) -> bool:
         if not self.run_dir.exists():
@@ -236,68 +246,89 @@ class LocalRunStore(RunStore):
     def put_file(self, name: str, data: bytes) -> None:
         atomic_write_bytes(self.run_dir / name, data)
 
-    def get_file(self, name: str) -> bytes | None:
-        path = self.run_dir / name
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise CrucibleError(f"{path} is not a regular file; refusing to read it")
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
+    def get_file(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
+        """A run-level file: a regular file (never through a symlink) of at most `max_bytes`."""
+        data = read_file_beneath(self.run_dir, name, max_bytes)
+        return None if data is None else bytes(data)
 
 
 class DurableFiles:
     """Durable replaces of the files of one local run (fsync=False: atomic renames, no fsync).
 
+    Every file is written beneath `run_dir` through directory descriptors opened one component at
+    a time without following symlinks: a symlinked folder inside the run (``trajectory.zarr``,
+    ``W/c``, ...) is refused, so no write ever lands outside the run. The run directory itself is
+    opened as named (a symlink naming the whole run is the user's choice of where it lives).
+
     Remembers which files it made durable since a caller last asked (take_durable), so that
     RunStore.sync does not fsync them again.
     """
 
-    def __init__(self, fsync: bool):
+    def __init__(self, fsync: bool, run_dir: Path):
         self.fsync = fsync
+        self.run_dir = Path(run_dir)
         self._lock = threading.Lock()  # zarr writes from its worker threads; sync() runs in the writer's
         self._durable: set[Path] = set()
 
     def make_dirs(self, directory: Path) -> None:
-        """mkdir -p; with fsync, each created directory's entry is made durable in its parent."""
+        """mkdir -p; with fsync, each created directory's entry is made durable in its parent.
+        Beneath the run directory no component may be a symlink."""
+        directory = Path(directory)
         missing = []
-        parent = directory
-        while not parent.exists():
+        parent = self.run_dir
+        while not os.path.isdir(parent):
             missing.append(parent)
             parent = parent.parent
-        directory.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             for created in reversed(missing):  # outermost first: each entry durable before the next
-                _fsync_path(created.parent, os.O_RDONLY | os.O_DIRECTORY)
+                _fsync_dir(created.parent)
+        if directory != self.run_dir:
+            os.close(open_dir_beneath(self.run_dir, _parts_beneath(self.run_dir, directory), make=True,
+                                      fsync=self.fsync))
 
     def replace(self, path: Path, data, *, exclusive: bool = False) -> None:
         """Write `data` to a temporary file beside `path` (O_EXCL, O_NOFOLLOW), fsync it, rename it
         over `path` (exclusive: link it, FileExistsError if `path` exists), fsync the directory.
         The temporary name is zarr's (``<name>.<32 hex>.partial``), which sweep_partial_files removes."""
-        if exclusive and os.path.lexists(path):  # (zarr asks this for every parent group, at each array)
-            raise FileExistsError(errno.EEXIST, "file exists", str(path))
-        self.make_dirs(path.parent)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        parts = _parts_beneath(self.run_dir, path)
+        if not parts:
+            raise IsADirectoryError(errno.EISDIR, "is the run directory", str(path))
+        if not os.path.isdir(self.run_dir):
+            self.make_dirs(self.run_dir)
+        dir_fd = open_dir_beneath(self.run_dir, parts[:-1], make=True, fsync=self.fsync)
         try:
-            try:
-                view = memoryview(data).cast("B")
-                while view:
-                    view = view[os.write(fd, view):]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if exclusive:  # (rename would replace an existing file; link refuses to)
-                os.link(tmp, path)
-            else:
-                os.replace(tmp, path)
-        finally:  # (after a rename there is nothing left to remove; after a link or a failure there is)
-            tmp.unlink(missing_ok=True)
+            name = parts[-1]
+            if exclusive and _lexists_at(name, dir_fd):  # (zarr asks this for every parent group, at each array)
+                raise FileExistsError(errno.EEXIST, "file exists", str(path))
+            _replace_at(dir_fd, name, data, f"{name}.{uuid.uuid4().hex}.partial", exclusive=exclusive,
+                        fsync=self.fsync)
+        finally:
+            os.close(dir_fd)
         if self.fsync:
-            _fsync_path(path.parent, os.O_RDONLY | os.O_DIRECTORY)
             with self._lock:
                 self._durable.add(path)
+
+    def delete(self, path: Path) -> None:
+        """Remove a file (or a folder, whole) beneath the run, never through a symlinked folder."""
+        parts = _parts_beneath(self.run_dir, path)
+        if not parts:
+            raise IsADirectoryError(errno.EISDIR, "is the run directory", str(path))
+        try:
+            dir_fd = open_dir_beneath(self.run_dir, parts[:-1])
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        try:
+            try:
+                info = os.lstat(parts[-1], dir_fd=dir_fd)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(info.st_mode):
+                shutil.rmtree(parts[-1], dir_fd=dir_fd)  # (fd-based: never follows a symlink inside)
+            else:
+                os.unlink(parts[-1], dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
     def take_durable(self, path: Path) -> bool:
         """Whether `path` was replaced durably since the last call for it (and forget it)."""
@@ -308,19 +339,266 @@ class DurableFiles:
             return False
 
 
+def _parts_beneath(base: Path, path: Path) -> tuple[str, ...]:
+    try:
+        parts = Path(path).relative_to(base).parts
+    except ValueError:
+        raise CrucibleError(f"{path} is outside the run {base}; refusing to touch it") from None
+    if any(part in ("", ".", "..") for part in parts):
+        raise CrucibleError(f"{path}: a path inside a run has no '.' or '..' component")
+    return parts
+
+
+def _symlink_error(path) -> CrucibleError:
+    return CrucibleError(f"{path} is a symlink inside the run; refusing to read or write through it "
+                         f"(a damaged run: replace the link by what it should hold)")
+
+
+def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool = False) -> int:
+    """A descriptor of the folder `base`/parts..., opened component by component without following
+    symlinks (`base` itself is opened as named); make: create what is missing (fsync: each new
+    entry durable in its parent). A symlinked component is a CrucibleError; a missing one
+    FileNotFoundError, a file in the way NotADirectoryError. The caller closes the descriptor."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                if not make:
+                    raise
+                try:
+                    os.mkdir(part, dir_fd=fd)
+                except FileExistsError:  # (another writer thread made it just now)
+                    pass
+                else:
+                    if fsync:
+                        os.fsync(fd)
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                where = Path(base, *parts[:i + 1])
+                if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
+                    raise _symlink_error(where) from None
+                if e.errno == errno.ENOTDIR:
+                    raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(where)) from None
+                raise
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_output_dir(out: str | Path, run_dir: str | Path | None = None) -> int:
+    """A descriptor of the folder a command writes its files into (export, analysis), created if
+    missing. Inside `run_dir` (e.g. RUN/export) no component below the run directory may be a
+    symlink; elsewhere the folder itself may not be one (its parents are the user's path). So a
+    link planted in the run, or given as --out, never sends files outside. The caller closes it."""
+    out = Path(out)
+    parts = None
+    if run_dir is not None:
+        try:
+            parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
+        except ValueError:
+            parts = None
+    try:
+        if parts:
+            return open_dir_beneath(run_dir, parts, make=True)
+        if out.is_symlink():
+            raise CrucibleError(f"output folder {out} is a symlink; refusing to write through it (give the folder itself)")
+        out.mkdir(parents=True, exist_ok=True)
+        return os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileExistsError:
+        raise CrucibleError(f"output folder {out} exists and is not a directory") from None
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:
+            raise CrucibleError(f"output folder {out} exists and is not a directory") from None
+        if e.errno == errno.ELOOP:
+            raise CrucibleError(f"output folder {out} is a symlink; refusing to write through it (give the folder itself)") from None
+        raise CrucibleError(f"cannot create {out}: {e.strerror or e}") from None
+
+
+def lexists_at(name: str, dir_fd: int) -> bool:
+    """Whether `name` exists in the folder `dir_fd` (a symlink counts, dangling or not)."""
+    return _lexists_at(name, dir_fd)
+
+
+def _lexists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = False, fsync: bool = True) -> None:
+    """Temporary file `tmp` in the folder `dir_fd` (O_EXCL, O_NOFOLLOW), fsync, rename over `name`
+    (a symlink there is replaced, never followed), fsync the folder."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if exclusive:  # (rename would replace an existing file; link refuses to)
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        else:
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:  # (after a rename there is nothing left to remove; after a link or a failure there is)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+    if fsync:
+        os.fsync(dir_fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None, name: str | None = None,
+                 follow: bool = False, what: str = "") -> tuple[int, int]:
+    """(descriptor, size) of a regular file of at most `max_bytes`, opened without blocking (a FIFO
+    never hangs) and, unless `follow`, without following a symlink. Anything else is a one-line
+    CrucibleError naming the file; a missing file FileNotFoundError. The caller closes it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    label = f"{what}{path}"
+    try:
+        fd = os.open(name if dir_fd is not None else path, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise CrucibleError(f"{label} is a symlink; refusing to read through it (replace it by the file itself)") from None
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise FileNotFoundError(e.errno, e.strerror, str(path)) from None
+        raise CrucibleError(f"cannot open {label}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+            raise CrucibleError(f"{label} is {_file_kind(info.st_mode)}, not a regular file; refusing to read it "
+                                f"(replace it by the file itself)")
+        if info.st_size > max_bytes:
+            raise CrucibleError(f"{label} holds {info.st_size} bytes, more than the {max_bytes} it may; "
+                                f"refusing to read it (a damaged or foreign file: replace it)")
+        return fd, info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_fd(fd: int, start: int, stop: int) -> bytearray:
+    """Bytes [start, stop) of an open file, by pread (stops early at the end of the file)."""
+    out = bytearray(max(stop - start, 0))
+    view, done = memoryview(out), 0
+    while done < len(out):
+        n = os.preadv(fd, [view[done:]], start + done)
+        if n == 0:
+            del view
+            del out[done:]
+            break
+        done += n
+    return out
+
+
+def read_file_beneath(base: Path, key: str, max_bytes: int, byte_range=None) -> bytearray | None:
+    """A file `base`/key (bounded, no symlink anywhere beneath `base`), or None if absent."""
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise CrucibleError(f"{base}/{key}: a path inside a run has no empty, '.' or '..' component")
+    try:
+        dir_fd = open_dir_beneath(base, parts[:-1])
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fd, size = open_regular(f"{base}/{key}", max_bytes, dir_fd=dir_fd, name=parts[-1])
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    finally:
+        os.close(dir_fd)
+    try:
+        start, stop = _range(byte_range, size)
+        return read_fd(fd, start, stop)
+    except OSError as e:
+        raise CrucibleError(f"cannot read {base}/{key}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+
+
+def _range(byte_range, size: int) -> tuple[int, int]:
+    """zarr's ByteRequest -> [start, stop) within a file of `size` bytes."""
+    if byte_range is None:
+        return 0, size
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if isinstance(byte_range, RangeByteRequest):
+        return min(byte_range.start, size), min(byte_range.end, size)
+    if isinstance(byte_range, OffsetByteRequest):
+        return min(byte_range.offset, size), size
+    if isinstance(byte_range, SuffixByteRequest):
+        return max(0, size - byte_range.suffix), size
+    raise TypeError(f"Unexpected byte_range, got {byte_range}.")
+
+
+def _chunk_array_path(key: str) -> str | None:
+    """The array a chunk key belongs to ("W/c/0/0/0" -> "W", "c/0" -> ""), None for other keys."""
+    if key.startswith("c/"):
+        return ""
+    head, sep, _ = key.partition("/c/")
+    return head if sep else None
+
+
+def chunk_file_cap(meta: Any) -> int | None:
+    """The most bytes one chunk (or shard) file of an array may hold, from its zarr.json: the raw
+    bytes of a chunk, plus what lossless codecs may add (zstd, blosc, gzip: well under 1/8), an index
+    and checksums per inner chunk. None if the metadata does not say."""
+    import math
+
+    import numpy as np
+
+    try:
+        shape = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
+        name = meta["data_type"] if isinstance(meta["data_type"], str) else meta["data_type"]["name"]
+        itemsize = 2 if name == "bfloat16" else np.dtype(name).itemsize
+        inner = 1
+        for codec in meta.get("codecs") or []:
+            if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+                inner_shape = codec["configuration"]["chunk_shape"]
+                inner = math.prod(-(-s // max(int(c), 1)) for s, c in zip(shape, inner_shape))
+        raw = math.prod(shape) * max(itemsize, 1)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return raw + raw // 8 + inner * 4096 + (1 << 20)
+
+
 @functools.cache
 def _guarded_local_store():
-    """zarr's LocalStore, except that every write is a durable replace (DurableFiles) and that it
+    """zarr's LocalStore, except that every write is a durable replace (DurableFiles), that it
     refuses to write into a run whose root metadata is gone (LocalStore would silently recreate the
-    deleted folders of a run being written)."""
+    deleted folders of a run being written), and that every read is bounded: a regular file (a
+    FIFO, a device or a symlink is a CrucibleError naming it, never read or waited on), reached
+    without following a symlink below the run directory, no larger than its array's chunk grid
+    allows (chunk_file_cap) or MAX_METADATA_BYTES for a JSON document."""
     import asyncio
 
     import zarr
+    from zarr.core.buffer import default_buffer_prototype
 
     class GuardedLocalStore(zarr.storage.LocalStore):
         def __init__(self, root, *, read_only: bool = False, files: DurableFiles | None = None):
             super().__init__(root, read_only=read_only)
-            self.files = files if files is not None else DurableFiles(True)
+            self.files = files if files is not None else DurableFiles(True, Path(root).parent)
+            self._caps: dict[str, int] = {}  # array path -> the most bytes one of its chunk files may hold
 
         def with_read_only(self, read_only: bool = False):
             return type(self)(self.root, read_only=read_only, files=self.files)
@@ -336,6 +614,41 @@ def _guarded_local_store():
                 raise FileNotFoundError(f"the run at {self.root} disappeared ({STORE_NAME}/zarr.json is gone)")
             return self.root / key
 
+        # ----- bounded reads ---------------------------------------------------------------------
+        def cap(self, key: str) -> int:
+            """The most bytes the file of `key` may hold."""
+            array = _chunk_array_path(key)
+            if array is None:
+                return MAX_METADATA_BYTES if key.endswith(".json") else MAX_FILE_BYTES
+            if array not in self._caps:
+                cap = None
+                meta = self.read(f"{array}/zarr.json" if array else "zarr.json", None)
+                if meta is not None:
+                    try:
+                        cap = chunk_file_cap(json.loads(bytes(meta)))
+                    except ValueError:
+                        cap = None
+                self._caps[array] = cap or MAX_FILE_BYTES
+            return self._caps[array]
+
+        def read(self, key: str, byte_range) -> bytearray | None:
+            return read_file_beneath(self.files.run_dir, f"{STORE_NAME}/{key}", self.cap(key), byte_range)
+
+        def get_sync(self, key, *, prototype=None, byte_range=None):
+            self._ensure_open_sync()
+            data = self.read(key, byte_range)
+            return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+
+        async def get(self, key, prototype=None, byte_range=None):
+            if not self._is_open:
+                await self._open()
+            data = await asyncio.to_thread(self.read, key, byte_range)
+            return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+
+        async def get_partial_values(self, prototype, key_ranges):
+            return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
+
+        # ----- writes and deletes, beneath the run only ---------------------------------------------
         async def set(self, key, value) -> None:
             if not self._is_open:
                 await self._open()
@@ -353,6 +666,21 @@ def _guarded_local_store():
         def set_sync(self, key, value) -> None:
             self._ensure_open_sync()
             self.files.replace(self._checked(key, value), value.as_buffer_like())
+
+        async def delete(self, key) -> None:
+            self._check_writable()
+            await asyncio.to_thread(self.files.delete, self.root / key)
+
+        def delete_sync(self, key) -> None:
+            self._ensure_open_sync()
+            self._check_writable()
+            self.files.delete(self.root / key)
+
+        async def delete_dir(self, prefix) -> None:
+            self._check_writable()
+            if (self.root / prefix).is_file() and not (self.root / prefix).is_symlink():
+                raise ValueError(f"delete_dir was passed a {prefix=!r} that is a file")
+            await asyncio.to_thread(self.files.delete, self.root / prefix.rstrip("/"))
 
     return GuardedLocalStore
 
@@ -471,13 +799,17 @@ class ObjectRunStore(RunStore):
     def put_file(self, name: str, data: bytes) -> None:
         self._put(self._objects, name, data)
 
-    def get_file(self, name: str) -> bytes | None:
+    def get_file(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
         import obstore
 
         try:
-            return bytes(obstore.get(self._objects, name).bytes())
+            result = obstore.get(self._objects, name)
         except FileNotFoundError:
             return None
+        if result.meta["size"] > max_bytes:
+            raise CrucibleError(f"{self.location}/{name} holds {result.meta['size']} bytes, more than the "
+                                f"{max_bytes} it may; refusing to read it (a damaged run: remove it)")
+        return bytes(result.bytes())
 
     # ----- conditional PUTs -----------------------------------------------------------------------
     def put_key(self, key: str, data, *, only_new: bool = False) -> bool:
@@ -646,6 +978,15 @@ def _object_store(url: str):
         raise CrucibleError(f"{url}: cannot open object store: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder as named (a folder the user named may be reached through a symlink)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_path(path: Path, flags: int) -> None:
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -683,25 +1024,27 @@ def run_lock(run_dir: str | Path):
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """A local file replaced atomically and durably: temporary file, fsync, rename, fsync dir."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, dir_fd: int | None = None) -> None:
+    """A local file replaced atomically and durably: temporary file, fsync, rename, fsync dir.
+    A symlink at `path` is replaced, never written through. The folder is `path`'s parent as
+    named, or `dir_fd` (a folder opened by the caller, e.g. without following symlinks)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    own = dir_fd is None
+    if own:
+        try:
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(path.parent)) from None
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_path(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        _replace_at(dir_fd, path.name, data, f".{path.name}.{uuid.uuid4().hex}.tmp")
     finally:
-        tmp.unlink(missing_ok=True)
+        if own:
+            os.close(dir_fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, *, dir_fd: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), dir_fd=dir_fd)
 
 
-def write_json(path: str | Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+def write_json(path: str | Path, value: Any, *, dir_fd: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n", dir_fd=dir_fd)

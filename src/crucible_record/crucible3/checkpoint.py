@@ -65,13 +65,23 @@ def save(store: RunStore, snap: dict[str, Any]) -> None:
     store.put_file(CHECKPOINT_FILE, save(tensors, metadata={_META_KEY: json.dumps(snap["meta"])}))
 
 
-def load(store: RunStore) -> dict[str, Any] | None:
-    """The checkpoint, or None if there is none. A malformed file gets a one-line refusal."""
+def size_limit(model: torch.nn.Module) -> int:
+    """The most bytes a checkpoint of `model` may hold: its tensors three times (weights and
+    AdamW's two moments) plus 64 MiB (RNG states, step counters, the JSON header). `model` may
+    live on the meta device."""
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 3 * nbytes + (64 << 20)
+
+
+def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
+    """The checkpoint, or None if there is none. A malformed file gets a one-line refusal, and so
+    does one larger than `limit` bytes (size_limit(model); default: the store's cap for a file),
+    which is never read."""
     from safetensors.torch import load
 
     path = f"{store.location}/{CHECKPOINT_FILE}"
     try:
-        data = store.get_file(CHECKPOINT_FILE)
+        data = store.get_file(CHECKPOINT_FILE) if limit is None else store.get_file(CHECKPOINT_FILE, limit)
     except CrucibleError as e:
         raise CrucibleError(f"checkpoint {e}; delete it to resume from step 0") from None
     if data is None:

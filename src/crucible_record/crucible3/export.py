@@ -12,9 +12,11 @@ gives their shapes and "record_rows". A default run's two files are the notebook
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .. import dtypes
+from ..errors import CrucibleError
 from ..export import check_targets, field_blocks, tensor_spec, write_safetensors
 from ..storage import write_json
 from .config import RECORDABLE
@@ -26,7 +28,15 @@ METADATA_FILE = "metadata.json"
 
 def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = False) -> tuple[Path, Path]:
     """Write the notebook's two files for the committed steps of a run."""
-    target, meta_path = check_targets(Path(out_dir), [TRAJECTORY_FILE, METADATA_FILE], force)
+    folder, (target, meta_path) = check_targets(Path(out_dir), [TRAJECTORY_FILE, METADATA_FILE], force, traj.run_dir)
+    try:
+        _export(traj, target, meta_path, folder)
+    finally:
+        os.close(folder)
+    return target, meta_path
+
+
+def _export(traj: Trajectory, target: Path, meta_path: Path, folder: int) -> None:
     steps, vocab, hidden = traj.steps, traj.W.shape[1], traj.W.shape[2]
     tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
     bits = dtypes.stored_torch_dtype(traj.W.dtype)  # the notebook saves W's bf16 bits: U16
@@ -39,9 +49,11 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
                          field_blocks(field))
         if field.rows is not None:
             tensors[f"{name}.rows"] = tensor_spec(field.rows)
-    write_safetensors(target, tensors)
-    write_json(meta_path, notebook_metadata(traj))
-    return target, meta_path
+    write_safetensors(target, tensors, dir_fd=folder)
+    try:
+        write_json(meta_path, notebook_metadata(traj), dir_fd=folder)
+    except OSError as e:
+        raise CrucibleError(f"cannot write {meta_path}: {e.strerror or e}") from None
 
 
 def recorded_extras(traj: Trajectory) -> list[str]:

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,7 @@ from ..errors import CrucibleError
 from ..api import record
 from ..safetensors_io import header as safetensors_header
 from ..safetensors_io import parse_header
-from ..storage import is_url, open_store
+from ..storage import MAX_METADATA_BYTES, is_url, open_regular, open_store, read_fd
 from .config import RunConfig
 from .engine import fields
 from .trajectory import EXPERIMENT
@@ -154,10 +155,12 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
     file, out = Path(file), Path(out)
     layout = layout or Layout()
     layout.validate()
+    if out.is_symlink():  # (the run is renamed into place: a link there would be replaced, or followed)
+        raise CrucibleError(f"--out {out} is a symlink; give the path of a new directory itself")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CrucibleError(f"--out {out} already exists and is not empty; choose a new directory")
     nb = read_notebook_file(file)
-    with open(file, "rb") as f:
+    with _open_input(file) as f:
         check_tensors(nb, f)
     meta = load_metadata(Path(metadata)) if metadata is not None else None
     if meta is not None:
@@ -191,7 +194,7 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
     if meta is not None:
         attributes["date"] = meta["date"]
         attributes["notebook_metadata"] = meta
-    with open(file, "rb") as f:
+    with _open_input(file) as f:
         dead_mask = torch.from_numpy(nb.read(f, "dead_mask").astype(bool))
         dead_indices = torch.from_numpy(nb.read(f, "dead_indices").astype(np.int64))
     _write_run(nb, out, config, attributes, dead_mask, dead_indices, epochs, layout, durability)
@@ -202,12 +205,8 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
 # ----- checking the input --------------------------------------------------------------------
 def read_notebook_file(path: Path) -> NotebookFile:
     """Parse and check the safetensors header: the notebook's five tensors, dtypes and shapes."""
-    if not path.exists():
-        raise CrucibleError(f"file not found: {path}")
-    if not path.is_file():
-        raise CrucibleError(f"{path} is not a file")
     try:
-        with open(path, "rb") as f:  # the header only: the tensors are streamed later by plain reads
+        with _open_input(path) as f:  # the header only: the tensors are streamed later by plain reads
             size = os.fstat(f.fileno()).st_size
             parsed = parse_header(f.read, size, str(path))
     except OSError as e:
@@ -279,10 +278,20 @@ def check_tensors(nb: NotebookFile, f) -> None:
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
+    """The notebook's metadata.json: a regular file (a FIFO or a device is refused, never waited
+    on or read without end) of at most MAX_METADATA_BYTES."""
     try:
-        text = path.read_bytes()
+        fd, size = open_regular(path, MAX_METADATA_BYTES, follow=True, what="metadata file ")
+    except FileNotFoundError:
+        raise CrucibleError(f"cannot read metadata file {path}: No such file or directory") from None
+    except IsADirectoryError:
+        raise CrucibleError(f"metadata file {path} is a directory, not a file") from None
+    try:
+        text = bytes(read_fd(fd, 0, size))
     except OSError as e:
         raise CrucibleError(f"cannot read metadata file {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     try:
         meta = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -320,7 +329,7 @@ def check_metadata(meta: dict[str, Any], nb: NotebookFile, path: Path) -> RunCon
     shapes = {t: nb.entries[t][1] for t in ("W", "h_mean", "loss")}
     if meta["data_shapes"] != shapes:
         raise bad(f"data_shapes is {meta['data_shapes']!r}, the tensors have {shapes}")
-    with open(nb.path, "rb") as f:
+    with _open_input(nb.path) as f:
         last = float(nb.read(f, "loss", nb.steps, 1)[0])
     final = meta["final_loss"]
     if isinstance(final, bool) or not isinstance(final, (int, float)) or not (
@@ -413,7 +422,7 @@ def _record_steps(nb: NotebookFile, recorder, epochs: EpochBounds, layout: Layou
     """Read the file one block of W's stored steps at a time and hand each step to the recorder."""
     block = time_chunk_for(layout, nb.vocab * nb.hidden * 2)
     nan_h = torch.full((nb.hidden,), float("nan"), dtype=torch.float32)
-    with open(nb.path, "rb") as f:
+    with _open_input(nb.path) as f:
         for first in range(0, nb.steps + 1, block):
             count = min(block, nb.steps + 1 - first)
             W = dtypes.from_stored(torch.from_numpy(nb.read(f, "W", first, count)), torch.bfloat16)
@@ -437,10 +446,23 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing
 
 
+def _open_input(path: Path):
+    """The input file, read by plain reads: a regular file (a symlink to one is followed: the user
+    named it), opened without blocking, so a FIFO or a device is a one-line refusal, never a hang
+    or an endless read. Its size is not capped: the tensors are streamed a block at a time."""
+    try:
+        fd, _ = open_regular(path, sys.maxsize, follow=True)
+    except FileNotFoundError:
+        raise CrucibleError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise CrucibleError(f"{path} is not a file") from None
+    return os.fdopen(fd, "rb")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with _open_input(path) as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     except OSError as e:

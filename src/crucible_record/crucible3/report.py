@@ -7,8 +7,10 @@ this module never changes the backend of an interactive session).
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from .. import __version__, dtypes
 from .analysis import analyze
 from ..errors import CrucibleError
 from ..steps_text import steps_committed
-from ..storage import atomic_write_text
+from ..storage import atomic_write_bytes, atomic_write_text, open_output_dir
 from .trajectory import open_trajectory
 
 JSON_NAME = "analysis.json"
@@ -58,20 +60,30 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
     if out_dir is None and traj.run_dir is None:
         raise CrucibleError(f"{run_dir} is at a URL: give the analysis a local --out folder")
     out = Path(out_dir) if out_dir is not None else traj.run_dir / "analysis"
-    _check_out_dir(out, force)
-    scan = None
-    if scheduler is not None or workers is not None:
-        from .distributed import dask_client, scan_W_dask
-
-        with dask_client(scheduler, workers) as client:
-            scan = scan_W_dask(traj, client, block)
-    result = analyze(traj, block=block, scan=scan)
+    created = not os.path.lexists(out)
+    folder = _open_out_dir(out, force, traj.run_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        json_path = write_analysis_json(result, out / JSON_NAME)
-    except OSError as e:
-        raise CrucibleError(f"cannot write to {out}: {e.strerror or e}") from None
-    written, note = write_plots(result, out) if plots else ([], "plots not requested")
+        scan = None
+        if scheduler is not None or workers is not None:
+            from .distributed import dask_client, scan_W_dask
+
+            with dask_client(scheduler, workers) as client:
+                scan = scan_W_dask(traj, client, block)
+        result = analyze(traj, block=block, scan=scan)
+        try:
+            json_path = write_analysis_json(result, out / JSON_NAME, dir_fd=folder)
+        except OSError as e:
+            raise CrucibleError(f"cannot write to {out}: {e.strerror or e}") from None
+        written, note = write_plots(result, out, dir_fd=folder) if plots else ([], "plots not requested")
+    except BaseException:
+        if created and not os.listdir(folder):  # (a failed analysis leaves no empty folder of its own)
+            try:
+                os.rmdir(out)
+            except OSError:
+                pass
+        raise
+    finally:
+        os.close(folder)
     lines = [format_table(result), ""]
     if written:
         lines.append(f"Wrote {json_path} and {len(written)} plots in {out}: {', '.join(p.name for p in written)}")
@@ -80,11 +92,16 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
     return "\n".join(lines)
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _open_out_dir(out: Path, force: bool, run_dir: Path | None) -> int:
+    """The output folder's descriptor (created if missing; never through a symlink planted in the
+    run or given as --out: see open_output_dir), refused if it holds files and not ``force``."""
+    if out.exists() and not out.is_dir() and not out.is_symlink():
         raise CrucibleError(f"output folder {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    folder = open_output_dir(out, run_dir)
+    if os.listdir(folder) and not force:
+        os.close(folder)
         raise CrucibleError(f"output folder {out} already exists and is not empty; pass --force to overwrite it")
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,14 +145,15 @@ def analysis_document(result: dict[str, Any]) -> dict[str, Any]:
     return to_jsonable(doc)
 
 
-def write_analysis_json(result: dict[str, Any], path: Path) -> Path:
-    """Strict JSON (no NaN): objects indented, arrays on one line each."""
+def write_analysis_json(result: dict[str, Any], path: Path, *, dir_fd: int | None = None) -> Path:
+    """Strict JSON (no NaN): objects indented, arrays on one line each (dir_fd: `path`'s folder,
+    opened by the caller)."""
     doc = analysis_document(result)
     parts = []
     for key, value in doc.items():
         text = json.dumps(value, allow_nan=False, indent=2 if isinstance(value, dict) else None)
         parts.append(f"  {json.dumps(key)}: " + text.replace("\n", "\n  "))
-    atomic_write_text(Path(path), "{\n" + ",\n".join(parts) + "\n}\n")
+    atomic_write_text(Path(path), "{\n" + ",\n".join(parts) + "\n}\n", dir_fd=dir_fd)
     return Path(path)
 
 
@@ -167,8 +185,10 @@ def format_table(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def write_plots(result: dict[str, Any], out: Path) -> tuple[list[Path], str]:
-    """The lab-notebook figures as PNGs; ([], reason) when matplotlib is not installed."""
+def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None) -> tuple[list[Path], str]:
+    """The lab-notebook figures as PNGs; ([], reason) when matplotlib is not installed. Each is
+    rendered in memory and replaces its file atomically (a symlink there is replaced, never
+    written through); dir_fd: `out`, opened by the caller."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -185,8 +205,10 @@ def write_plots(result: dict[str, Any], out: Path) -> tuple[list[Path], str]:
         FigureCanvasAgg(fig)
         fig.tight_layout()
         path = out / name
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
         try:
-            fig.savefig(path, dpi=110)
+            atomic_write_bytes(path, png.getbuffer(), dir_fd=dir_fd)
         except OSError as e:
             raise CrucibleError(f"cannot write {path}: {e.strerror or e}") from None
         written.append(path)

@@ -111,10 +111,10 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     if _input_hashes(inputs) != info.attributes.get("inputs"):
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
     resolve_device(config.device)
-    ckpt = checkpoint.load(store)  # before taking the run: a refusal leaves it as it was
+    with torch.device("meta"):  # the run's model without memory or RNG draws, to check the checkpoint against
+        model = build_model(config)
+    ckpt = checkpoint.load(store, checkpoint.size_limit(model))  # before taking the run: a refusal leaves it as it was
     if ckpt is not None:
-        with torch.device("meta"):  # the run's model without memory or RNG draws, to check the checkpoint against
-            model = build_model(config)
         checkpoint.check_fits(ckpt, model.to(torch.bfloat16))
     recorder = record(run_dir, fields(config, inputs.masks), resume=True, commit_interval=commit_interval, durability=durability,
                       writer_threads=writer_threads)
