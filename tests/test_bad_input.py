@@ -112,7 +112,9 @@ def test_train_refuses_existing_run_and_keeps_it(capsys, tmp_path, tiny_run, tin
 
 
 def test_resume_refuses_changed_settings(capsys, tiny_run):
-    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run, "--steps", "99"), "--resume", "--steps")
+    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run, "--lr", "0.5"), "--resume", "--lr")
+    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run, "--steps", "5"), "--steps 5 is fewer",
+                          "not shortened")
 
 
 def test_resume_of_complete_run(capsys, tiny_run):

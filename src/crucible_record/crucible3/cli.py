@@ -108,7 +108,8 @@ def _experiment_options(func):
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="JSON or TOML file of the same keys; flags override it")
 @click.option("--resume", "resume", type=RUN, default=None,
-              help="continue a stopped run (its own config is used)")
+              help="continue a stopped run (its own config is used); with --steps N, extend a stopped or "
+                   "finished run to N steps")
 @click.option("--commit-interval", type=float, default=DEFAULT_COMMIT_INTERVAL, show_default=True,
               help="seconds of training a crash may lose at most (also bounded by one block)")
 @click.option("--durability", type=click.Choice(DURABILITY), default="fsync", show_default=True,
@@ -141,12 +142,13 @@ def train(ctx, out, config_file, resume, commit_interval, durability, writer_thr
     if writer_threads is not None and writer_threads < 1:
         raise CrucibleError(f"--writer-threads must be at least 1, got {writer_threads}")
     if resume is not None:
-        extra = sorted(given - {"resume", "progress", "commit_interval", "durability", "writer_threads"})
+        extra = sorted(given - {"resume", "steps", "progress", "commit_interval", "durability", "writer_threads"})
         if extra:
             raise CrucibleError(
-                f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
+                f"--resume continues a run with its own settings (only --steps may extend it); "
+                f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
             )
-        summary = resume_run(resume, commit_interval=commit_interval, durability=durability, progress=progress,
+        summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, commit_interval=commit_interval, durability=durability, progress=progress,
                              writer_threads=writer_threads, say=lambda line: click.echo(line, err=True))
     else:
         settings = load_config_file(config_file) if config_file else {}

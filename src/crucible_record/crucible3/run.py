@@ -84,10 +84,14 @@ def start_run(
     return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress)
 
 
-def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
+def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
                durability: str = "fsync", progress: bool = True,
                writer_threads: int | None = None, say: Callable[[str], None] = lambda line: None) -> RunSummary:
     """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run.
+
+    ``steps``: continue a stopped or finished run to that many training steps instead (at least its
+    own): the same trajectory as an uninterrupted run of `steps` steps (nothing in the notebook's
+    loop depends on the step count but where it stops: no lr schedule, the data order is per epoch).
 
     ``say`` gets one line before training: where it resumes, and which recorded steps are first
     recomputed and checked (those after the checkpoint).
@@ -100,8 +104,16 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"{run_dir} is not a Crucible-3 run; `train --resume` continues only those")
     config = RunConfig.from_dict(info.attributes["config"])  # with its --record choice, if any
     done = read_commit(store, group)["steps"] - 1
+    attributes = None
+    if steps is not None and steps != config.steps:
+        if steps < config.steps:
+            raise CrucibleError(f"--steps {steps} is fewer than the {config.steps} steps of {run_dir}; "
+                                "a run can be extended, not shortened")
+        config = config.replace(steps=steps)
+        attributes = {**info.attributes, "config": config.to_dict()}  # as a run of `steps` steps says
     if done >= config.steps:
-        raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}")
+        raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}; "
+                            f"extend it with: crucible-record train --resume {run_dir} --steps N (N > {config.steps})")
     inputs = load_inputs(config)
     if _input_hashes(inputs) != info.attributes.get("inputs"):
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
@@ -112,7 +124,8 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
             model = build_model(config)
         checkpoint.check_fits(ckpt, model.to(torch.bfloat16))
     recorder = record(run_dir, fields(config, inputs.masks), resume=True, commit_interval=commit_interval, durability=durability,
-                      writer_threads=writer_threads)
+                      writer_threads=writer_threads, **({} if attributes is None else
+                                                        {"steps": config.steps + 1, "attributes": attributes}))
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
     first = ckpt["meta"]["step"] + 1 if ckpt is not None else 0  # the first step train() recomputes
