@@ -111,7 +111,10 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert out.startswith(f"training {run_dir} on cpu: {STEPS} steps of "), out  # the first line names all
     lines = [line for line in err.splitlines() if line.strip()]
+    if sig == signal.SIGINT:  # said at once (by a watcher thread), then the current step is finished
+        assert lines.pop(0) == "Ctrl-C: stopping after the current step (Ctrl-C again to stop at once)", err
     assert len(lines) == 1 and "Traceback" not in err, err
     t = open_trajectory(run_dir)
     assert lines[0].startswith("stopped: ")  # the user's own stop is not reported as an error
