@@ -1,10 +1,10 @@
-"""Durable and safe: time-bounded commits under kill -9, fsync order, checkpoints that never run code,
+"""Durable and safe: interval commits that survive kill -9, fsync order, checkpoints that never run code,
 locks that never follow links, verify --repair, kill leftovers, and readers that never take an absent
 chunk for data.
 
 Crucible runs are tiny (tests/conftest.py TINY, fewer steps); generic runs are a few KB. The one
 subprocess test slows each step with a sleep in a wrapper script (the numbers are unchanged) and logs
-when each step was handed to the recorder, so that what a kill may lose can be bounded in seconds.
+each step handed to the recorder and whether it was a commit point; it kills by the run's own reports.
 """
 
 from __future__ import annotations
