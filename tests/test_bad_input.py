@@ -182,3 +182,10 @@ def test_dead_mask_bad_input(capsys, tmp_path, files, case, args, fragments):
 def test_unknown_command_and_option(capsys):
     assert_one_line_error(run_cli(capsys, "trian"), "no such command")
     assert_one_line_error(run_cli(capsys, "train", "--stepz", "3"), "no such option")
+
+
+def test_the_store_itself_is_refused_with_its_parent_named(capsys, tiny_run):
+    """`verify RUN/trajectory.zarr`: the store inside a run was given; say which directory to pass."""
+    for command in ("verify", "info"):
+        assert_one_line_error(run_cli(capsys, command, tiny_run / "trajectory.zarr"),
+                              "is the store inside a run: pass the run directory, " + str(tiny_run))

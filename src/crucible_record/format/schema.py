@@ -159,6 +159,10 @@ def open_group(store: RunStore, mode: str = "r"):
     import zarr
 
     if not store.run_exists():
+        location = str(store.location).rstrip("/")
+        if location == STORE_NAME or location.endswith("/" + STORE_NAME):  # the run's store itself was given
+            parent = location[: -len(STORE_NAME)].rstrip("/") or "."
+            raise CrucibleError(f"{location} is the store inside a run: pass the run directory, {parent}")
         raise CrucibleError(f"{store.location} is not a crucible-record run (no {STORE_NAME})")
     try:
         group = zarr.open_group(store.store, mode=mode, zarr_format=3)
