@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from safetensors.torch import load_file
@@ -130,3 +131,19 @@ def test_every_command_words_progress_alike(capsys, tmp_path, tiny_run):
     for command in (["info", generic], ["verify", generic], ["export", generic, "--out", tmp_path / "gexp"]):
         result = run_cli(capsys, *command)
         assert result.code == 0 and "steps 0..4 committed (5 steps, open-ended)" in result.out, (command, result)
+
+
+def test_progress_bar_shows_the_current_steps_loss(capsys, tmp_path, tiny_corpus):
+    """Each bar line's loss is its own step's: the last one is the final loss, and no two steps
+    show the loss of one (the writer's copy lagged a step)."""
+    flags = [f for f in tiny_flags(tiny_corpus) if f != "--no-progress"]
+    result = run_cli(capsys, "train", *flags, "--out", tmp_path / "run")
+    assert result.code == 0, result.err
+    shown = {}
+    for count, loss in re.findall(r"(\d+)/25 \[[^\]]*loss=([0-9.]+)", result.err):
+        shown.setdefault(int(count), set()).add(loss)
+    final = re.search(r"Final loss: ([0-9.]+)", result.out).group(1)
+    assert shown[25] == {final}, (shown, final)
+    t = open_trajectory(tmp_path / "run")
+    for count, losses in shown.items():
+        assert losses == {f"{t.loss[count].item():.4f}"}, (count, losses)
