@@ -1,8 +1,8 @@
 """Record a data-parallel (DDP) run of the Crucible-3 TinyLM from every rank: one run, committed as one.
 
-    python examples/ddp_crucible.py --tiny --out /tmp/ddp-run           # 2 ranks (spawned), gloo, CPU, seconds
-    python examples/ddp_crucible.py --out /tmp/ddp-run --steps 200      # the notebook's model sizes
-    torchrun --nproc-per-node 2 examples/ddp_crucible.py --out /tmp/ddp-run   # the same under torchrun
+    python examples/ddp_crucible.py --small                    # 2 ranks (spawned), gloo, CPU, seconds; into runs/
+    python examples/ddp_crucible.py --out runs/ddp --steps 200 # the notebook's model sizes
+    torchrun --nproc-per-node 2 examples/ddp_crucible.py --out runs/ddp   # the same under torchrun
 
 Every rank runs the same loop: DDP over TinyLM (``crucible_record.crucible3.model``) on the shipped
 corpus and tokenizer (``crucible_record.crucible3.data``), each rank on its own part of every
@@ -45,6 +45,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -64,7 +65,7 @@ VOCAB = 10000  # the shipped tokenizer's
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="the run directory (a new one)")
+    parser.add_argument("--out", help="the run directory, a new one (default: runs/ddp-crucible-<date>-<time>)")
     parser.add_argument("--ranks", type=int, default=2, help="processes to spawn (ignored under torchrun)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per rank and step")
@@ -77,11 +78,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time-chunk", type=int, default=None, help="steps per stored block (default: auto)")
     parser.add_argument("--corpus", default=str(default_corpus_path()))
     parser.add_argument("--tokenizer", default=str(default_tokenizer_path()))
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny sizes for a quick CPU check: batch 4, seq-len 16, hidden 16, 1 layer")
+    parser.add_argument("--small", action="store_true",
+                        help="small sizes for a quick CPU check: batch 4, seq-len 16, hidden 16, 1 layer")
     args = parser.parse_args(argv)
-    if args.tiny:
+    if args.small:
         args.batch_size, args.seq_len, args.hidden_dim, args.num_layers = 4, 16, 16, 1
+    if args.out is None:  # the same on every rank under torchrun, unless they start in another second: give --out
+        args.out = time.strftime("runs/ddp-crucible-%Y%m%d-%H%M%S")
     return args
 
 
@@ -176,7 +179,10 @@ def spawned(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)  # (an existing run at --out is refused by cr.record, on every rank)
+    args = parse_args(argv)  # (an existing run at --out is refused by cr.record, on every rank; here first, in one line)
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise SystemExit(f"error: --out {args.out} already exists and is not empty; choose a new directory")
+    print(f"recording into {args.out}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
         dist.init_process_group("gloo")
         try:
@@ -187,7 +193,10 @@ def main(argv=None) -> None:
     with socket.socket() as s:  # a free port for the spawned ranks to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(spawned, args=(args.ranks, port, args), nprocs=args.ranks)
+    try:
+        mp.spawn(spawned, args=(args.ranks, port, args), nprocs=args.ranks)
+    except mp.ProcessRaisedException as e:  # a rank's error, with its traceback: say its last line
+        raise SystemExit(f"error: {str(e).strip().splitlines()[-1]}") from None
 
 
 if __name__ == "__main__":

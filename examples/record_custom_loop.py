@@ -3,20 +3,22 @@
 A toy regression: an embedding whose rows for the tokens in a batch are pulled toward a target.
 Tokens 500.. never occur in the batches ("unused"): their rows never move. Run:
 
-    python examples/record_custom_loop.py /tmp/custom-run [--steps 200] [--small]
+    python examples/record_custom_loop.py --small [--out runs/custom] [--steps 200]
 
-then read it back with `crucible-record info /tmp/custom-run` or `crucible_record.open`.
+(default --out: runs/custom-loop-<date>-<time>), then read it back with `crucible-record info RUN`
+or `crucible_record.open`.
 """
 
 import argparse
 import sys
+import time
 
 import torch
 
 import crucible_record as cr
 
 p = argparse.ArgumentParser()
-p.add_argument("run_dir", nargs="?", default="custom-run")
+p.add_argument("--out", help="new run directory (default: runs/custom-loop-<date>-<time>)")
 p.add_argument("--steps", type=int, default=200)
 p.add_argument("--vocab", type=int, default=1000)
 p.add_argument("--hidden", type=int, default=32)
@@ -25,6 +27,8 @@ if "--small" in sys.argv[1:]:
     p.set_defaults(steps=20, vocab=200)
 args = p.parse_args()
 steps, vocab, hidden = args.steps, args.vocab, args.hidden
+run_dir = args.out or time.strftime("runs/custom-loop-%Y%m%d-%H%M%S")
+print(f"recording into {run_dir}")
 
 torch.manual_seed(0)
 emb = torch.nn.Embedding(vocab, hidden)
@@ -40,8 +44,12 @@ fields = {
     "loss": cr.Field((), torch.float32),
 }
 # 2. Open the run (steps=N sizes it for steps 0..N-1; leave it out for an open-ended run).
-with cr.record(args.run_dir, fields, steps=steps, constants={"unused": unused},
-               attributes={"what": "toy regression", "lr": 0.1}) as rec:
+try:
+    rec = cr.record(run_dir, fields, steps=steps, constants={"unused": unused},
+                    attributes={"what": "toy regression", "lr": 0.1})
+except cr.CrucibleError as e:  # e.g. an existing run at --out: one line, no traceback
+    sys.exit(f"error: {e}")
+with rec:
     for step in range(steps):
         ids = torch.randint(0, vocab // 2, (64,))
         h = emb(ids)
@@ -52,7 +60,7 @@ with cr.record(args.run_dir, fields, steps=steps, constants={"unused": unused},
         loss.backward()
         opt.step()
 
-run = cr.open(args.run_dir)
+run = cr.open(run_dir)
 E = run["embedding"]  # lazy: indexing reads only the chunks it needs
 print(f"recorded {run.committed_steps} steps of {', '.join(run.fields)}; constants: {', '.join(run.info.constants)}")
 print(f"embedding: {tuple(E.shape)} {E.dtype}; loss {float(run['loss'][0]):.4f} -> {float(run['loss'][-1]):.4f}")

@@ -109,4 +109,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except cr.CrucibleError as e:  # e.g. not a run, or an existing run at --out: one line, no traceback
+        sys.exit(f"error: {e}")

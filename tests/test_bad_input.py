@@ -112,7 +112,9 @@ def test_train_refuses_existing_run_and_keeps_it(capsys, tmp_path, tiny_run, tin
 
 
 def test_resume_refuses_changed_settings(capsys, tiny_run):
-    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run, "--steps", "99"), "--resume", "--steps")
+    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run, "--lr", "0.5"), "--resume", "--lr")
+    assert_one_line_error(run_cli(capsys, "train", "--resume", tiny_run, "--steps", "5"), "--steps 5 is fewer",
+                          "not shortened")
 
 
 def test_resume_of_complete_run(capsys, tiny_run):
@@ -180,3 +182,10 @@ def test_dead_mask_bad_input(capsys, tmp_path, files, case, args, fragments):
 def test_unknown_command_and_option(capsys):
     assert_one_line_error(run_cli(capsys, "trian"), "no such command")
     assert_one_line_error(run_cli(capsys, "train", "--stepz", "3"), "no such option")
+
+
+def test_the_store_itself_is_refused_with_its_parent_named(capsys, tiny_run):
+    """`verify RUN/trajectory.zarr`: the store inside a run was given; say which directory to pass."""
+    for command in ("verify", "info"):
+        assert_one_line_error(run_cli(capsys, command, tiny_run / "trajectory.zarr"),
+                              "is the store inside a run: pass the run directory, " + str(tiny_run))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from safetensors.torch import load_file
@@ -26,6 +27,8 @@ def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
     result = run_cli(capsys, "train", *tiny_flags(tiny_corpus), "--out", run, "--time-chunk", "8")
     assert result.code == 0, result.err
     assert "Final loss" in result.out and str(run) in result.out and "on disk" in result.out
+    # the first line, before the inputs are read: the run, the device, the config
+    assert result.out.splitlines()[0] == f"training {run} on cpu: 25 steps of 4 x 16 tokens, hidden_dim=16, num_layers=1, corpus={tiny_corpus}"
     traj = open_trajectory(run)
     assert traj.steps == TINY["steps"] and traj.config.hidden_dim == TINY["hidden_dim"]
     # the CLI run records exactly what the API run (tiny_run fixture) recorded
@@ -33,13 +36,18 @@ def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
 
     info = run_cli(capsys, "info", run)
     assert info.code == 0, info.err
-    for text in ("Crucible-3: epochs: ", "Progress: steps 0..25 committed (25 of 25 training steps)", "W: (10000, 16) bfloat16", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
+    for text in ("Crucible-3: epochs: ", "is torch.uint16: the bits of bf16", ".view(torch.bfloat16)", "Progress: steps 0..25 committed (25 of 25 training steps)", "W: (10000, 16) bfloat16", "compression", "Dead token centroid", "Live/Dead separation", "h_mean"):
         assert text in info.out
 
     exported = run_cli(capsys, "export", run, "--format", "safetensors", "--out", tmp_path / "exp")
     assert exported.code == 0, exported.err
     tensors = load_file(str(tmp_path / "exp" / "crucible_3_trajectory.safetensors"))
     assert tensors["W"].shape == (26, 10000, 16) and tensors["W"].dtype == torch.uint16
+    # what export says: W is uint16, and the one line that gives its bf16 values works
+    said = exported.out.splitlines()[-1]
+    assert "W in crucible_3_trajectory.safetensors is torch.uint16: the bits of bf16" in said
+    load = said.split("load it with: ")[1].replace("path", repr(str(tmp_path / "exp" / "crucible_3_trajectory.safetensors")))
+    assert torch.equal(eval(load, {"load_file": load_file, "torch": torch}), traj.W[:])
     meta = json.loads((tmp_path / "exp" / "metadata.json").read_text())
     assert meta["total_steps"] == 25 and meta["hidden_dim"] == 16 and meta["device"] == "cpu"
 
@@ -49,6 +57,17 @@ def test_train_info_export(capsys, tmp_path, tiny_corpus, tiny_run):
     assert (tmp_path / "exp" / "crucible_3_trajectory.safetensors").read_bytes() == before
     forced = run_cli(capsys, "export", run, "--out", tmp_path / "exp", "--force")
     assert forced.code == 0
+
+
+def test_preset_quick_is_overridden_by_flags(capsys, tmp_path, tiny_corpus):
+    run = tmp_path / "run"
+    flags = [f for f in tiny_flags(tiny_corpus)]
+    del flags[flags.index("--batch-size"):flags.index("--batch-size") + 2]
+    result = run_cli(capsys, "train", "--preset", "quick", *flags, "--steps", "2", "--seq-len", "16", "--out", run)
+    assert result.code == 0, result.err
+    config = open_trajectory(run).config
+    assert (config.batch_size, config.seq_len, config.steps) == (16, 16, 2)  # batch from the preset, the rest from flags
+    assert_one_line_error(run_cli(capsys, "train", "--resume", run, "--preset", "quick"), "drop --preset")
 
 
 def test_config_file_and_flag_override(capsys, tmp_path, tiny_corpus):
@@ -112,3 +131,19 @@ def test_every_command_words_progress_alike(capsys, tmp_path, tiny_run):
     for command in (["info", generic], ["verify", generic], ["export", generic, "--out", tmp_path / "gexp"]):
         result = run_cli(capsys, *command)
         assert result.code == 0 and "steps 0..4 committed (5 steps, open-ended)" in result.out, (command, result)
+
+
+def test_progress_bar_shows_the_current_steps_loss(capsys, tmp_path, tiny_corpus):
+    """Each bar line's loss is its own step's: the last one is the final loss, and no two steps
+    show the loss of one (the writer's copy lagged a step)."""
+    flags = [f for f in tiny_flags(tiny_corpus) if f != "--no-progress"]
+    result = run_cli(capsys, "train", *flags, "--out", tmp_path / "run")
+    assert result.code == 0, result.err
+    shown = {}
+    for count, loss in re.findall(r"(\d+)/25 \[[^\]]*loss=([0-9.]+)", result.err):
+        shown.setdefault(int(count), set()).add(loss)
+    final = re.search(r"Final loss: ([0-9.]+)", result.out).group(1)
+    assert shown[25] == {final}, (shown, final)
+    t = open_trajectory(tmp_path / "run")
+    for count, losses in shown.items():
+        assert losses == {f"{t.loss[count].item():.4f}"}, (count, losses)

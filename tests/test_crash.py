@@ -111,7 +111,10 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert out.startswith(f"training {run_dir} on cpu: {STEPS} steps of "), out  # the first line names all
     lines = [line for line in err.splitlines() if line.strip()]
+    if sig == signal.SIGINT:  # said at once (by a watcher thread), then the current step is finished
+        assert lines.pop(0) == "Ctrl-C: stopping after the current step (Ctrl-C again to stop at once)", err
     assert len(lines) == 1 and "Traceback" not in err, err
     t = open_trajectory(run_dir)
     assert lines[0].startswith("stopped: ")  # the user's own stop is not reported as an error
@@ -128,6 +131,38 @@ def test_signal_stops_cleanly_then_resume_is_byte_identical(tmp_path, tiny_corpu
     assert export_ours.returncode == 0 and export_ref.returncode == 0
     name = "crucible_3_trajectory.safetensors"
     assert (run_dir / "export" / name).read_bytes() == (reference / "export" / name).read_bytes()
+
+
+def store_files(run_dir) -> dict[str, bytes]:
+    root = run_dir / "trajectory.zarr"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_steps_extends_a_finished_then_a_stopped_run_byte_identical(tmp_path, tiny_corpus, reference):
+    """A finished 20-step run, extended with --steps 30 and stopped on the way (at 24), then extended with
+    --steps 40: every file of its store is the uninterrupted 40-step run's (CPU, same threads)."""
+    run_dir = tmp_path / "run"
+    cmd = train_cmd(tiny_corpus, run_dir)
+    cmd[cmd.index("--steps") + 1] = "20"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert open_trajectory(run_dir).steps == 20
+
+    extend = [sys.executable, "-m", "crucible_record", "train", "--resume", str(run_dir), "--no-progress", "--steps"]
+    done = subprocess.run(extend + ["30"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # stopped on the way: what a kill after 25 committed steps leaves (the later rows uncommitted,
+    # the checkpoint ahead of the marker: it is not trusted, steps are recomputed and checked)
+    (run_dir / "trajectory.zarr" / "commit.json").write_text(json.dumps({"steps": 25}) + "\n")
+    t = open_trajectory(run_dir)
+    assert t.steps == 24 and t.config.steps == 30
+    assert_prefix_equal(run_dir, reference)
+
+    done = subprocess.run(extend + ["40"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {run_dir} at training step" in done.stderr
+    assert open_trajectory(run_dir).steps == 40
+    assert store_files(run_dir) == store_files(reference)
 
 
 def test_second_writer_is_refused(capsys, tmp_path, reference):

@@ -95,17 +95,32 @@ def test_sampled_rows(tmp_path):
     assert (g[:, 0] > 0).all()  # token 0 is the most frequent: it has a gradient at every recorded step
 
 
-@pytest.mark.parametrize("script, prefix", [("sampled_rows.py", "sampled-rows"), ("gpt2_embedding.py", "gpt2-embedding")])
-def test_small_examples_need_no_out(tmp_path, script, prefix):
-    text = run(EXAMPLES / script, "--small", "--steps", 3, cwd=tmp_path)
+@pytest.mark.parametrize("script, prefix, steps", [("sampled_rows.py", "sampled-rows", 3), ("gpt2_embedding.py", "gpt2-embedding", 3),
+                                                   ("record_custom_loop.py", "custom-loop", 3),
+                                                   ("dask_centroid.py", "dask-centroid", 21),
+                                                   ("reproduce_notebook.py", "reproduce-notebook", 21)])
+def test_small_examples_need_no_out(tmp_path, script, prefix, steps):
+    """Every example takes --small, and writes its run under ./runs/ by default (ddp_crucible.py:
+    tests/test_multirank.py::test_ddp_example)."""
+    text = run(EXAMPLES / script, "--small", *(["--steps", steps] if steps == 3 else []), cwd=tmp_path)
     [made] = (tmp_path / "runs").iterdir()
-    assert made.name.startswith(prefix + "-") and f"recording into runs/{made.name}" in text
-    assert cr.open(made).committed_steps == 3
+    assert made.name.startswith(prefix + "-") and f" into runs/{made.name}" in text
+    assert cr.open(made).committed_steps == steps
+
+
+@pytest.mark.parametrize("script", sorted(TESTED))
+def test_examples_say_errors_in_one_line(tmp_path, crucible_run, script):
+    """An existing run at --out is refused in one line `error: ...`, with no traceback."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--small", "--out", str(crucible_run)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "already" in lines[0], proc.stderr
 
 
 def test_record_custom_loop(tmp_path):
     out = tmp_path / "custom"
-    text = run(EXAMPLES / "record_custom_loop.py", out, "--small", "--steps", 12)  # vocab 200
+    text = run(EXAMPLES / "record_custom_loop.py", "--out", out, "--small", "--steps", 12)  # vocab 200
     assert "unused rows unchanged: True" in text
     t = cr.open(out)
     assert set(t.fields) == {"embedding", "batch_mean", "loss"}

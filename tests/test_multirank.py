@@ -472,7 +472,7 @@ def test_ddp_example(tmp_path):
 
     corpus.write_text(default_corpus_path().read_text(encoding="utf-8")[:6000], encoding="utf-8")
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "ddp_crucible.py"), "--tiny", "--steps", "6",
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "ddp_crucible.py"), "--small", "--steps", "6",
                            "--corpus", str(corpus), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

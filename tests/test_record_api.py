@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 import time
 
 import numpy as np
@@ -346,14 +347,45 @@ def test_resume_with_other_fields_is_refused(tmp_path):
     for what, (fields, message) in variants.items():
         with pytest.raises(cr.CrucibleError, match=message):
             cr.record(path, fields, resume=True)
-    with pytest.raises(cr.CrucibleError, match="resume=True continues a run with its own"):
+    with pytest.raises(cr.CrucibleError, match="open-ended: it has no step count to extend"):
         cr.record(path, base, steps=10, resume=True)
+    with pytest.raises(cr.CrucibleError, match="resume=True continues a run with its own layout"):
+        cr.record(path, base, layout=cr.Layout(), resume=True)
     with pytest.raises(cr.CrucibleError, match="not found"):
         cr.record(tmp_path / "nothing", base, resume=True)
     with cr.record(path, base, resume=True) as rec:  # the refusals released the lock
         assert rec.next_step == 5
         rec.record(5, **mixed_step(5))
     assert_mixed(path, 6)
+
+
+def store_files(path) -> dict[str, bytes]:
+    root = Path(path) / "trajectory.zarr"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_more_steps_extends_a_sized_run_byte_identical(tmp_path):
+    """A sized run of 7 steps (finished), extended to 11 with resume=True, steps=11: every file of the
+    store, the metadata included, is the one an uninterrupted 11-step run writes."""
+    layout = cr.Layout(time_chunk=4)
+    with cr.record(tmp_path / "whole", mixed_fields(), steps=11, attributes={"n": 11}, layout=layout) as rec:
+        for step in range(11):
+            rec.record(step, **mixed_step(step))
+    path = tmp_path / "extended"
+    with cr.record(path, mixed_fields(), steps=7, attributes={"n": 7}, layout=layout) as rec:
+        for step in range(7):
+            rec.record(step, **mixed_step(step))
+    with pytest.raises(cr.CrucibleError, match="past the run's 7 steps"):
+        with cr.record(path, mixed_fields(), resume=True) as rec:
+            rec.record(7, **mixed_step(7))
+    with pytest.raises(cr.CrucibleError, match="sized for 7 steps; it can be extended to more, not to 6"):
+        cr.record(path, mixed_fields(), steps=6, resume=True)
+    with cr.record(path, mixed_fields(), steps=11, attributes={"n": 11}, resume=True) as rec:
+        assert rec.next_step == 7
+        for step in range(7, 11):
+            rec.record(step, **mixed_step(step))
+    assert_mixed(path, 11)
+    assert store_files(path) == store_files(tmp_path / "whole")
 
 
 @pytest.mark.parametrize("interval", [0, -1.0, float("nan"), "5", None, True])

@@ -109,7 +109,9 @@ def test_second_writer_is_refused(s3):
         cr.record(url, FIELDS)  # a second creator: the conditional create fails
     for step in range(5):
         first.record(step, **step_tensors(step))
-    time.sleep(0.1)
+    deadline = time.monotonic() + 120  # wait for the first block's commit by the run's own marker, not a clock
+    while cr.open(url).committed_steps < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
     second = cr.record(url, FIELDS, resume=True)  # takes the run over: the first is fenced off
     with pytest.raises(RecorderError, match="another writer"):
         for step in range(5, 40):

@@ -62,6 +62,23 @@ def test_watch_records_params_grads_state_and_loss_bit_exact(tmp_path):
     assert torch.equal(t["wte.weight"][0], copies[0]["wte.weight"])
 
 
+def test_watch_names_axes_for_xarray_and_keeps_the_run_attributes(tmp_path):
+    """A parameter, its gradient and its state share named axes (xarray lines them up); the run's
+    attributes reach to_xarray().attrs."""
+    torch.manual_seed(0)
+    model = Tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    w = cr.watch(model, optimizer, params="wte.weight", grads=["wte.weight", "head.*"], optim_state=("exp_avg",))
+    with cr.record(tmp_path / "run", w.fields, attributes={"model": "tiny", "lr": 0.05}) as rec:
+        rec.record(0, **w.capture(0))
+    ds = cr.open(tmp_path / "run").to_xarray()
+    for name in ("wte.weight", "wte.weight.grad", "wte.weight.exp_avg"):
+        assert ds[name].dims == ("step", "wte.num_embeddings", "wte.embedding_dim"), name
+    assert ds["head.weight.grad"].dims == ("step", "head.out_features", "head.in_features")
+    assert ds["head.bias.grad"].dims == ("step", "head.out_features")
+    assert ds.attrs["model"] == "tiny" and ds.attrs["lr"] == 0.05 and ds.attrs["committed_steps"] == 1
+
+
 def test_watch_every_and_rows_in_any_order(tmp_path):
     rows = [25, 3, 17]  # unsorted: stored in the order given
     copies = train_watched(tmp_path / "run", params="wte.weight", grads="wte.weight", optim_state="exp_avg",

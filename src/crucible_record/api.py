@@ -19,7 +19,7 @@ from .commit import LocalCommit, Marker, RankCommit
 from .errors import CrucibleError, describe
 from .fields import Field, check_fields
 from .format.planner import read_partition
-from .format.schema import check_run_arguments, create_run, open_group, read_commit
+from .format.schema import check_run_arguments, create_run, extend_run, open_group, read_commit
 from .ranks import Ranks, agree_on_call, agree_on_first_step, fingerprint
 from .storage import RunStore, open_store
 from .writer import DEFAULT_COMMIT_INTERVAL, Recorder
@@ -39,8 +39,10 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     constants: tensors stored once beside the fields (e.g. a token mask): name -> tensor, or
         name -> (tensor, dims) to name its axes.
     resume=True: reopen an existing run with the same fields; recording continues at
-    ``rec.next_step``, its committed step count. `steps`, `attributes`, `constants` and `layout`
-    are then the run's own and must not be given.
+    ``rec.next_step``, its committed step count. `constants` and `layout` are then the run's own
+    and must not be given. `steps=N` extends a sized run to N steps (N at least its own; one
+    process): its arrays grow, nothing stored changes. `attributes` replaces the run's own (e.g. a
+    config that names the step count); without it they are kept.
 
     Under torch.distributed (an initialised default process group of world size > 1) call it on
     every rank with the same arguments; pass each rank's rows of a field split among the ranks as
@@ -73,8 +75,10 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     store = open_store(path, read_only=False, durability=durability)
     with ExitStack() as stack:
         if resume:
-            _check_resume_arguments(steps, attributes, constants, layout)
+            _check_resume_arguments(None, None, constants, layout)
             group, info, committed = open_to_resume(store, stack, check_fields(fields), world_size=1)
+            if steps is not None or attributes is not None:
+                info = extend_run(store, group, info, steps, attributes)
         else:
             store.prepare_new()
             stack.enter_context(store.writer_lock())
@@ -99,8 +103,12 @@ def check_arguments(commit_interval, slots, rank_timeout, writer_threads=None) -
 
 
 def _check_resume_arguments(steps, attributes, constants, layout) -> None:
-    if steps is not None or attributes is not None or constants is not None or layout is not None:
-        raise CrucibleError("resume=True continues a run with its own steps, attributes, constants and layout; drop them")
+    given = [name for name, value in (("steps", steps), ("attributes", attributes), ("constants", constants),
+                                      ("layout", layout)) if value is not None]
+    if given:
+        raise CrucibleError(f"resume=True continues a run with its own {', '.join(given)}; drop "
+                            + ("it" if len(given) == 1 else "them")
+                            + (" (several ranks cannot extend a run)" if steps is not None or attributes is not None else ""))
 
 
 def _ranks_text(n: int) -> str:

@@ -57,11 +57,11 @@ class Watch:
             raise CrucibleError("nothing to watch: name params=, grads= or keep loss=True")
         self.fields: dict[str, Field] = {}
         for name, param in self.params.items():
-            self.fields[name] = _field(name, param, every, rows)
+            self.fields[name] = _field(name, param, every, rows, _dims(model, name, param))
             for key in self.optim_state:
-                self.fields[f"{name}.{key}"] = _field(f"{name}.{key}", param, every, rows)
+                self.fields[f"{name}.{key}"] = _field(f"{name}.{key}", param, every, rows, _dims(model, name, param))
         for name, param in self.grads.items():
-            self.fields[f"{name}.grad"] = _field(f"{name}.grad", param, every, rows)
+            self.fields[f"{name}.grad"] = _field(f"{name}.grad", param, every, rows, _dims(model, name, param))
         if loss:
             self.fields[LOSS] = Field((), torch.float32)
         if len(self.fields) != len(self.params) * (1 + len(self.optim_state)) + len(self.grads) + bool(loss):
@@ -137,7 +137,29 @@ def _state_keys(keys: Sequence[str]) -> tuple[str, ...]:
     return keys
 
 
-def _field(name: str, param: torch.Tensor, every: int, rows) -> Field:
+def _field(name: str, param: torch.Tensor, every: int, rows, dims: tuple[str, ...]) -> Field:
     if not param.is_floating_point():
         raise CrucibleError(f"parameter {name!r} is {param.dtype}: only floating-point tensors are watched")
-    return Field(tuple(param.shape), param.dtype, every=every, rows=rows)
+    return Field(tuple(param.shape), param.dtype, every=every, rows=rows, dims=dims)
+
+
+# The axes of common layers' parameters, by torch's own argument names (nn.Embedding(num_embeddings,
+# embedding_dim), nn.Linear(in_features, out_features)).
+_AXES = {(torch.nn.Embedding, "weight"): ("num_embeddings", "embedding_dim"),
+         (torch.nn.Linear, "weight"): ("out_features", "in_features"),
+         (torch.nn.Linear, "bias"): ("out_features",)}
+
+
+def _dims(model: torch.nn.Module, name: str, param: torch.Tensor) -> tuple[str, ...]:
+    """Axis names of a watched parameter, shared by its gradient and optimizer state (so xarray
+    lines them up): ``<module>.<axis>`` for an Embedding or Linear (``wte.num_embeddings``), else
+    ``<parameter>_<i>``; prefixed by the module, so two layers' axes of different sizes never meet."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    for (kind, param_name), axes in _AXES.items():
+        if isinstance(module, kind) and attr == param_name and len(axes) == param.dim():
+            return tuple(f"{module_name}.{axis}" if module_name else axis for axis in axes)
+    return tuple(f"{name}_{i}" for i in range(param.dim()))

@@ -67,5 +67,5 @@ def run_to_xarray(run):
         array = run.group[name]
         value = run.constant(name)
         variables[name] = (tuple(array.metadata.dimension_names or ()), dtypes.numpy_values(value))
-    return xr.Dataset(variables, coords=coords,
-                      attrs={"run": run.location, "committed_steps": run.committed_steps})
+    return xr.Dataset(variables, coords=coords,  # the run's attributes (cr.record(attributes=...)), then these two
+                      attrs={**run.info.attributes, "run": run.location, "committed_steps": run.committed_steps})

@@ -18,7 +18,7 @@ from ..reader import Run
 from ..writer import DEFAULT_COMMIT_INTERVAL
 from ..steps_text import steps_committed
 from ..storage import DURABILITY
-from .config import DEVICES, RECORD_ROWS, RECORDABLE, RunConfig, load_config_file, parse_record
+from .config import DEVICES, PRESETS, RECORD_ROWS, RECORDABLE, RunConfig, load_config_file, parse_record
 from .trajectory import Trajectory, is_crucible
 
 
@@ -41,6 +41,11 @@ def view(run: Run) -> Trajectory:
     return Trajectory(run)
 
 
+# The notebook saves W as the uint16 bits of its bf16 values; its export keeps that (byte-identical).
+W_DTYPE = ("W in crucible_3_trajectory.safetensors is torch.uint16: the bits of bf16, as the notebook saves it; "
+           "load it with: load_file(path)['W'].view(torch.bfloat16)")
+
+
 def info_lines(traj: Trajectory) -> Iterator[str]:
     """What `info` says of a Crucible-3 run after the generic lines."""
     from .analysis import format_quick_stats, quick_stats
@@ -48,6 +53,7 @@ def info_lines(traj: Trajectory) -> Iterator[str]:
     config = traj.config
     epochs = traj.epochs if traj.epochs >= 0 else "unknown (imported without metadata)"
     yield f"Crucible-3: epochs: {epochs}"
+    yield "Export: " + W_DTYPE
     yield "Config: " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items())
     prov = traj.attrs.get("provenance", {})
     yield "Recorded with: " + ", ".join(f"{k} {v}" for k, v in prov.items())
@@ -64,7 +70,7 @@ def export(traj: Trajectory, out: Path, force: bool) -> str:
 
     target, meta = export_safetensors(traj, out, force=force)
     return (f"Wrote {target} ({size_text(target.stat().st_size)}) and {meta}: "
-            f"{steps_committed(traj.committed_steps, of=traj.run.info.steps, training=True)}")
+            f"{steps_committed(traj.committed_steps, of=traj.run.info.steps, training=True)}\n{W_DTYPE}")
 
 
 # -- the experiment's own commands --------------------------------------------------------------
@@ -105,10 +111,14 @@ def _experiment_options(func):
               help="auto = cuda, then mps, then cpu (the notebook's detection)")
 @click.option("--out", "out", type=RUN, default=None,
               help="new run: a directory or an s3://bucket/prefix URL [default: runs/crucible3-<time>]")
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
+              help="quick: batch 16 x 64 tokens (a first run of a minute or two on a CPU); "
+                   "--config and flags override it")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="JSON or TOML file of the same keys; flags override it")
 @click.option("--resume", "resume", type=RUN, default=None,
-              help="continue a stopped run (its own config is used)")
+              help="continue a stopped run (its own config is used); with --steps N, extend a stopped or "
+                   "finished run to N steps")
 @click.option("--commit-interval", type=float, default=DEFAULT_COMMIT_INTERVAL, show_default=True,
               help="seconds of training a crash may lose at most (also bounded by one block)")
 @click.option("--durability", type=click.Choice(DURABILITY), default="fsync", show_default=True,
@@ -130,7 +140,7 @@ def _experiment_options(func):
               help="the tokens whose rows of the --record fields are kept")
 @click.option("--progress/--no-progress", default=True, help="show the progress bar")
 @click.pass_context
-def train(ctx, out, config_file, resume, commit_interval, durability, writer_threads, checkpoints, time_chunk,
+def train(ctx, out, preset, config_file, resume, commit_interval, durability, writer_threads, checkpoints, time_chunk,
           token_chunk, codec, progress, **values):
     """Train the notebook's model and record every step into OUT/trajectory.zarr."""
     from .run import resume_run, start_run
@@ -141,15 +151,18 @@ def train(ctx, out, config_file, resume, commit_interval, durability, writer_thr
     if writer_threads is not None and writer_threads < 1:
         raise CrucibleError(f"--writer-threads must be at least 1, got {writer_threads}")
     if resume is not None:
-        extra = sorted(given - {"resume", "progress", "commit_interval", "durability", "writer_threads"})
+        extra = sorted(given - {"resume", "steps", "progress", "commit_interval", "durability", "writer_threads"})
         if extra:
             raise CrucibleError(
-                f"--resume continues a run with its own settings; drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
+                f"--resume continues a run with its own settings (only --steps may extend it); "
+                f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
             )
-        summary = resume_run(resume, commit_interval=commit_interval, durability=durability, progress=progress,
-                             writer_threads=writer_threads, say=lambda line: click.echo(line, err=True))
+        summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, commit_interval=commit_interval, durability=durability, progress=progress,
+                             writer_threads=writer_threads, announce=click.echo,
+                             say=lambda line: click.echo(line, err=True))
     else:
-        settings = load_config_file(config_file) if config_file else {}
+        settings = dict(PRESETS[preset]) if preset else {}
+        settings.update(load_config_file(config_file) if config_file else {})
         settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
         if "record" in given:
             settings["record"] = parse_record(values["record"])
@@ -160,7 +173,8 @@ def train(ctx, out, config_file, resume, commit_interval, durability, writer_thr
             out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
         layout = Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec)
         summary = start_run(config, out, layout=layout, checkpoints=checkpoints, commit_interval=commit_interval,
-                            durability=durability, progress=progress, writer_threads=writer_threads)
+                            durability=durability, progress=progress, writer_threads=writer_threads,
+                            announce=click.echo, say=lambda line: click.echo(line, err=True))
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
         f"{steps_committed(summary.steps + 1, of=summary.planned + 1, training=True)}, time: {summary.seconds:.1f} s"

@@ -27,7 +27,7 @@ from .data import (
     load_tokenizer,
     tokenize_corpus,
 )
-from ..errors import CrucibleError
+from ..errors import CrucibleError, Interrupted
 from ..fields import Field
 from . import checkpoint
 from .model import TinyLM
@@ -119,6 +119,8 @@ def _recorded_rows(config: RunConfig, masks: TokenMasks | None) -> torch.Tensor 
     return rows
 
 
+LOG_EVERY = 10  # on a GPU the progress bar's loss is read (a host sync) every LOG_EVERY steps
+
 # Called with (step, tensors) for steps already on disk: a resume recomputes them and checks them.
 StepHook = Callable[[int, dict], None]
 
@@ -137,10 +139,12 @@ def train(
     checkpoints_to=None,
     resume_from: dict | None = None,
     replay: StepHook | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> TrainResult:
     """Run the notebook's experiment, handing every step to `recorder` (None: train unrecorded).
     Checkpoints are saved only once their step is committed (never ahead of the data); steps already
-    recorded are recomputed and passed to `replay` to be checked instead of being recorded again."""
+    recorded are recomputed and passed to `replay` to be checked instead of being recorded again;
+    `stop_requested()` is asked after each recorded step (True stops training there: Interrupted)."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -193,7 +197,7 @@ def train(
 
     bar = _progress_bar(config.steps, step, progress)
     model.train()
-    loss = None
+    loss, shown = None, "..."
     try:
         while step < config.steps:
             epoch += 1
@@ -228,12 +232,14 @@ def train(
                 if emit(step, epoch, h_mean, loss.detach().float(), grad) and checkpoints_to is not None:
                     snap = checkpoint.snapshot(step, epoch, batches_done, epoch_rng_state, model, optimizer)
                     recorder.after_commit(step, lambda s=snap: checkpoint.save(checkpoints_to, s))
-                if bar is not None:  # the writer's copy of the loss: no device sync here
-                    shown = recorder.latest("loss") if recorder is not None else None
-                    status = {"checking": "recomputed step"} if step < recorded_from else \
-                        {"loss": f"{shown:.4f}"} if shown is not None else {}  # (none until the writer has one)
-                    bar.set_postfix({**status, "epoch": epoch})
+                if bar is not None:
+                    if device == "cpu" or step % LOG_EVERY == 0:  # on a GPU .item() is a host sync: rarely
+                        shown = f"{loss.item():.4f}" if device == "cpu" else f"{loss.item():.4f} (step {step})"
+                    status = {"checking": "recomputed step"} if step < recorded_from else {"loss": shown}
+                    bar.set_postfix({**status, "epoch": epoch}, refresh=False)  # drawn once, with its step
                     bar.update(1)
+                if stop_requested():
+                    raise Interrupted(f"stopped after step {step}")
     finally:
         if bar is not None:
             bar.close()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import platform
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -54,15 +56,21 @@ def start_run(
     durability: str = "fsync",
     progress: bool = True,
     writer_threads: int | None = None,
+    announce: Callable[[str], None] = lambda line: None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> RunSummary:
-    """Train a new run into RUN_DIR (which must not exist, or be empty)."""
+    """Train a new run into RUN_DIR (which must not exist, or be empty).
+
+    ``announce`` gets the first line at once, before the inputs are read: the run, the device, the
+    config; ``say`` what is said while training (Ctrl-C)."""
     if not is_url(run_dir):
         run_dir = Path(run_dir)
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise CrucibleError(f"--out {run_dir} already exists and is not empty; choose a new directory")
     layout.validate()
-    inputs = load_inputs(config)  # every input is checked before anything is written
     device = resolve_device(config.device)
+    announce(f"training {run_dir} on {device}: {describe_config(config)}")
+    inputs = load_inputs(config)  # every input is checked before anything is written
     recorder = record(
         run_dir,
         fields(config, inputs.masks),
@@ -82,16 +90,30 @@ def start_run(
         durability=durability,
         writer_threads=writer_threads,
     )
-    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress)
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say=say)
 
 
-def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
+def describe_config(config: RunConfig) -> str:
+    """The config in one line: its size, then whatever differs from the notebook's values."""
+    changed = [f"{k}={v}" for k, v in config.to_dict().items()
+               if k not in ("steps", "batch_size", "seq_len", "device") and v != getattr(RunConfig(), k, None)]
+    return (f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens, "
+            + (", ".join(changed) if changed else "the notebook's other values"))
+
+
+def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
                durability: str = "fsync", progress: bool = True,
-               writer_threads: int | None = None, say: Callable[[str], None] = lambda line: None) -> RunSummary:
+               writer_threads: int | None = None, announce: Callable[[str], None] = lambda line: None,
+               say: Callable[[str], None] = lambda line: None) -> RunSummary:
     """Continue a stopped run to its configured steps, bit-identical to an uninterrupted run.
 
-    ``say`` gets one line before training: where it resumes, and which recorded steps are first
-    recomputed and checked (those after the checkpoint).
+    ``steps``: continue a stopped or finished run to that many training steps instead (at least its
+    own): the same trajectory as an uninterrupted run of `steps` steps (nothing in the notebook's
+    loop depends on the step count but where it stops: no lr schedule, the data order is per epoch).
+
+    ``announce`` gets the first line at once: the run, the device, the config. ``say`` gets one line
+    before training: where it resumes, and which recorded steps are first recomputed and checked
+    (those after the checkpoint); and what is said while training (Ctrl-C).
     """
     store = open_store(run_dir)
     group, info = open_group(store)  # a clear error if this is not a run
@@ -101,8 +123,17 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
         raise CrucibleError(f"{run_dir} is not a Crucible-3 run; `train --resume` continues only those")
     config = RunConfig.from_dict(info.attributes["config"])  # with its --record choice, if any
     done = read_commit(store, group, info)["steps"] - 1
+    attributes = None
+    if steps is not None and steps != config.steps:
+        if steps < config.steps:
+            raise CrucibleError(f"--steps {steps} is fewer than the {config.steps} steps of {run_dir}; "
+                                "a run can be extended, not shortened")
+        config = config.replace(steps=steps)
+        attributes = {**info.attributes, "config": config.to_dict()}  # as a run of `steps` steps says
     if done >= config.steps:
-        raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}")
+        raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}; "
+                            f"extend it with: crucible-record train --resume {run_dir} --steps N (N > {config.steps})")
+    announce(f"continuing {run_dir} on {resolve_device(config.device)}: {describe_config(config)}")
     damage = verify_run(run_dir)  # continuing over a damaged committed block would keep the damage and exit 0
     if not damage.ok:
         raise CrucibleError(f"{run_dir} is damaged ({damage.problems[0]}): run `crucible-record verify --repair` "
@@ -117,7 +148,8 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     if ckpt is not None:
         checkpoint.check_fits(ckpt, model.to(torch.bfloat16))
     recorder = record(run_dir, fields(config, inputs.masks), resume=True, commit_interval=commit_interval, durability=durability,
-                      writer_threads=writer_threads)
+                      writer_threads=writer_threads, **({} if attributes is None else
+                                                        {"steps": config.steps + 1, "attributes": attributes}))
     if ckpt is not None and ckpt["meta"]["step"] >= recorder.next_step:
         ckpt = None  # never trust a checkpoint ahead of the data: recompute instead
     first = ckpt["meta"]["step"] + 1 if ckpt is not None else 0  # the first step train() recomputes
@@ -125,14 +157,14 @@ def resume_run(run_dir: str | Path, *, commit_interval: float = DEFAULT_COMMIT_I
     say(f"resuming {run_dir} at training step {recorder.next_step}"
         + (f": recomputing and checking steps {first}-{last} against the run first" if first <= last else ""))
     checkpoints = bool(info.attributes.get("checkpoints", True))
-    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt)
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt, say=say)
 
 
 def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpoints: bool,
-                    progress: bool, ckpt: dict | None = None) -> RunSummary:
+                    progress: bool, ckpt: dict | None = None, say: Callable[[str], None] = lambda line: None) -> RunSummary:
     started = time.perf_counter()
     try:
-        with _signals_raise_interrupted():
+        with _signals_stop(say) as stop_requested:
             result = train(
                 config,
                 inputs,
@@ -141,6 +173,7 @@ def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpo
                 checkpoints_to=recorder.store if checkpoints else None,
                 resume_from=ckpt,
                 replay=_ReplayCheck(run_dir) if recorder.next_step > 0 else None,
+                stop_requested=stop_requested,
             )
         recorder.close()
     except (KeyboardInterrupt, Interrupted):
@@ -222,20 +255,54 @@ def provenance(device: str) -> dict[str, str]:
 
 
 @contextmanager
-def _signals_raise_interrupted():
-    """SIGTERM behaves like Ctrl-C: raise in the training thread so the writer can drain."""
-    def handler(signum, frame):
+def _signals_stop(say: Callable[[str], None]):
+    """Ctrl-C: say at once that training stops after the current step, and stop there (the step is
+    recorded, the writer commits); a second Ctrl-C, or SIGTERM, raises in the training thread at once
+    so the writer can drain. Yields the check the loop makes after each step.
+
+    "At once": a Python signal handler runs only when the training thread is back in Python (after
+    the current torch op, seconds at the default config on a CPU), so a watcher thread woken by
+    signal.set_wakeup_fd prints the line."""
+    requested = threading.Event()
+
+    def on_term(signum, frame):
         raise Interrupted(f"received signal {signum}")
 
+    def on_int(signum, frame):
+        if requested.is_set():
+            raise Interrupted(f"received signal {signum}")
+        requested.set()
+
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous_term = signal.signal(signal.SIGTERM, on_term)
     except ValueError:  # not the main thread: leave signals alone
-        yield
+        yield requested.is_set
         return
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is not signal.SIG_IGN:  # a shell that started us in the background keeps Ctrl-C away
+        signal.signal(signal.SIGINT, on_int)
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch():
+        told = False
+        while data := os.read(read_end, 64):
+            if signal.SIGINT in data and not told and previous_int is not signal.SIG_IGN:
+                told = True
+                say("\nCtrl-C: stopping after the current step (Ctrl-C again to stop at once)")
+
+    watcher = threading.Thread(target=watch, name="crucible-record-ctrl-c", daemon=True)
+    watcher.start()
     try:
-        yield
+        yield requested.is_set
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_end)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_end)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _input_hashes(inputs: Inputs) -> dict[str, str]:

@@ -12,6 +12,7 @@ hook into crucible3 would make opening a run depend on whether crucible3 was imp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -178,6 +179,10 @@ def open_group(store: RunStore, mode: str = "r"):
     import zarr
 
     if not store.run_exists():
+        location = str(store.location).rstrip("/")
+        if location == STORE_NAME or location.endswith("/" + STORE_NAME):  # the run's store itself was given
+            parent = location[: -len(STORE_NAME)].rstrip("/") or "."
+            raise CrucibleError(f"{location} is the store inside a run: pass the run directory, {parent}")
         raise CrucibleError(f"{store.location} is not a crucible-record run (no {STORE_NAME})")
     try:
         group = zarr.open_group(store.store, mode=mode, zarr_format=3)
@@ -392,6 +397,35 @@ def _info_v1(group, attrs: dict) -> RunInfo:
     attributes = {k: v for k, v in attrs.items() if k not in ("format", "format_version", "commit", "layout")}
     return RunInfo(version=1, fields=fields, constants=constants, attributes=attributes,
                    layout=Layout.from_dict(attrs.get("layout", {})), steps=steps or None, first_step=first_step)
+
+
+def extend_run(store: RunStore, group, info: RunInfo, steps: int | None,
+               attributes: Mapping[str, Any] | None = None) -> RunInfo:
+    """Size a sized run for `steps` steps (at least its own; None: as it is): grow every field's
+    array, then record the new count (and `attributes`, if given, in place of the run's own).
+    The caller holds the run (its lock). The arrays grow before the group says so: a run the group
+    sizes for N steps never has an array shorter than that. Growing changes no stored chunk."""
+    if steps is not None:
+        if info.steps is None:
+            raise CrucibleError(f"{store.location} is open-ended: it has no step count to extend (record past it instead)")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < info.steps:
+            raise CrucibleError(f"{store.location} is sized for {info.steps} steps; it can be extended to more, "
+                                f"not to {steps!r}")
+    steps = info.steps if steps is None else steps
+    keys = []
+    for name, spec in info.fields.items() if steps is not None else ():
+        array, rows = group[name], spec.rows_at(steps)
+        if array.shape[0] != rows:
+            array.resize((rows,) + tuple(array.shape[1:]))
+            keys.append(f"{name}/zarr.json")
+    store.sync(keys)
+    attrs = dict(group.attrs)
+    attrs["steps"] = steps  # same keys in the same order as create_run wrote them
+    if attributes is not None:
+        attrs["attributes"] = dict(attributes)
+    group.attrs.put(attrs)
+    store.sync(["zarr.json"])
+    return dataclasses.replace(info, steps=steps, attributes=dict(attrs["attributes"]))
 
 
 def read_commit(store: RunStore, group, info: RunInfo | None = None) -> dict[str, Any]:
