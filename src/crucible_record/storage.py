@@ -650,13 +650,11 @@ def _guarded_local_store():
             if array is None:
                 return MAX_METADATA_BYTES if key.endswith(".json") else MAX_FILE_BYTES
             if array not in self._caps:
-                cap = None
                 meta = self.read(f"{array}/zarr.json" if array else "zarr.json", None)
-                if meta is not None:
-                    try:
-                        cap = chunk_file_cap(json.loads(bytes(meta)))
-                    except ValueError:
-                        pass
+                try:
+                    cap = None if meta is None else chunk_file_cap(json.loads(bytes(meta)))
+                except ValueError:
+                    cap = None
                 self._caps[array] = cap or MAX_FILE_BYTES
             return self._caps[array]
 
