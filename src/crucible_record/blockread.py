@@ -26,7 +26,7 @@ from .errors import CrucibleError, describe, missing_chunk_error
 from .format.blocks import log_fallback, missing_blocks
 from .shardio import (ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, index_spans,
                       shard_layout, shard_spans)
-from .storage import open_store
+from .storage import open_store, read_fd
 
 
 class DamagedBlock(CrucibleError):
@@ -313,13 +313,7 @@ def _local_chunks(path: Path, layout: ShardLayout, wanted, extent):
 
 
 def _pread(fd: int, n: int, offset: int) -> np.ndarray:
-    data = os.pread(fd, n, offset)
-    while len(data) < n:  # a short read: only at the end of the file (which a rename never changes)
-        more = os.pread(fd, n - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return np.frombuffer(data, dtype=np.uint8)
+    return np.frombuffer(read_fd(fd, offset, offset + n), dtype=np.uint8)
 
 
 async def _object_chunks(objects, key: str, layout: ShardLayout, wanted, extent):
