@@ -201,13 +201,13 @@ class LocalRunStore(RunStore):
             path = self.path(key)
             if self.files.take_durable(path):
                 continue
-            _fsync(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fsync_path(path, os.O_RDONLY | os.O_NOFOLLOW)
             parent = path.parent
             while parent != self.root.parent and parent not in dirs:
                 dirs.add(parent)
                 parent = parent.parent
         for directory in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first
-            _fsync(directory, _NOFOLLOW_DIR)
+            fsync_path(directory, _NOFOLLOW_DIR)
 
     def sync_all(self) -> None:
         self.sync([p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()])
@@ -263,7 +263,7 @@ class DurableFiles:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             for created in reversed(missing):  # outermost first: each entry durable before the next
-                _fsync(created.parent, _DIR)
+                fsync_path(created.parent, _DIR)
         if directory != self.run_dir:
             os.close(open_dir_beneath(self.run_dir, _parts_beneath(self.run_dir, directory), make=True,
                                       fsync=self.fsync))
@@ -330,7 +330,8 @@ def _parts_beneath(base: Path, path: Path) -> tuple[str, ...]:
     return parts
 
 
-def _fsync(path, flags: int) -> None:
+def fsync_path(path, flags: int) -> None:
+    """fsync what `path` opens to with `flags` (O_NOFOLLOW to refuse a symlink)."""
     fd = os.open(path, flags | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -385,11 +386,8 @@ def open_output_dir(out: str | Path, run_dir: str | Path | None = None) -> int:
     may not be one. So a link planted in the run, or given as --out, never sends files outside."""
     out = Path(out)
     parts = None
-    if run_dir is not None:
-        try:
-            parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
-        except ValueError:
-            parts = None
+    if run_dir is not None and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(run_dir)):
+        parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
     symlink = f"output folder {out} is a symlink; refusing to write through it (give the folder itself)"
     try:
         if parts:

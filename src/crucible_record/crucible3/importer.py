@@ -41,7 +41,7 @@ from ..errors import CrucibleError
 from ..api import record
 from ..safetensors_io import header as safetensors_header
 from ..safetensors_io import parse_header
-from ..storage import MAX_METADATA_BYTES, is_url, open_regular, open_store, read_fd
+from ..storage import MAX_METADATA_BYTES, fsync_path, is_url, open_regular, open_store, read_fd
 from .config import RunConfig
 from .engine import fields
 from .trajectory import EXPERIMENT
@@ -381,11 +381,7 @@ def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict,
             out.rmdir()  # an empty directory (checked before): replaced by the run
         os.rename(tmp, out)
         if durability == "fsync":
-            fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(out.parent, os.O_RDONLY | os.O_DIRECTORY)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:
