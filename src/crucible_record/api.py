@@ -40,13 +40,11 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     ``rec.next_step``, its committed step count. `steps`, `attributes`, `constants` and `layout`
     are then the run's own and must not be given.
 
-    Under torch.distributed (an initialised default process group of world size > 1) call it on
-    every rank with the same arguments; pass each rank's rows of a field split among the ranks as
-    ``cr.Shard(rows, offset=first_row)``, and a replicated field as the tensor itself (rank 0 writes
-    it). rank_timeout: seconds a closing rank waits for the others to reach the last step (rank 0;
-    the others wait up to twice that for rank 0's final commit) before raising a RecorderError.
-    Like torch.distributed.checkpoint.save, cr.record and the first rec.record are collective:
-    a rank that does not call them leaves the others waiting (up to the process group's timeout).
+    Under torch.distributed (world size > 1) call it on every rank with the same arguments, and pass
+    a rank's rows of a split field as ``cr.Shard(rows, offset=first_row)``, a replicated field as the
+    tensor itself. Like torch.distributed.checkpoint.save, cr.record and the first rec.record are
+    collective. rank_timeout: seconds a closing rank waits for the others (rank 0's final commit:
+    twice that) before raising a RecorderError.
     distributed=False: this process records alone, as without torch.distributed (e.g. full
     tensors from rank 0 only: ``if rank == 0: cr.record(..., distributed=False)``).
     slots: steps staged before record() waits; None: staging_slots().

@@ -214,12 +214,11 @@ class LocalRunStore(RunStore):
 
     def sweep_partial_files(self) -> int:
         """Remove temporary files a killed writer left behind; returns how many."""
-        removed = 0
-        for path in self.root.rglob("*.partial"):
-            if _PARTIAL.search(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        partial = [p for p in self.root.rglob("*.partial")
+                   if _PARTIAL.search(p.name) and p.is_file() and not p.is_symlink()]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
 
     def bytes_on_disk(self) -> int:
         """Bytes of the store's files, temporaries left by a kill not counted."""

@@ -5,13 +5,10 @@ The notebook saves ``crucible_3_trajectory.safetensors`` (``W`` bf16 bits (steps
 and ``metadata.json``. The run is what a recorded one would be: step ``s`` holds ``W[s]``,
 ``h_mean[s-1]`` (NaN at step 0) and ``loss[s]``; exporting it gives the input back byte for byte.
 
-What the file does not say, the run does not invent:
-
-- **epoch**: every epoch has the same unknown number B of batches, bounded by ``total_epochs``; a
-  step's epoch is recorded where every such B agrees, **-1 (unknown)** elsewhere (step 0 is 0,
-  step 1 is 1, the last is E). The metadata is kept whole in ``notebook_metadata``.
-- **config**: from ``metadata.json`` (every key required and checked against the tensors); without
-  it, the shapes and RunConfig defaults, as ``attributes["import"]["config_from"]`` says.
+What the file does not say, the run does not invent: a step's **epoch** is recorded where every
+batches-per-epoch count consistent with ``total_epochs`` agrees, **-1 (unknown)** elsewhere; the
+**config** comes from ``metadata.json`` (checked against the tensors) or, without it, from the
+shapes and RunConfig defaults, as ``attributes["import"]["config_from"]`` says.
 
 Nothing is written until the whole input has been checked; the run is written into a hidden
 sibling folder, renamed to ``--out`` when complete and removed on failure. Memory stays flat: plain
