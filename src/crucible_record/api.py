@@ -1,9 +1,7 @@
 """``cr.record``: create or reopen a run and return its Recorder, for one process or for every rank.
 
-Above both ways down: one process records with a :class:`~crucible_record.commit.LocalCommit`;
-under torch.distributed (an initialised default process group of world size > 1) every rank
-records with a :class:`~crucible_record.commit.RankCommit` after one collective here and one at
-the first step (ranks.py). The Recorder (writer.py) is the same for both.
+One process records with a LocalCommit; under torch.distributed every rank records with a
+RankCommit after one collective here and one at the first step (ranks.py).
 """
 
 from __future__ import annotations
@@ -44,22 +42,15 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
     process): its arrays grow, nothing stored changes. `attributes` replaces the run's own (e.g. a
     config that names the step count); without it they are kept.
 
-    Under torch.distributed (an initialised default process group of world size > 1) call it on
-    every rank with the same arguments; pass each rank's rows of a field split among the ranks as
-    ``cr.Shard(rows, offset=first_row)``, and a replicated field as the tensor itself (rank 0 writes
-    it). rank_timeout: seconds a closing rank waits for the others to reach the last step (rank 0;
-    the others wait up to twice that for rank 0's final commit) before raising a RecorderError.
-    Like torch.distributed.checkpoint.save, cr.record and the first rec.record are collective:
-    a rank that does not call them leaves the others waiting (up to the process group's timeout).
+    Under torch.distributed (world size > 1) call it on every rank with the same arguments, and pass
+    a rank's rows of a split field as ``cr.Shard(rows, offset=first_row)``, a replicated field as the
+    tensor itself. Like torch.distributed.checkpoint.save, cr.record and the first rec.record are
+    collective. rank_timeout: seconds a closing rank waits for the others (rank 0's final commit:
+    twice that) before raising a RecorderError.
     distributed=False: this process records alone, as without torch.distributed (e.g. full
     tensors from rank 0 only: ``if rank == 0: cr.record(..., distributed=False)``).
-    slots: steps staged for the writer before record() waits; None: staging_slots() (one block's
-    steps within STAGING_BYTES, at least 3), so the writer's pause to encode a full block never
-    holds training up.
-    writer_threads: threads that compress a block's inner chunks in parallel. None: chosen at the
-    first step (see default_writer_threads): 1 when the tensors are on the CPU, where training
-    already uses every core; all cores but one when they are on a GPU, where the host is idle.
-    Once close() is called, what is left is compressed by every core (training is over).
+    slots: steps staged before record() waits; None: staging_slots().
+    writer_threads: threads compressing a block; None: default_writer_threads() at the first step.
     """
     if distributed not in (None, True, False):
         raise CrucibleError(f"distributed must be None (automatic), True or False, got {distributed!r}")
@@ -117,8 +108,7 @@ def _ranks_text(n: int) -> str:
 
 def open_to_resume(store: RunStore, stack: ExitStack, fields: Mapping[str, Field], world_size: int):
     """Reopen a run to continue it (one process, or rank 0): checked, locked, claimed, swept,
-    uncommitted rows of open-ended arrays dropped before anyone writes again.
-    Returns (group, info, committed steps)."""
+    uncommitted rows dropped; (group, info, committed steps)."""
     open_group(store)  # a clear error if this is not a run, before taking the lock
     stack.enter_context(store.writer_lock())
     group, info = open_group(store, mode="r+")
@@ -145,9 +135,8 @@ def open_to_resume(store: RunStore, stack: ExitStack, fields: Mapping[str, Field
 
 def _record_ranks(ranks: Ranks, path, fields, steps, attributes, *, constants, resume, layout, commit_interval,
                   durability, slots, rank_timeout, writer_threads) -> Recorder:
-    """cr.record on one rank of several: rank 0 checks and claims the path (or reopens the run), every
-    rank checks its arguments, then one all_gather so that every rank raises the same error or none.
-    The run's arrays are created at the first step, once the ranks' shards are known."""
+    """cr.record on one rank of several: rank 0 claims the path (or reopens the run), then one
+    all_gather so that every rank raises the same error or none."""
     stack = ExitStack()
     error, claim, store, checked = None, None, None, None
     try:

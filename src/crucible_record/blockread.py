@@ -1,24 +1,15 @@
 """Reads of a run's fields by shardio, every shard file read as one version of it.
 
-Whole time blocks (a scan, export, verify, a dask task) are read at the codec's own speed: one
-GET per shard file, decoded by shardio straight into the result (read_blocks). zarr-python reads
-a shard through its general pipeline, which decodes every inner chunk into a fresh buffer,
-transposes it and copies it into the output (0.38x of the bare decompressor on a Crucible-size
-block, 0.22x at GPT-2 size: benchmarks/bench_codec_path.py). Any other selection (one token's
-trajectory ``W[:, tok]``, ``x[:, 2]``, strided steps, a list) is read inner chunk by inner chunk
-(read_selection; read_one_row for ``W[a:b, tok]``): per shard file its index and only the inner
-chunks the selection touches, for every shard at once, decoded by shardio (zarr spends ~2 ms a
-shard on its own bookkeeping there: benchmarks/bench_token_layout.py).
+Whole time blocks (a scan, export, verify, a dask task) are one GET per shard decoded straight into
+the result (read_blocks): zarr's general pipeline runs at 0.22-0.38x of the bare decompressor
+(benchmarks/bench_codec_path.py). Any other selection (``W[:, tok]``, strided steps, a list) reads
+per shard its index and only the inner chunks it touches (read_selection), for every shard at once
+(zarr spends ~2 ms a shard on bookkeeping: benchmarks/bench_token_layout.py).
 
-A writer replaces a partial block's shard file whole at every commit; every read here sees one
-version of each file (see fetch_shards), so a live reader never meets an index of one version and
-the bytes of another (a spurious checksum error). Shard indexes are checked as this format writes
-them: every inner chunk present, no two sharing bytes (shardio.index_spans).
-
-Where shardio cannot decode an array's shards (an unknown codec), the reason is logged once per
-array at INFO on the ``crucible_record`` logger (format.blocks.log_fallback; encode_block does the
-same for writes) and the caller reads through zarr: same values, zarr's speed. A shard that *can*
-be decoded but is damaged is never handed to zarr instead: it is a CrucibleError.
+A writer replaces a partial block's shard whole at every commit; every read here sees one version
+of each file (fetch_shards), so a live reader never pairs one version's index with another's bytes.
+Where shardio cannot decode an array (an unknown codec) the reason is logged once (log_fallback)
+and the caller reads through zarr; a decodable but damaged shard is a CrucibleError, never zarr's.
 """
 
 from __future__ import annotations
@@ -34,8 +25,8 @@ import numpy as np
 from .errors import CrucibleError, describe, missing_chunk_error
 from .format.blocks import log_fallback, missing_blocks
 from .shardio import (ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, index_spans,
-                      shard_layout)
-from .storage import open_store
+                      shard_layout, shard_spans)
+from .storage import open_store, read_fd
 
 
 class DamagedBlock(CrucibleError):
@@ -90,9 +81,8 @@ def wants_whole_blocks(selection: tuple, shape) -> bool:
 
 
 def read_blocks(store, array, selection: tuple, name: str, threads: int | None = None) -> np.ndarray | None:
-    """``array[selection]`` (orthogonal indexing; see wants_whole_blocks for what `selection` may
-    be) decoded shard by shard, or None if shardio cannot decode this array's shards. A shard file
-    that is absent or damaged raises a CrucibleError naming the field and its rows."""
+    """``array[selection]`` (see wants_whole_blocks) decoded shard by shard, or None if shardio cannot
+    decode this array; an absent or damaged shard is a CrucibleError naming the field and rows."""
     layout = _layout_or_log(array)
     if layout is None:
         return None
@@ -148,19 +138,14 @@ def wants_one_row(selection: tuple, shape) -> bool:
 
 
 def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None:
-    """``array[rows, k]`` (see wants_one_row): per block, the shard's index and the one inner chunk
-    holding row k, from one version of the shard file (read_selection), or None where shardio
-    cannot decode the layout (zarr reads it then)."""
+    """``array[rows, k]`` (see wants_one_row): per block the index and one inner chunk (read_selection)."""
     return read_selection(store, array, selection, name)
 
 
 def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | None:
-    """``array[selection]`` (a normalized selection: ints, slices of any step, at most one list;
-    orthogonal indexing) read inner chunk by inner chunk: per shard file, its index and only the
-    inner chunks the selection touches (the whole file in one read when it touches them all),
-    each file's reads from one version of it (see _fetch_shards), decoded by shardio. None where
-    shardio cannot decode the array's shards (an unknown codec; zarr reads it then). Shards split
-    among ranks (several files per block) are read file by file the same way."""
+    """``array[selection]`` (ints, slices of any step, at most one list; orthogonal) read per shard
+    file as its index and the inner chunks touched (the whole file when it touches them all), one
+    version of each file (fetch_shards); None where shardio cannot decode the array (zarr then)."""
     if array.ndim == 0:
         return None
     try:
@@ -247,21 +232,16 @@ def _orthogonal(keys: list) -> tuple:
 
 
 # ----- one version of a shard file --------------------------------------------------------------
-# A writer replaces a partial block's shard file whole at every commit (a rename on a disk, one PUT
-# on an object store). A read that took the index of one version and the inner chunks of another
-# would see a checksum mismatch (or, without checksums, wrong values) in a healthy run. So every
-# read of a shard file here sees one version: the whole file in one read; or on a disk the index
-# and the chunks read from one open file descriptor (a rename does not change what an open file
-# reads); or on an object store ranged GETs pinned to the ETag of the index's GET (If-Match): an
-# object replaced meanwhile is read again from its index, and after RANGED_TRIES changes whole.
+# Index and chunks from one version: one whole read; on a disk one open descriptor (a rename does not
+# change what it reads); on an object store ranged GETs If-Match the index GET's ETag, retried from
+# the index when it changed, and read whole after RANGED_TRIES changes.
 RANGED_TRIES = 3
 CONCURRENT_FILES = 16  # shard files read at once (object stores: requests in flight)
 
 
 def fetch_shards(store, layout: ShardLayout, jobs: list) -> list:
-    """For each job (key, wanted inner chunks or None for all, extent of the shard in its array):
-    {inner coords: payload bytes} from one version of the file, None if the file is absent, or the
-    ShardError its index raised. Every request started is awaited before this returns."""
+    """Per job (key, wanted inner chunks or None for all, extent): {inner coords: payload} from one
+    version of the file, None if absent, or its index's ShardError; every request is awaited."""
     from zarr.core.sync import sync
 
     async def run():
@@ -304,16 +284,10 @@ async def _whole(inner, key: str, layout: ShardLayout, wanted, extent):
     if data is None:
         return None
     buf = data.as_numpy_array()
-    if layout.sharded:
-        n = layout.index_nbytes
-        if len(buf) < n:
-            return ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
-        try:
-            spans = index_spans(layout, buf[:n] if layout.index_at_start else buf[len(buf) - n:], len(buf), extent)
-        except ShardError as e:
-            return e
-    else:
-        spans = {(0,) * len(layout.grid): (0, len(buf))}
+    try:
+        spans = shard_spans(layout, buf, extent)
+    except ShardError as e:
+        return e
     coords = spans if wanted is None else wanted
     return {c: buf[spans[c][0]:spans[c][0] + spans[c][1]] for c in coords}
 
@@ -339,13 +313,7 @@ def _local_chunks(path: Path, layout: ShardLayout, wanted, extent):
 
 
 def _pread(fd: int, n: int, offset: int) -> np.ndarray:
-    data = os.pread(fd, n, offset)
-    while len(data) < n:  # a short read: only at the end of the file (which a rename never changes)
-        more = os.pread(fd, n - len(data), offset + len(data))
-        if not more:
-            break
-        data += more
-    return np.frombuffer(data, dtype=np.uint8)
+    return np.frombuffer(read_fd(fd, offset, offset + n), dtype=np.uint8)
 
 
 async def _object_chunks(objects, key: str, layout: ShardLayout, wanted, extent):
@@ -386,9 +354,8 @@ async def _object_chunks(objects, key: str, layout: ShardLayout, wanted, extent)
 
 
 def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
-    """Stored rows [start, stop) of one field, opened afresh from `location` (for dask tasks:
-    only the location and the row range travel; the commit marker is not re-read). Here, not in
-    reader: it needs no Run, only whole blocks."""
+    """Stored rows [start, stop) of one field, opened afresh from `location` (a dask task: only the
+    location and the rows travel; the commit marker is not re-read)."""
     import zarr
 
     store = open_store(location)

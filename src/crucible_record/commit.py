@@ -1,16 +1,11 @@
 """Commit strategies: what the writer does once this process's rows of steps 0..n-1 are durable.
 
-The writer loop (writer.py) is the same for one process and for every rank of a torch.distributed
-job (one process is a world of one, as in PyTorch DCP's ``no_dist``); at a commit point it makes
-its own rows durable and hands over to one of these:
-
 * :class:`LocalCommit`: one process moves the commit marker itself.
 * :class:`RankCommit`: a rank r > 0 reports its progress in ``.ranks/<r>.json``; rank 0 moves the
-  marker to the smallest progress of all ranks (DCP's coordinator ``finish``, Orbax's primary
-  host), and at close waits for every rank to reach the last step and writes its verdict.
+  marker to the smallest progress of all (DCP's coordinator ``finish``) and at close writes its verdict.
 
-Both move the marker through :class:`Marker`: open-ended arrays grown first, then the marker,
-never back. Called on the writer thread only.
+Both move the marker through :class:`Marker`: open-ended arrays grown first, then the marker, never
+back. Called on the writer thread only.
 """
 
 from __future__ import annotations

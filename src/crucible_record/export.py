@@ -1,11 +1,7 @@
 """Any run -> one safetensors file, streamed: one tensor per field (its committed rows) and constant.
 
-The safetensors library needs every tensor in memory at once, so the file is written here
-directly: the header from crucible_record.safetensors_io, then the tensors' bytes back to back,
-large fields one stored block at a time. The layout (tensor order, JSON spelling, padding) matches
-what ``safetensors.torch.save_file`` writes for the same tensors, byte for byte (tests check it;
-save_file writes metadata keys in a random order, this file sorts them), so memory stays one block
-however long the run is.
+The safetensors library needs every tensor in memory, so the file is written here, byte for byte
+what ``safetensors.torch.save_file`` writes (metadata keys sorted), one stored block at a time.
 """
 
 from __future__ import annotations
@@ -32,9 +28,8 @@ Chunks = Callable[[], Iterator[memoryview | bytes]]
 
 def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int, Chunks]],
                       metadata: Mapping[str, str] | None = None, *, dir_fd: int | None = None) -> None:
-    """Stream tensors into `target` (temporary file, fsync, rename: never a torn file; a symlink
-    at `target` is replaced, never written through). dir_fd: `target`'s folder, opened by the
-    caller (open_output_dir); else its parent as named."""
+    """Stream tensors into `target` by a durable replace (never a torn file, never through a symlink);
+    dir_fd: `target`'s folder (open_output_dir), else its parent as named."""
     header, order = safetensors_header({name: spec[:3] for name, spec in tensors.items()}, metadata)
     target = Path(target)
     tmp = f".{target.name}.{uuid.uuid4().hex}.tmp"
@@ -44,9 +39,7 @@ def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int
             folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
         try:
-            # One thread writes a block while this one decodes the next: the file's writes (page cache
-            # copies, throttled to the disk's speed) overlap the decoding instead of following it. At
-            # most one block is being written at a time, so memory stays two blocks.
+            # One thread writes a block while this one decodes the next (memory: two blocks).
             with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
                 f.write(header)
                 pending = None
@@ -106,9 +99,8 @@ def tensor_spec(tensor: torch.Tensor) -> tuple[str, list[int], int, Chunks]:
 
 
 def check_targets(out_dir: Path, names: list[str], force: bool, run_dir: Path | None = None) -> tuple[int, list[Path]]:
-    """Open (create) the output folder without following a symlink into it (see open_output_dir)
-    and check none of `names` is there unless `force`: (the folder's descriptor, the targets).
-    The caller closes the descriptor."""
+    """(the output folder's descriptor (open_output_dir), the targets); none of `names` may be there
+    unless `force`. The caller closes the descriptor."""
     fd = open_output_dir(out_dir, run_dir)
     try:
         paths = [out_dir / name for name in names]

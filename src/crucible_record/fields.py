@@ -1,9 +1,7 @@
 """What a run records: named fields, each a tensor of fixed shape and dtype, validated up front.
 
-A :class:`Field` describes the tensor handed to ``rec.record(step, name=tensor)``: its shape and
-dtype, how often it is recorded (``every``) and, optionally, which rows of its first axis are kept
-(``rows``). Refusals name the field and the fix, like safetensors' errors do. In a run recorded by
-several ranks of a torch.distributed job, a :class:`Shard` hands over one rank's rows of a field.
+Refusals name the field and the fix, like safetensors' errors do. Under torch.distributed a
+:class:`Shard` hands over one rank's rows of a field.
 """
 
 from __future__ import annotations
@@ -116,13 +114,9 @@ class Field:
 
 @dataclass(frozen=True, eq=False)
 class Shard:
-    """Rows ``offset .. offset + len(tensor) - 1`` of a field's first axis, held by this rank.
-
-    ``rec.record(step, wte=cr.Shard(local_rows, offset=first_row))`` on every rank of a
-    torch.distributed job: the ranks' shards must tile the field's first axis (checked at the first
-    step), each rank writes only its own rows. The tensor has the field's shape except its first
-    axis (``len(tensor)`` rows, 0 allowed) and the field's dtype. With one process a Shard must hold
-    every row (offset 0).
+    """Rows ``offset .. offset + len(tensor) - 1`` of a field's first axis, held by this rank:
+    ``rec.record(step, wte=cr.Shard(local_rows, offset=first_row))``. The ranks' shards tile the
+    first axis; with one process a Shard holds every row.
     """
 
     tensor: Any

@@ -1,10 +1,7 @@
 """The collectives of a run recorded by several ranks of a torch.distributed job.
 
-Like torch.distributed.checkpoint.save: collectives run on the training thread only, at
-``cr.record`` (every rank's arguments agreed, rank 0 claims the path) and at the first
-``rec.record`` (every rank's split of each field gathered into one plan; rank 0 creates the
-run); never on a writer thread, never per step. After that each rank writes its own shards and
-the commit strategy (commit.RankCommit) does the rest through the store.
+As in torch.distributed.checkpoint.save, they run on the training thread only: at ``cr.record``
+and at the first ``rec.record``, never per step; then each rank writes its own shards.
 """
 
 from __future__ import annotations
@@ -149,12 +146,9 @@ def agree_on_first_step(ranks: Ranks, fields: Mapping[str, Field], step: int, du
                         tensors: Mapping[str, Any], stored: Callable[[], Mapping[str, Partition | None] | None],
                         create: Callable[[dict], None] | None, open_run: Callable[[dict], None]
                         ) -> dict[str, Partition | None]:
-    """The first rec.record on every rank: gather each rank's (offset, rows) of every Shard (None
-    for a plain tensor) and digest of every plain tensor; derive the same plan everywhere; rank 0
-    runs `create(plan)` (a new run); every rank runs `open_run(plan)`. `due()` checks the step and
-    returns the fields due, `stored()` a resumed run's own splits (None: a new run); either may
-    raise on one rank only. Each phase ends in a
-    collective, so that every rank raises the same error or none, and no rank goes on alone."""
+    """The first rec.record on every rank: gather every Shard's (offset, rows) and plain tensor's
+    digest, derive one plan; rank 0 runs `create(plan)`, every rank `open_run(plan)`. Each phase
+    ends in a collective, so every rank raises the same error or none."""
     error, layout, digests, known = None, {}, {}, None
     try:
         known = stored()

@@ -1,8 +1,7 @@
 """cr.open: a run's fields, read lazily over the committed steps only.
 
-``t["wte"][10:20, 5]`` reads only the chunks it touches and returns a torch tensor of the recorded
-dtype (bf16 decoded from its stored uint16 bits). A chunk that should hold committed rows but is
-absent, or fails its checksum, raises a CrucibleError instead of reading as fill values.
+``t["wte"][10:20, 5]`` reads only the chunks it touches; a chunk that should hold committed rows
+but is absent or fails its checksum is a CrucibleError, never fill values.
 """
 
 from __future__ import annotations
@@ -24,11 +23,8 @@ from .storage import RunStore, open_store
 
 
 class LazyField:
-    """One field over the committed steps: ``len()`` rows, row i = step ``steps[i]``.
-
-    Indexing follows torch/numpy for ints, slices, and one boolean mask or index list per call
-    (e.g. ``f[:, dead_mask, :]``); it returns a tensor of the field's dtype.
-    """
+    """One field over the committed steps: ``len()`` rows, row i = step ``steps[i]``; indexed like
+    torch (ints, slices, one mask or index list per call)."""
 
     def __init__(self, store: RunStore, array, name: str, spec: Field, n_rows: int, first_step: int = 0):
         self._store, self._array, self.name, self.spec = store, array, name, spec
@@ -70,11 +66,8 @@ class LazyField:
             data = read_selection(self._store, self._array, selection, self.name)
         if data is not None:
             return data
-        # Only arrays whose shards shardio cannot decode (a codec it does not know: never one the
-        # recorder writes) are read by zarr. zarr fetches a shard's index and its inner chunks in
-        # separate requests, so beside a live writer such a read can still see two versions of a
-        # rewritten shard: a spurious checksum error (an error, not wrong data, where the codecs
-        # end in crc32c); reopening and reading again gives the right values.
+        # Only codecs shardio does not know (never the recorder's) come here. zarr reads a shard's
+        # index and chunks in separate requests: beside a live writer, a spurious checksum error.
         self.check_present(_rows(selection[0]))
         try:
             data = self._array.oindex[selection] if advanced else self._array[selection]

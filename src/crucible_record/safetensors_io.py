@@ -1,10 +1,7 @@
 """The one place that writes and parses a safetensors header.
 
-The safetensors library cannot do this here: its writers take every tensor in memory at once, and
-its readers give neither a tensor's byte offsets (for streamed reads of a file larger than memory)
-nor, from bytes, the metadata. :func:`parse_header` refuses in one line what safetensors' reader
-refuses: a header over 100 MB, offsets that overlap, leave gaps or run past the file, a byte count
-that does not match dtype and shape.
+The safetensors library takes every tensor in memory to write and gives neither byte offsets nor,
+from bytes, the metadata. :func:`parse_header` refuses in one line what safetensors' reader refuses.
 """
 
 from __future__ import annotations

@@ -1,36 +1,17 @@
 """Whole shards encoded and decoded at the codec's own speed, byte for byte what zarr-python writes.
 
-zarr-python's ``array[start:end] = block`` copies every byte five or six times on its way through
-the codec pipeline (merge into a fresh chunk, transpose, flatten, compress into a new buffer,
-append the checksum with ``np.append``, concatenate the shard). For the one write the recorder
-does — a whole block of steps, i.e. one whole shard — this module produces the same bytes with
-one staging copy per inner chunk (the transpose), numcodecs' compressor straight from it, a
-crc32c, and one final join; inner chunks are encoded in a thread pool (zstd, blosc, numpy's and
-torch's copies release the GIL; google_crc32c keeps it for anything but ``bytes`` >= 1 MB, some
-30 us per chunk). The read side decodes a whole shard into a preallocated buffer, checksums
-verified.
+zarr-python copies every byte five or six times through its codec pipeline. For the recorder's one
+write, a whole shard, this module produces the same bytes with one staging copy per inner chunk
+(the transpose), numcodecs' compressor straight from it, a crc32c and one join, inner chunks in a
+thread pool; the read side decodes a whole shard into a preallocated buffer, checksums verified.
 
-What is matched, from the array's own metadata (anything else raises NotImplementedError so that
-the caller falls back to zarr):
+Matched from the array's metadata (anything else raises NotImplementedError: the caller uses zarr):
+``sharding_indexed`` (Morton order, ``<u8`` index with ``bytes`` [+ ``crc32c``], at either end) or
+none; ``transpose``s and a last numcodecs ``delta``; ``bytes`` (either endianness); ``zstd``,
+``blosc`` and ``crc32c`` in any order. Edge shards and ``write_empty_chunks`` off behave as zarr's.
 
-- ``sharding_indexed`` (inner chunks stored in zarr's Morton order, index of ``(offset, nbytes)``
-  ``<u8`` pairs in C order of the inner-chunk grid, index codecs ``bytes`` [+ ``crc32c``], index at
-  the end or the start) or no sharding (the "shard" is then the one chunk);
-- array->array: ``transpose`` (any number, composed), numcodecs ``delta`` (astype = dtype) last;
-- array->bytes: ``bytes`` (either endianness);
-- bytes->bytes: ``zstd``, ``blosc`` (numcodecs, as zarr calls them) and ``crc32c`` (google_crc32c,
-  little-endian, appended — what zarr's Crc32cCodec does), in any order.
-
-An edge shard (``block`` smaller than the shard) is what zarr writes into an empty store: inner
-chunks padded with the fill value, inner chunks outside ``block`` left out of the index. With
-``write_empty_chunks`` off (the array's config), inner chunks equal to the fill value are left out
-too and a shard with none left encodes to ``None`` (zarr deletes the key).
-
-One layout is refused on purpose: numcodecs' Delta flattens with ``order='A'``; after a
-transpose that leaves the chunk Fortran-contiguous (2-D arrays: (steps, n) -> (n, steps)) it
-flattens in Fortran order but zarr decodes in C order, so zarr itself does not read back what it
-wrote there (codecs.py's "max" preset no longer puts Delta on 2-D arrays; runs written before
-that hold such chunks). Encoding those bytes faster would only write the same damaged data faster.
+Refused on purpose: numcodecs' Delta after a transpose that leaves the chunk Fortran-contiguous
+(zarr flattens it in Fortran order and decodes in C order: it cannot read back what it wrote).
 """
 
 from __future__ import annotations
@@ -46,19 +27,14 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "encode_shard_with", "decode_shard_with",
-           "shard_layout", "default_threads", "parse_index", "index_spans", "decode_chunk"]
+           "shard_layout", "default_threads", "parse_index", "index_spans", "shard_spans", "decode_chunk"]
 
 MAX_U64 = np.uint64(2**64 - 1)
 _TORCH_MIN = 60 * 60  # torch's blocked transpose copy needs at least this many elements
-# How inner chunks are transposed to/from step-last (every choice gives the same bytes):
-#   "auto":  chunks of >= _BLOCKED_MIN_STEPS steps: encode = gather the chunk's rows contiguous, then
-#            torch's cache-blocked 2-D transpose copy; decode = numpy copies in tiles of
-#            _DECODE_TILE columns. Shorter chunks: numpy's copy of the transposed view both ways.
-#   "torch": torch's blocked copy both ways whenever it applies; "numpy": numpy's plain copy always.
-# Measured on 2 cores in CPU-seconds (benchmarks/bench_codec_path.py "transposes", and by hand over
-# T = 4..128): for 64-step chunks torch encodes ~1.2-1.8x and tiles decode ~1.5x faster than
-# numpy's plain copy; for chunks of <= 32 steps (GPT-2-sized blocks of 3-4 steps) numpy's plain
-# copy is 2-6x faster than either.
+# How inner chunks are transposed to/from step-last (same bytes either way): "auto" uses torch's
+# blocked copy to encode and numpy tiles to decode chunks of >= _BLOCKED_MIN_STEPS steps (1.2-1.8x
+# and 1.5x faster at 64 steps), numpy's plain copy for shorter ones (2-6x faster at <= 32 steps);
+# "torch" / "numpy" force one (benchmarks/bench_codec_path.py "transposes").
 STAGING = "auto"
 _BLOCKED_MIN_STEPS = 48
 _DECODE_TILE = 256
@@ -376,13 +352,9 @@ def _is_fill(chunk: np.ndarray, fill) -> bool:
 def encode_shard(array, block: np.ndarray, threads: int = 1) -> bytes | None:
     """The bytes zarr-python stores for one shard of `array` holding `block` (None: zarr deletes it).
 
-    `block`: the shard's rows, shape = the shard shape, or smaller on any axis (a shard at the
-    array's end: the part of the shard inside the array); what lies beyond is fill, exactly as
-    zarr writes ``array[shard region] = block`` into a store holding no shard there. For an
-    unsharded array (a scalar field: chunks (T,)) the "shard" is the one chunk.
-    A block already staged step-last (a transposed view whose chunks are C-contiguous once moved
-    back) is compressed without a staging copy.
-    Raises NotImplementedError for a layout this module does not reproduce (use zarr then).
+    `block` may be smaller than the shard on any axis (the array's end): the rest is fill, as zarr
+    writes it into an empty store. A block staged step-last is compressed without a staging copy.
+    NotImplementedError for a layout this module does not reproduce (use zarr then).
     """
     layout = shard_layout(array)
     block = np.asarray(block)
@@ -531,9 +503,8 @@ def _encode_fixed(layout: ShardLayout, chunk_of, threads: int) -> bytes | None:
 
 # ----- decode --------------------------------------------------------------------------------
 def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Decode one shard's bytes into `out` (the shard shape, or its leading part: a block at the
-    array's end); checksums verified (ShardError on any mismatch or inconsistency). Inner chunks
-    absent from the index read as the fill value, as zarr reads them. Returns `out`."""
+    """Decode one shard's bytes into `out` (the shard shape or its leading part) and return it;
+    checksums verified (ShardError); absent inner chunks read as the fill value, as in zarr."""
     layout = shard_layout(array)
     if out.dtype != layout.dtype:
         raise ValueError(f"out dtype {out.dtype} is not the array's {layout.dtype}")
@@ -543,23 +514,13 @@ def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
 
 
 def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1, complete: bool = False) -> np.ndarray:
-    """decode_shard with a layout already parsed (see shard_layout).
-
-    complete: the shard was written with every inner chunk, each its own bytes (a crucible-record
-    run's shards are): an inner chunk of `out`'s region absent from the index, or two index entries
-    that overlap, raise ShardError instead of reading as the fill value (see index_spans)."""
+    """decode_shard with a parsed layout; complete: the shard holds every inner chunk, each its own
+    bytes (as the recorder writes them), else ShardError (see index_spans)."""
     if hasattr(data, "as_numpy_array"):  # a zarr Buffer, as store.get returns it
         data = data.as_numpy_array()
     buf = np.frombuffer(data, dtype=np.uint8)
     cs = layout.chunk_shape
-    if layout.sharded:
-        n = layout.index_nbytes
-        if len(buf) < n:
-            raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
-        raw = buf[:n] if layout.index_at_start else buf[len(buf) - n:]
-        spans = index_spans(layout, raw, len(buf), out.shape if complete else None)
-    else:
-        spans = {layout.data_order[0]: (0, len(buf))}
+    spans = shard_spans(layout, buf, out.shape if complete else None)
 
     def decode_one(coords) -> None:
         r = tuple(slice(c * n, min((c + 1) * n, o)) for c, n, o in zip(coords, cs, out.shape))
@@ -592,14 +553,10 @@ def parse_index(layout: ShardLayout, raw: np.ndarray) -> np.ndarray:
 
 def index_spans(layout: ShardLayout, raw: np.ndarray, size: int,
                 extent: tuple[int, ...] | None = None) -> dict[tuple[int, ...], tuple[int, int]]:
-    """The (offset, nbytes) of each inner chunk present in a shard of `size` bytes whose index's
-    bytes are `raw`: checksum verified, every span inside the shard's data (ShardError otherwise).
-
-    extent (the part of the shard inside its array, per axis; None: no such check): the shard was
-    written with every inner chunk, each its own bytes, as the recorder writes them (WRITE_ALL).
-    Then an inner chunk that lies in `extent` but is absent from the index, or two entries whose
-    bytes overlap, are damage: ShardError (zarr would read the first as fill values and the second
-    as whatever the shared bytes decode to)."""
+    """The (offset, nbytes) of each inner chunk present in a shard of `size` bytes whose index is
+    `raw`: checksum verified, every span inside the shard's data (ShardError otherwise).
+    extent (the shard's part inside its array): every inner chunk was written (WRITE_ALL), so one
+    absent within `extent`, or two overlapping, is damage zarr would read silently: ShardError."""
     index = parse_index(layout, np.asarray(raw, dtype=np.uint8))
     n = layout.index_nbytes
     lo, hi = (n, size) if layout.index_at_start else (0, size - n)
@@ -620,6 +577,16 @@ def index_spans(layout: ShardLayout, raw: np.ndarray, size: int,
             if a_off + a_n > b_off:
                 raise ShardError(f"shard index entries {a} and {b} overlap (bytes {b_off}-{a_off + a_n - 1})")
     return spans
+
+
+def shard_spans(layout: ShardLayout, buf: np.ndarray, extent: tuple[int, ...] | None = None) -> dict:
+    """index_spans of a whole shard's bytes (an unsharded array's "shard" is its one chunk)."""
+    if not layout.sharded:
+        return {layout.data_order[0]: (0, len(buf))}
+    n = layout.index_nbytes
+    if len(buf) < n:
+        raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
+    return index_spans(layout, buf[:n] if layout.index_at_start else buf[len(buf) - n:], len(buf), extent)
 
 
 def decode_chunk(payload: np.ndarray, layout: ShardLayout, coords) -> np.ndarray:

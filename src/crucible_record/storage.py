@@ -1,21 +1,15 @@
 """Where a run lives: a local directory or a URL (``s3://``, ``file://``, ``memory://``), as a zarr store.
 
 Keys, not paths, are what the rest of the package passes around (``W/c/0/0/0``, ``commit.json``).
-Two kinds of run store share one interface:
 
-* :class:`LocalRunStore`: every write into the run, ours and zarr's own (zarr.json on resize), is a
-  durable replace: a temporary file in the same directory, fsynced, renamed over the old file, then
-  the directory fsynced (and a parent of each directory created). zarr's LocalStore renames without
-  any fsync, so power loss could leave a torn block in place of rows committed before. With
-  ``durability="none"`` the rename stays atomic, without fsyncs. One writer per run: an OS file lock.
-* :class:`ObjectRunStore`: zarr's ObjectStore over obstore. A PUT is atomic and durable once it
-  returns, one PUT per shard. S3 has no locks, so every PUT is conditional: If-None-Match for an
-  object the writer creates, If-Match on the ETag it last wrote or listed for a rewrite. The run is
-  claimed by creating (or, to resume, rewriting) its commit marker; a writer fenced off by a newer
-  one gets a failed precondition at its next PUT, and stops without overwriting anything. Credentials
-  and endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-  AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP); no listing caches stand between a live reader and
-  new steps.
+* :class:`LocalRunStore`: every write into the run, zarr's own included, is a durable replace (temporary
+  file, fsync, rename, fsync of the directory) beneath the run, never through a symlink: zarr's
+  LocalStore renames without fsync, so power loss could tear a committed block. ``durability="none"``
+  keeps the atomic rename without fsyncs. One writer per run: an OS file lock.
+* :class:`ObjectRunStore`: zarr's ObjectStore over obstore; a PUT is atomic and durable once it returns.
+  S3 has no locks, so every PUT is conditional (If-None-Match to create, If-Match on the ETag last
+  written or listed): a writer fenced off by a newer one fails at its next PUT and overwrites nothing.
+  Credentials and endpoint come from the standard AWS_* environment; no listing cache hides new steps.
 """
 
 from __future__ import annotations
@@ -47,6 +41,8 @@ URL_SCHEMES = ("s3", "file", "memory")
 MAX_METADATA_BYTES = 16 << 20  # a run's JSON documents (zarr.json, commit.json, .ranks/*.json)
 MAX_FILE_BYTES = 1 << 30  # a store file whose size its array's metadata cannot bound
 _MEMORY: dict[str, Any] = {}  # memory:// stores of this process, by URL
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a folder, as named
+_NOFOLLOW_DIR = _DIR | os.O_NOFOLLOW
 
 
 def is_url(location: str | Path) -> bool:
@@ -71,31 +67,29 @@ def open_store(location: str | Path, *, read_only: bool = True, durability: str 
     return ObjectRunStore(text.rstrip("/"), read_only=read_only)
 
 
+def _marker_bytes(doc: dict[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
 class RunStore:
     """A run: its zarr store (``RUN/trajectory.zarr``) and a few run-level files beside it."""
 
     location: str
     name: str
     store: Any  # the zarr store of RUN/trajectory.zarr
-    # Capabilities: callers ask these, never the store's class.
-    durable_replace: bool = False  # a set() replaces a file durably (temporary, fsync, rename, fsync dir)
     conditional_put: bool = False  # a set() is conditional (If-None-Match / If-Match): fencing by the store
-    file_lock: bool = False  # one writer is ensured by an OS file lock
 
     # ----- keys of the zarr store ---------------------------------------------------------------
-    def get(self, key: str) -> bytes | None:
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
-        buf = sync(self.store.get(key, default_buffer_prototype()))
-        return None if buf is None else buf.to_bytes()
-
     def get_buffer(self, key: str):
         """A key's bytes as the store hands them over (a zarr Buffer, no copy), or None if absent."""
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
         return sync(self.store.get(key, default_buffer_prototype()))
+
+    def get(self, key: str) -> bytes | None:
+        buf = self.get_buffer(key)
+        return None if buf is None else buf.to_bytes()
 
     def set(self, key: str, data: bytes) -> None:
         """One atomic write (a PUT; a temporary file + rename on disk)."""
@@ -137,7 +131,7 @@ class RunStore:
         """Raise if another writer took the run over (object stores; a no-op under a file lock)."""
 
     def write_marker(self, doc: dict[str, Any]) -> None:
-        raise NotImplementedError
+        self.set(MARKER, _marker_bytes(doc))
 
     def sync(self, keys) -> None:
         """Make `keys` durable before a commit (no-op where a write is durable when it returns)."""
@@ -163,9 +157,6 @@ class RunStore:
 
 
 class LocalRunStore(RunStore):
-    durable_replace = True
-    file_lock = True
-
     def __init__(self, run_dir: Path, *, read_only: bool = True, durability: str = "fsync"):
         self.run_dir = Path(run_dir)
         self.location = str(self.run_dir)
@@ -201,13 +192,8 @@ class LocalRunStore(RunStore):
         except OSError as e:
             raise CrucibleError(f"cannot create {self.run_dir}: {e.strerror or e}") from None
 
-    def write_marker(self, doc: dict[str, Any]) -> None:
-        """A durable replace, like every write into the run (see DurableFiles.replace)."""
-        self.set(MARKER, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
-
     def sync(self, keys) -> None:
-        """fsync what of `keys` was not written durably through this store (and its directories up
-        to the store root); what was (every set(), zarr's writes included) is durable already."""
+        """fsync what of `keys` this store did not write durably itself, and its folders up to the root."""
         if self.durability == "none":
             return
         dirs: set[Path] = set()
@@ -215,25 +201,24 @@ class LocalRunStore(RunStore):
             path = self.path(key)
             if self.files.take_durable(path):
                 continue
-            _fsync_path(path, os.O_RDONLY)
+            fsync_path(path, os.O_RDONLY | os.O_NOFOLLOW)
             parent = path.parent
             while parent != self.root.parent and parent not in dirs:
                 dirs.add(parent)
                 parent = parent.parent
         for directory in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first
-            _fsync_path(directory, os.O_RDONLY | os.O_DIRECTORY)
+            fsync_path(directory, _NOFOLLOW_DIR)
 
     def sync_all(self) -> None:
         self.sync([p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file()])
 
     def sweep_partial_files(self) -> int:
         """Remove temporary files a killed writer left behind; returns how many."""
-        removed = 0
-        for path in self.root.rglob("*.partial"):
-            if _PARTIAL.search(path.name) and path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed += 1
-        return removed
+        partial = [p for p in self.root.rglob("*.partial")
+                   if _PARTIAL.search(p.name) and p.is_file() and not p.is_symlink()]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
 
     def bytes_on_disk(self) -> int:
         """Bytes of the store's files, temporaries left by a kill not counted."""
@@ -255,13 +240,9 @@ class LocalRunStore(RunStore):
 class DurableFiles:
     """Durable replaces of the files of one local run (fsync=False: atomic renames, no fsync).
 
-    Every file is written beneath `run_dir` through directory descriptors opened one component at
-    a time without following symlinks: a symlinked folder inside the run (``trajectory.zarr``,
-    ``W/c``, ...) is refused, so no write ever lands outside the run. The run directory itself is
-    opened as named (a symlink naming the whole run is the user's choice of where it lives).
-
-    Remembers which files it made durable since a caller last asked (take_durable), so that
-    RunStore.sync does not fsync them again.
+    Files are reached through folders opened one component at a time without following a symlink
+    below `run_dir`, so no write lands outside the run. It remembers the files it made durable
+    (take_durable), so that LocalRunStore.sync does not fsync them again.
     """
 
     def __init__(self, fsync: bool, run_dir: Path):
@@ -271,8 +252,7 @@ class DurableFiles:
         self._durable: set[Path] = set()
 
     def make_dirs(self, directory: Path) -> None:
-        """mkdir -p; with fsync, each created directory's entry is made durable in its parent.
-        Beneath the run directory no component may be a symlink."""
+        """mkdir -p; with fsync, each created folder's entry is made durable in its parent."""
         directory = Path(directory)
         missing = []
         parent = self.run_dir
@@ -282,24 +262,26 @@ class DurableFiles:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             for created in reversed(missing):  # outermost first: each entry durable before the next
-                _fsync_dir(created.parent)
+                fsync_path(created.parent, _DIR)
         if directory != self.run_dir:
             os.close(open_dir_beneath(self.run_dir, _parts_beneath(self.run_dir, directory), make=True,
                                       fsync=self.fsync))
 
-    def replace(self, path: Path, data, *, exclusive: bool = False) -> None:
-        """Write `data` to a temporary file beside `path` (O_EXCL, O_NOFOLLOW), fsync it, rename it
-        over `path` (exclusive: link it, FileExistsError if `path` exists), fsync the directory.
-        The temporary name is zarr's (``<name>.<32 hex>.partial``), which sweep_partial_files removes."""
+    def _file_parts(self, path: Path) -> tuple[str, ...]:
         parts = _parts_beneath(self.run_dir, path)
         if not parts:
             raise IsADirectoryError(errno.EISDIR, "is the run directory", str(path))
+        return parts
+
+    def replace(self, path: Path, data, *, exclusive: bool = False) -> None:
+        """A durable replace of `path` (exclusive: FileExistsError if it exists) through a temporary
+        named like zarr's (``<name>.<32 hex>.partial``), which sweep_partial_files removes."""
+        *dirs, name = self._file_parts(path)
         if not os.path.isdir(self.run_dir):
             self.make_dirs(self.run_dir)
-        dir_fd = open_dir_beneath(self.run_dir, parts[:-1], make=True, fsync=self.fsync)
+        dir_fd = open_dir_beneath(self.run_dir, dirs, make=True, fsync=self.fsync)
         try:
-            name = parts[-1]
-            if exclusive and _lexists_at(name, dir_fd):  # (zarr asks this for every parent group, at each array)
+            if exclusive and lexists_at(name, dir_fd):  # (zarr asks this for every parent group, at each array)
                 raise FileExistsError(errno.EEXIST, "file exists", str(path))
             _replace_at(dir_fd, name, data, f"{name}.{uuid.uuid4().hex}.partial", exclusive=exclusive,
                         fsync=self.fsync)
@@ -311,34 +293,32 @@ class DurableFiles:
 
     def delete(self, path: Path) -> None:
         """Remove a file (or a folder, whole) beneath the run, never through a symlinked folder."""
-        parts = _parts_beneath(self.run_dir, path)
-        if not parts:
-            raise IsADirectoryError(errno.EISDIR, "is the run directory", str(path))
+        *dirs, name = self._file_parts(path)
         try:
-            dir_fd = open_dir_beneath(self.run_dir, parts[:-1])
+            dir_fd = open_dir_beneath(self.run_dir, dirs)
         except (FileNotFoundError, NotADirectoryError):
             return
         try:
             try:
-                info = os.lstat(parts[-1], dir_fd=dir_fd)
+                info = os.lstat(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 return
             if stat.S_ISDIR(info.st_mode):
-                shutil.rmtree(parts[-1], dir_fd=dir_fd)  # (fd-based: never follows a symlink inside)
+                shutil.rmtree(name, dir_fd=dir_fd)  # (fd-based: never follows a symlink inside)
             else:
-                os.unlink(parts[-1], dir_fd=dir_fd)
+                os.unlink(name, dir_fd=dir_fd)
         finally:
             os.close(dir_fd)
 
     def take_durable(self, path: Path) -> bool:
         """Whether `path` was replaced durably since the last call for it (and forget it)."""
         with self._lock:
-            if path in self._durable:
-                self._durable.discard(path)
-                return True
-            return False
+            found = path in self._durable
+            self._durable.discard(path)
+            return found
 
 
+# ----- file primitives: no-follow folders, durable replaces, bounded reads -----------------------
 def _parts_beneath(base: Path, path: Path) -> tuple[str, ...]:
     try:
         parts = Path(path).relative_to(base).parts
@@ -349,32 +329,36 @@ def _parts_beneath(base: Path, path: Path) -> tuple[str, ...]:
     return parts
 
 
-def _symlink_error(path) -> CrucibleError:
-    return CrucibleError(f"{path} is a symlink inside the run; refusing to read or write through it "
-                         f"(a damaged run: replace the link by what it should hold)")
+def fsync_path(path, flags: int) -> None:
+    """fsync what `path` opens to with `flags` (O_NOFOLLOW to refuse a symlink)."""
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool = False) -> int:
-    """A descriptor of the folder `base`/parts..., opened component by component without following
-    symlinks (`base` itself is opened as named); make: create what is missing (fsync: each new
-    entry durable in its parent). A symlinked component is a CrucibleError; a missing one
-    FileNotFoundError, a file in the way NotADirectoryError. The caller closes the descriptor."""
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """A descriptor of the folder `base`/parts..., opened one component at a time without following a
+    symlink (`base` itself is opened as named); make: create what is missing (fsync: durably). A
+    symlinked component is a CrucibleError, a missing one FileNotFoundError, a file in the way
+    NotADirectoryError. The caller closes the descriptor."""
+    fd = os.open(base, _DIR)
     try:
         for i, part in enumerate(parts):
             try:
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            except FileNotFoundError:
-                if not make:
-                    raise
                 try:
-                    os.mkdir(part, dir_fd=fd)
-                except FileExistsError:  # (another writer thread made it just now)
-                    pass
-                else:
-                    if fsync:
-                        os.fsync(fd)
-                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                    child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if not make:
+                        raise
+                    try:
+                        os.mkdir(part, dir_fd=fd)
+                        if fsync:
+                            os.fsync(fd)
+                    except FileExistsError:  # (another writer thread made it just now)
+                        pass
+                    child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
             except OSError as e:
                 where = Path(base, *parts[:i + 1])
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
@@ -390,41 +374,37 @@ def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool
     return fd
 
 
+def _symlink_error(path) -> CrucibleError:
+    return CrucibleError(f"{path} is a symlink inside the run; refusing to read or write through it "
+                         f"(a damaged run: replace the link by what it should hold)")
+
+
 def open_output_dir(out: str | Path, run_dir: str | Path | None = None) -> int:
     """A descriptor of the folder a command writes its files into (export, analysis), created if
-    missing. Inside `run_dir` (e.g. RUN/export) no component below the run directory may be a
-    symlink; elsewhere the folder itself may not be one (its parents are the user's path). So a
-    link planted in the run, or given as --out, never sends files outside. The caller closes it."""
+    missing: inside `run_dir` no component below the run may be a symlink, elsewhere the folder itself
+    may not be one. So a link planted in the run, or given as --out, never sends files outside."""
     out = Path(out)
     parts = None
-    if run_dir is not None:
-        try:
-            parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
-        except ValueError:
-            parts = None
+    if run_dir is not None and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(run_dir)):
+        parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
+    symlink = f"output folder {out} is a symlink; refusing to write through it (give the folder itself)"
     try:
         if parts:
             return open_dir_beneath(run_dir, parts, make=True)
         if out.is_symlink():
-            raise CrucibleError(f"output folder {out} is a symlink; refusing to write through it (give the folder itself)")
+            raise CrucibleError(symlink)
         out.mkdir(parents=True, exist_ok=True)
-        return os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileExistsError:
-        raise CrucibleError(f"output folder {out} exists and is not a directory") from None
+        return os.open(out, _NOFOLLOW_DIR)
     except OSError as e:
-        if e.errno == errno.ENOTDIR:
+        if isinstance(e, FileExistsError) or e.errno == errno.ENOTDIR:
             raise CrucibleError(f"output folder {out} exists and is not a directory") from None
         if e.errno == errno.ELOOP:
-            raise CrucibleError(f"output folder {out} is a symlink; refusing to write through it (give the folder itself)") from None
+            raise CrucibleError(symlink) from None
         raise CrucibleError(f"cannot create {out}: {e.strerror or e}") from None
 
 
 def lexists_at(name: str, dir_fd: int) -> bool:
     """Whether `name` exists in the folder `dir_fd` (a symlink counts, dangling or not)."""
-    return _lexists_at(name, dir_fd)
-
-
-def _lexists_at(name: str, dir_fd: int) -> bool:
     try:
         os.lstat(name, dir_fd=dir_fd)
         return True
@@ -433,8 +413,9 @@ def _lexists_at(name: str, dir_fd: int) -> bool:
 
 
 def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = False, fsync: bool = True) -> None:
-    """Temporary file `tmp` in the folder `dir_fd` (O_EXCL, O_NOFOLLOW), fsync, rename over `name`
-    (a symlink there is replaced, never followed), fsync the folder."""
+    """The one durable replace: temporary file `tmp` in the folder `dir_fd` (O_EXCL, O_NOFOLLOW), fsync,
+    rename over `name` (a symlink there is replaced, never followed; exclusive: link, so an existing
+    `name` is FileExistsError), fsync the folder."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
     try:
         try:
@@ -445,7 +426,7 @@ def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = Fal
                 os.fsync(fd)
         finally:
             os.close(fd)
-        if exclusive:  # (rename would replace an existing file; link refuses to)
+        if exclusive:
             os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         else:
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -458,12 +439,32 @@ def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = Fal
         os.fsync(dir_fd)
 
 
-def _file_kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return kind
-    return "not a regular file"
+def atomic_write_bytes(path: str | Path, data: bytes, *, dir_fd: int | None = None) -> None:
+    """A local file replaced atomically and durably (a symlink at `path` is replaced, never written
+    through), in `path`'s parent as named or in `dir_fd` (a folder the caller opened)."""
+    path = Path(path)
+    if dir_fd is not None:
+        return _replace_at(dir_fd, path.name, data, f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        dir_fd = os.open(path.parent, _DIR)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path.parent)) from None
+    try:
+        atomic_write_bytes(path, data, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str, *, dir_fd: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), dir_fd=dir_fd)
+
+
+def write_json(path: str | Path, value: Any, *, dir_fd: int | None = None) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n", dir_fd=dir_fd)
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
 
 
 def open_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None, name: str | None = None,
@@ -477,16 +478,18 @@ def open_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None,
         fd = os.open(name if dir_fd is not None else path, flags, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP and not follow:
-            raise CrucibleError(f"{label} is a symlink; refusing to read through it (replace it by the file itself)") from None
+            raise CrucibleError(f"{label} is a symlink; refusing to read through it "
+                                f"(replace it by the file itself)") from None
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise FileNotFoundError(e.errno, e.strerror, str(path)) from None
         raise CrucibleError(f"cannot open {label}: {e.strerror or e}") from None
     try:
         info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
         if not stat.S_ISREG(info.st_mode):
-            if stat.S_ISDIR(info.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-            raise CrucibleError(f"{label} is {_file_kind(info.st_mode)}, not a regular file; refusing to read it "
+            kind = next((kind for test, kind in _KINDS if test(info.st_mode)), "not a regular file")
+            raise CrucibleError(f"{label} is {kind}, not a regular file; refusing to read it "
                                 f"(replace it by the file itself)")
         if info.st_size > max_bytes:
             raise CrucibleError(f"{label} holds {info.st_size} bytes, more than the {max_bytes} it may; "
@@ -512,23 +515,23 @@ def read_fd(fd: int, start: int, stop: int) -> bytearray:
 
 
 def read_file_beneath(base: Path, key: str, max_bytes: int, byte_range=None) -> bytearray | None:
-    """A file `base`/key (bounded, no symlink anywhere beneath `base`), or None if absent."""
-    parts = key.split("/")
+    """The one bounded read: a file `base`/key (regular, at most `max_bytes`, no symlink anywhere
+    beneath `base`), or None if absent; byte_range is zarr's ByteRequest."""
+    *dirs, name = parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise CrucibleError(f"{base}/{key}: a path inside a run has no empty, '.' or '..' component")
     try:
-        dir_fd = open_dir_beneath(base, parts[:-1])
+        dir_fd = open_dir_beneath(base, dirs)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        fd, size = open_regular(f"{base}/{key}", max_bytes, dir_fd=dir_fd, name=parts[-1])
+        fd, size = open_regular(f"{base}/{key}", max_bytes, dir_fd=dir_fd, name=name)
     except (FileNotFoundError, IsADirectoryError):
         return None
     finally:
         os.close(dir_fd)
     try:
-        start, stop = _range(byte_range, size)
-        return read_fd(fd, start, stop)
+        return read_fd(fd, *_range(byte_range, size))
     except OSError as e:
         raise CrucibleError(f"cannot read {base}/{key}: {e.strerror or e}") from None
     finally:
@@ -550,6 +553,32 @@ def _range(byte_range, size: int) -> tuple[int, int]:
     raise TypeError(f"Unexpected byte_range, got {byte_range}.")
 
 
+@contextmanager
+def run_lock(run_dir: str | Path):
+    """One writer per run: an OS file lock (released when the process dies, so never stale). The lock
+    file, opened without following a symlink, must be a small regular file of ours with one link."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CrucibleError(f"{path} is a symlink; refusing to use it as the run's lock (remove it)") from None
+        raise CrucibleError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > 32 or info.st_uid != os.getuid():
+            raise CrucibleError(f"{path} is not a lock file of this user's runs; refusing to use it (remove it)")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CrucibleError(f"{run_dir} is being written by another process") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _chunk_array_path(key: str) -> str | None:
     """The array a chunk key belongs to ("W/c/0/0/0" -> "W", "c/0" -> ""), None for other keys."""
     if key.startswith("c/"):
@@ -560,8 +589,8 @@ def _chunk_array_path(key: str) -> str | None:
 
 def chunk_file_cap(meta: Any) -> int | None:
     """The most bytes one chunk (or shard) file of an array may hold, from its zarr.json: the raw
-    bytes of a chunk, plus what lossless codecs may add (zstd, blosc, gzip: well under 1/8), an index
-    and checksums per inner chunk. None if the metadata does not say."""
+    bytes of a chunk, plus what lossless codecs may add (well under 1/8), an index and checksums per
+    inner chunk. None if the metadata does not say."""
     import math
 
     import numpy as np
@@ -583,12 +612,10 @@ def chunk_file_cap(meta: Any) -> int | None:
 
 @functools.cache
 def _guarded_local_store():
-    """zarr's LocalStore, except that every write is a durable replace (DurableFiles), that it
-    refuses to write into a run whose root metadata is gone (LocalStore would silently recreate the
-    deleted folders of a run being written), and that every read is bounded: a regular file (a
-    FIFO, a device or a symlink is a CrucibleError naming it, never read or waited on), reached
-    without following a symlink below the run directory, no larger than its array's chunk grid
-    allows (chunk_file_cap) or MAX_METADATA_BYTES for a JSON document."""
+    """zarr's LocalStore whose writes are durable replaces beneath the run (DurableFiles), which
+    refuses to write into a run whose root zarr.json is gone (LocalStore would silently recreate it),
+    and whose reads are bounded (read_file_beneath: at most chunk_file_cap, or MAX_METADATA_BYTES
+    for a JSON document)."""
     import asyncio
 
     import zarr
@@ -608,26 +635,23 @@ def _guarded_local_store():
                 await asyncio.to_thread(self.files.make_dirs, self.root)
             await super()._open(mode=mode)
 
-        def _checked(self, key: str, value) -> Path:
+        def _checked(self, key: str) -> Path:
             self._check_writable()
             if key != "zarr.json" and not (self.root / "zarr.json").is_file():
                 raise FileNotFoundError(f"the run at {self.root} disappeared ({STORE_NAME}/zarr.json is gone)")
             return self.root / key
 
-        # ----- bounded reads ---------------------------------------------------------------------
         def cap(self, key: str) -> int:
             """The most bytes the file of `key` may hold."""
             array = _chunk_array_path(key)
             if array is None:
                 return MAX_METADATA_BYTES if key.endswith(".json") else MAX_FILE_BYTES
             if array not in self._caps:
-                cap = None
                 meta = self.read(f"{array}/zarr.json" if array else "zarr.json", None)
-                if meta is not None:
-                    try:
-                        cap = chunk_file_cap(json.loads(bytes(meta)))
-                    except ValueError:
-                        cap = None
+                try:
+                    cap = None if meta is None else chunk_file_cap(json.loads(bytes(meta)))
+                except ValueError:
+                    cap = None
                 self._caps[array] = cap or MAX_FILE_BYTES
             return self._caps[array]
 
@@ -640,41 +664,36 @@ def _guarded_local_store():
             return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
 
         async def get(self, key, prototype=None, byte_range=None):
-            if not self._is_open:
-                await self._open()
-            data = await asyncio.to_thread(self.read, key, byte_range)
-            return None if data is None else (prototype or default_buffer_prototype()).buffer.from_bytes(data)
+            await self._ensure_open()
+            return await asyncio.to_thread(self.get_sync, key, prototype=prototype, byte_range=byte_range)
 
         async def get_partial_values(self, prototype, key_ranges):
             return list(await asyncio.gather(*(self.get(key, prototype, byte_range) for key, byte_range in key_ranges)))
 
-        # ----- writes and deletes, beneath the run only ---------------------------------------------
+        def set_sync(self, key, value, *, exclusive: bool = False) -> None:
+            self._ensure_open_sync()
+            try:
+                self.files.replace(self._checked(key), value.as_buffer_like(), exclusive=exclusive)
+            except FileExistsError:
+                if not exclusive:
+                    raise
+
         async def set(self, key, value) -> None:
-            if not self._is_open:
-                await self._open()
-            await asyncio.to_thread(self.files.replace, self._checked(key, value), value.as_buffer_like())
+            await self._ensure_open()
+            await asyncio.to_thread(self.set_sync, key, value)
 
         async def set_if_not_exists(self, key, value) -> None:
-            if not self._is_open:
-                await self._open()
-            try:
-                await asyncio.to_thread(self.files.replace, self._checked(key, value), value.as_buffer_like(),
-                                        exclusive=True)
-            except FileExistsError:
-                pass
-
-        def set_sync(self, key, value) -> None:
-            self._ensure_open_sync()
-            self.files.replace(self._checked(key, value), value.as_buffer_like())
-
-        async def delete(self, key) -> None:
-            self._check_writable()
-            await asyncio.to_thread(self.files.delete, self.root / key)
+            await self._ensure_open()
+            await asyncio.to_thread(self.set_sync, key, value, exclusive=True)
 
         def delete_sync(self, key) -> None:
             self._ensure_open_sync()
             self._check_writable()
             self.files.delete(self.root / key)
+
+        async def delete(self, key) -> None:
+            self._check_writable()
+            await asyncio.to_thread(self.files.delete, self.root / key)
 
         async def delete_dir(self, prefix) -> None:
             self._check_writable()
@@ -688,9 +707,9 @@ def _guarded_local_store():
 class ObjectRunStore(RunStore):
     """A run under an object-store URL; see the module docstring for the writer protocol.
 
-    Every PUT is conditional on what this writer knows of the object: its ETag from this writer's
-    last PUT of it, or from one LIST when the writer takes the run (claim_existing; lazily at the
-    first write of a writer that never claims, e.g. a rank > 0), never from a HEAD just before it.
+    A PUT is conditional on the object's ETag as this writer last PUT it, or as one LIST saw it when
+    the writer took the run (lazily, at the first write of a writer that never claims, e.g. a rank > 0);
+    never on a HEAD just before it.
     """
 
     conditional_put = True
@@ -710,11 +729,6 @@ class ObjectRunStore(RunStore):
         self._orphan: str | None = None  # ETag of a marker without a run, which claim_new takes over
         self._fenced = False
 
-    @property
-    def _etag(self) -> str | None:
-        """The marker's ETag as this writer last wrote (or read) it."""
-        return self._etags[id(self._zarr_objects)].get(MARKER)
-
     def run_exists(self) -> bool:
         if self.exists("zarr.json"):
             return True
@@ -724,36 +738,43 @@ class ObjectRunStore(RunStore):
                                 f"takes that claim over")
         return False
 
+    def _read_marker(self) -> tuple[Any, str | None] | None:
+        """(the marker's JSON, None if it is not JSON; its ETag), or None if there is no marker."""
+        result = _get(self._zarr_objects, MARKER)
+        if result is None:
+            return None
+        try:
+            return json.loads(bytes(result.bytes())), result.meta["e_tag"]
+        except ValueError:
+            return None, result.meta["e_tag"]
+
     def prepare_new(self) -> None:
         if self.exists("zarr.json"):
             raise CrucibleError(f"{self.location} already holds a run; choose a new path (or resume it)")
-        found = self._get_with_etag(self._zarr_objects, MARKER)
+        found = self._read_marker()
         if found is None:
             return
-        data, etag = found
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            doc = None
+        doc, etag = found
         if not (isinstance(doc, dict) and doc.get("steps") == 0):
             raise CrucibleError(f"{self.location} holds a commit marker but no run (zarr.json is gone): a damaged run; "
                                 f"choose a new path (or delete it)")
         self._orphan = etag  # a claim whose run was never created: claim_new takes it over
 
-    def claim_new(self) -> None:
-        """Create the marker (If-None-Match), or take an orphan claim over (If-Match on its ETag):
-        of two creators racing, one wins."""
-        import obstore
-
-        mode = {"e_tag": self._orphan} if self._orphan else "create"
+    def _claim(self, doc: dict[str, Any], etag: str | None, refused: str) -> None:
+        """PUT the marker naming this writer, If-Match `etag` (If-None-Match without one): of two
+        writers racing, one wins; the other gets `refused`."""
         try:
-            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({"steps": 0, "writer": self.token}), mode=mode)
+            result = _put_if(self._zarr_objects, MARKER, _marker_bytes({**doc, "writer": self.token}), etag)
         except Exception as e:
-            if _refused(e, if_match=bool(self._orphan)):
-                raise CrucibleError(f"{self.location} already holds a run (created by another writer just now)") from None
+            if _refused(e, if_match=etag is not None):
+                raise CrucibleError(f"{self.location} {refused}") from None
             raise
         self._etags[id(self._zarr_objects)][MARKER] = result["e_tag"]
         self._claimed = True
+
+    def claim_new(self) -> None:
+        """Create the marker, or take an orphan claim over."""
+        self._claim({"steps": 0}, self._orphan, "already holds a run (created by another writer just now)")
         if self._orphan:
             self._learn_etags()  # what the stopped writer left (e.g. .ranks/0.json) is rewritten If-Match
         else:
@@ -761,25 +782,9 @@ class ObjectRunStore(RunStore):
 
     def claim_existing(self) -> None:
         """Take the run over: rewrite the marker If-Match on the ETag just read, then one LIST."""
-        import obstore
-
-        found = self._get_with_etag(self._zarr_objects, MARKER)
-        doc = {}
-        if found is not None:
-            try:
-                doc = json.loads(found[0])
-            except ValueError:
-                pass
-        try:
-            result = obstore.put(self._zarr_objects, MARKER, _marker_bytes({**doc, "writer": self.token}),
-                                 mode={"e_tag": found[1]} if found else "create")
-        except Exception as e:
-            if _refused(e, if_match=found is not None):
-                raise CrucibleError(f"{self.location} is being taken over by another writer right now "
-                                    f"(its commit marker changed under this one); try again") from None
-            raise
-        self._etags[id(self._zarr_objects)][MARKER] = result["e_tag"]
-        self._claimed = True
+        doc, etag = self._read_marker() or ({}, None)
+        self._claim(doc or {}, etag, "is being taken over by another writer right now "
+                                     "(its commit marker changed under this one); try again")
         self._listed = False
         self._learn_etags()  # after the claim: a fenced writer's later PUTs show up as refusals
 
@@ -792,19 +797,14 @@ class ObjectRunStore(RunStore):
         self._put(self._zarr_objects, MARKER, _marker_bytes({**doc, "writer": self.token}))
 
     def bytes_on_disk(self) -> int:
-        import obstore
-
-        return sum(meta["size"] for batch in obstore.list(self._zarr_objects) for meta in batch)
+        return sum(meta["size"] for meta in _listing(self._zarr_objects))
 
     def put_file(self, name: str, data: bytes) -> None:
         self._put(self._objects, name, data)
 
     def get_file(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
-        import obstore
-
-        try:
-            result = obstore.get(self._objects, name)
-        except FileNotFoundError:
+        result = _get(self._objects, name)
+        if result is None:
             return None
         if result.meta["size"] > max_bytes:
             raise CrucibleError(f"{self.location}/{name} holds {result.meta['size']} bytes, more than the "
@@ -813,8 +813,7 @@ class ObjectRunStore(RunStore):
 
     # ----- conditional PUTs -----------------------------------------------------------------------
     def put_key(self, key: str, data, *, only_new: bool = False) -> bool:
-        """A key of the zarr store, PUT conditionally (the zarr store's set); only_new: zarr's
-        set_if_not_exists, False if the key exists."""
+        """A key of the zarr store, PUT conditionally; only_new (zarr's set_if_not_exists): False if it exists."""
         return self._put(self._zarr_objects, key, data, only_new=only_new)
 
     def forget_key(self, key: str) -> None:
@@ -828,8 +827,6 @@ class ObjectRunStore(RunStore):
 
     def _put(self, objects, key: str, data, *, only_new: bool = False) -> bool:
         """PUT If-Match on the ETag this writer knows, If-None-Match where it knows none."""
-        import obstore
-
         if self._fenced:
             raise self._fenced_error()
         if not self._listed:
@@ -839,7 +836,7 @@ class ObjectRunStore(RunStore):
         if only_new and etag is not None:
             return False
         try:
-            result = obstore.put(objects, key, data, mode={"e_tag": etag} if etag else "create")
+            result = _put_if(objects, key, data, etag)
         except Exception as e:
             if not _refused(e, if_match=etag is not None):
                 raise
@@ -850,10 +847,10 @@ class ObjectRunStore(RunStore):
         return True
 
     def _put_over_a_stale_writer(self, objects, key: str, data):
-        """A PUT was refused: someone wrote `key` since this writer learnt its ETag. If this writer
-        still holds the marker, that was a writer it fenced off (or a stray object): read the ETag,
-        check the marker is still this writer's, and PUT on that ETag, so that a writer taking over
-        in between makes this PUT fail. Otherwise this writer was fenced off: stop."""
+        """A PUT was refused: `key` changed since this writer learnt its ETag. If this writer still holds
+        the marker, a writer it fenced off (or a stray object) wrote it: PUT on the current ETag once the
+        marker is checked to be still ours, so that a writer taking over in between fails this PUT.
+        Otherwise this writer was fenced off: stop."""
         import obstore
 
         if not self._claimed or key == MARKER:  # a rank > 0 cannot tell the two apart: stop
@@ -864,10 +861,10 @@ class ObjectRunStore(RunStore):
             if not _missing(e):
                 raise
             etag = None
-        if obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etag:
+        if obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etags[id(self._zarr_objects)].get(MARKER):
             self._fence()
         try:
-            return obstore.put(objects, key, data, mode={"e_tag": etag} if etag else "create")
+            return _put_if(objects, key, data, etag)
         except Exception as e:
             if _refused(e, if_match=etag is not None):
                 self._fence()
@@ -880,23 +877,12 @@ class ObjectRunStore(RunStore):
         with self._list_lock:
             if self._listed:
                 return
-            for objects, metas in ((self._zarr_objects, (m for batch in obstore.list(self._zarr_objects) for m in batch)),
+            for objects, metas in ((self._zarr_objects, _listing(self._zarr_objects)),
                                    (self._objects, obstore.list_with_delimiter(self._objects)["objects"])):
                 etags = self._etags[id(objects)]
                 for meta in metas:
                     etags.setdefault(meta["path"], meta["e_tag"])  # (what this writer wrote itself is as new)
             self._listed = True
-
-    def _get_with_etag(self, objects, key: str) -> tuple[bytes, str | None] | None:
-        import obstore
-
-        try:
-            result = obstore.get(objects, key)
-        except Exception as e:
-            if _missing(e):
-                return None
-            raise
-        return bytes(result.bytes()), result.meta["e_tag"]
 
     def _fence(self):
         self._fenced = True
@@ -909,8 +895,8 @@ class ObjectRunStore(RunStore):
 
 @functools.cache
 def _conditional_object_store():
-    """zarr's ObjectStore whose writes are the run's conditional PUTs (zarr writes zarr.json itself,
-    on resize): a writer fenced off can never overwrite a newer writer's objects."""
+    """zarr's ObjectStore whose writes (zarr.json on resize too) are the run's conditional PUTs: a
+    writer fenced off never overwrites a newer writer's objects."""
     import asyncio
 
     import zarr
@@ -945,6 +931,31 @@ def _conditional_object_store():
     return ConditionalObjectStore
 
 
+def _put_if(objects, key: str, data, etag: str | None):
+    """PUT If-Match `etag`, or If-None-Match where there is none."""
+    import obstore
+
+    return obstore.put(objects, key, data, mode={"e_tag": etag} if etag else "create")
+
+
+def _get(objects, key: str):
+    """obstore's GET result, or None if the object is absent."""
+    import obstore
+
+    try:
+        return obstore.get(objects, key)
+    except Exception as e:
+        if _missing(e):
+            return None
+        raise
+
+
+def _listing(objects):
+    import obstore
+
+    return (meta for batch in obstore.list(objects) for meta in batch)
+
+
 def _refused(e: Exception, *, if_match: bool) -> bool:
     """A failed precondition: If-None-Match on an object that exists, If-Match on another ETag (or,
     if_match, on an object deleted since: S3 answers 404 there)."""
@@ -957,10 +968,6 @@ def _missing(e: Exception) -> bool:
     from obstore.exceptions import NotFoundError
 
     return isinstance(e, (NotFoundError, FileNotFoundError))
-
-
-def _marker_bytes(doc: dict[str, Any]) -> bytes:
-    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
 def _object_store(url: str):
@@ -976,75 +983,3 @@ def _object_store(url: str):
         return from_url(url)
     except Exception as e:
         raise CrucibleError(f"{url}: cannot open object store: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a folder as named (a folder the user named may be reached through a symlink)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_path(path: Path, flags: int) -> None:
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def run_lock(run_dir: str | Path):
-    """One writer per run: an OS file lock (released when the process dies, so never stale).
-
-    The lock file is opened without following symlinks and must be a small regular file of ours
-    with one link: a symlink or a foreign file put in its place is refused, never truncated.
-    """
-    path = Path(run_dir) / LOCK_FILE
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise CrucibleError(f"{path} is a symlink; refusing to use it as the run's lock (remove it)") from None
-        raise CrucibleError(f"cannot open the lock file {path}: {e.strerror or e}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_size > 32 or info.st_uid != os.getuid():
-            raise CrucibleError(f"{path} is not a lock file of this user's runs; refusing to use it (remove it)")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CrucibleError(f"{run_dir} is being written by another process") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, *, dir_fd: int | None = None) -> None:
-    """A local file replaced atomically and durably: temporary file, fsync, rename, fsync dir.
-    A symlink at `path` is replaced, never written through. The folder is `path`'s parent as
-    named, or `dir_fd` (a folder opened by the caller, e.g. without following symlinks)."""
-    path = Path(path)
-    own = dir_fd is None
-    if own:
-        try:
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(path.parent)) from None
-    try:
-        _replace_at(dir_fd, path.name, data, f".{path.name}.{uuid.uuid4().hex}.tmp")
-    finally:
-        if own:
-            os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str, *, dir_fd: int | None = None) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), dir_fd=dir_fd)
-
-
-def write_json(path: str | Path, value: Any, *, dir_fd: int | None = None) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n", dir_fd=dir_fd)

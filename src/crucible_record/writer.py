@@ -1,31 +1,14 @@
 """The recorder: stage each step off the device, write whole blocks from one thread, hand commits over.
 
-Call order (training thread unless marked); one process and each rank of a torch.distributed job
-run the same code (one process is a world of one):
-
-1. ``cr.record(...)`` (api.py) creates or reopens the run and builds a :class:`Recorder` with a
-   commit strategy (commit.py). One process: the run's arrays are opened and the writer thread
-   starts now. Several ranks: at the first ``record()``, after the ranks agreed how each field is
-   split (ranks.py; the one collective of the training path).
-2. ``rec.record(step, **tensors)`` checks every tensor against its Field (exact shape and dtype),
-   copies the rows this process writes into a free staging slot (pinned memory and a non-blocking
-   copy for CUDA tensors: no host sync) and queues the slot. It returns True at a *commit point*:
-   a block of some field is full, the run's last step, or (one process) ``commit_interval``
-   seconds since the last one.
-3. Writer thread: waits for the copy (a CUDA event), puts each row into its field's block buffer,
-   writes a block when it is full (one shard per block: a partial-chunk write would be a
-   read-modify-write) and, at each commit point, writes every partial block whole, makes the files
-   durable and hands over to the commit strategy (one process: move the marker; a rank: report
-   its progress, rank 0 moves the marker to the minimum). A crash loses at most the steps after
-   the last commit point.
-4. ``rec.after_commit(step, fn)`` runs ``fn`` on the writer thread once ``step`` is committed
-   (checkpoints: never ahead of the data).
-5. ``rec.close()`` (or leaving the ``with`` block) commits what is staged, stops the writer and
-   raises the writer's error, if any, with its cause chained; leaving the block on an exception
-   re-raises that exception, with the writer's error as a note. A recorder never closed is
-   closed at interpreter exit, with a warning on the ``crucible_record`` logger.
-
-Memory is bounded by the staging slots and one block per field, never by the number of steps.
+``rec.record(step, **tensors)`` checks each tensor against its Field, copies this process's rows into
+a free staging slot (pinned memory, non-blocking for CUDA: no host sync) and queues it; it returns
+True at a commit point (a block full, the last step, or ``commit_interval`` seconds). The writer
+thread puts rows into block buffers, writes a block whole when full (one shard per block: a partial
+write would be a read-modify-write) and at each commit point writes the partial blocks whole, makes
+the files durable and hands over to the commit strategy (commit.py). A crash loses at most the
+steps after the last commit point. Several ranks run the same code; their arrays open at the first
+``record()``, once the ranks agreed how fields are split (ranks.py). Memory is bounded by the
+staging slots and one block per field, never by the number of steps.
 """
 
 from __future__ import annotations
@@ -59,10 +42,8 @@ from .storage import RunStore
 DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
 POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
 STAGING_BYTES = 256 * 2**20  # staging beyond 3 steps stays under this
-# The writer's nice value when training runs on the CPU: torch's intra-op threads busy-wait at their
-# barriers, so a writer that takes a core from one of them stalls all of them; at a lower priority
-# it compresses in the cores' idle moments instead (and the bounded slots still stop training if it
-# falls behind). On a GPU the host cores are idle and the writer keeps the normal priority.
+# The writer's nice value on a CPU run: torch's intra-op threads busy-wait at barriers, so a writer
+# taking a core from one stalls all; at a lower priority it compresses in the idle moments instead.
 CPU_WRITER_NICE = 10
 log = logging.getLogger("crucible_record")
 
@@ -81,28 +62,21 @@ def lower_this_threads_priority(nice: int) -> None:
 
 
 def default_writer_threads(on_gpu: bool, processes: int = 1) -> int:
-    """Writer threads when none are asked for. On the CPU, torch's intra-op threads already use every
-    core: one writer thread, which compresses a block in the gaps (benchmarks measure what it
-    costs). On a GPU the host cores only launch kernels: all but the training thread's one
-    compress. `processes`: recording processes sharing this machine's cores (one per GPU under
-    torchrun)."""
+    """On the CPU torch's threads use every core: one writer thread. On a GPU the host cores only
+    launch kernels: all but the training thread's, shared among `processes` on this machine."""
     return max(1, default_threads() // max(1, processes) - 1) if on_gpu else 1
 
 
 def staging_slots(fields: Mapping[str, Field], block_steps: int) -> int:
-    """Steps to stage: the writer pauses to encode full blocks (the longest pause of its loop);
-    training goes on into the staging meanwhile. One block's steps cover any pause shorter than
-    filling a block takes; a writer slower than that on average makes training wait whatever
-    the depth. Bounded by STAGING_BYTES, at least 3."""
+    """Steps to stage: one block's steps cover the writer's longest pause (encoding full blocks);
+    deeper would not help a writer slower on average. Bounded by STAGING_BYTES, at least 3."""
     step_bytes = sum(math.prod(spec.stored_shape) * spec.dtype.itemsize for spec in fields.values())
     return max(3, min(block_steps + 1, STAGING_BYTES // max(1, step_bytes)))
 
 
 class BlockBuffer:
-    """The rows of one field's current block of steps, as this process writes them: whole, or
-    `part` = (zarr shard index along the first axis, first row, rows) of a field split among ranks.
-    Written as whole shard files; never resizes the array (the commit strategy does, before the
-    marker)."""
+    """One field's current block of steps as this process writes it: whole, or `part` = (shard index
+    on the first axis, first row, rows) of a field split among ranks. Never resizes the array."""
 
     def __init__(self, store: RunStore, array, key: str, spec: Field, sized: bool, committed_rows: int,
                  part: tuple[int, int, int] | None = None):
@@ -125,8 +99,7 @@ class BlockBuffer:
             self.buf[: self.filled] = self._committed_rows(committed_rows, select)
 
     def _committed_rows(self, committed_rows: int, select: tuple) -> np.ndarray:
-        """This block's committed rows, read back to resume inside it: through blockread (damage is
-        one CrucibleError, every read it started finished), or zarr where shardio cannot decode."""
+        """This block's committed rows, read back to resume inside it (blockread, else zarr)."""
         selection = [slice(self.start, committed_rows, 1)] + [slice(0, n, 1) for n in self.array.shape[1:]]
         if len(select) > 1:
             selection[1] = slice(select[1].start, select[1].stop, 1)
@@ -147,8 +120,7 @@ class BlockBuffer:
         self.dirty = True
 
     def write(self, threads: int = 1) -> list[str]:
-        """Write the block's rows whole (fill after the last row), its inner chunks compressed by
-        `threads` threads; return the keys written."""
+        """Write the block whole (fill after the last row); return the keys written."""
         stop = self.start + self.filled
         end = min(self.start + self.rows, self.array.shape[0]) if self.sized else stop
         if end > stop:  # a sized array's partial block: fill after the last row, never an old block's rows
@@ -194,12 +166,10 @@ class Slot:
 
 
 class Recorder:
-    """Records the fields of one run (or this rank's part of it); see the module docstring.
+    """Records the fields of one run (or this rank's part); see the module docstring.
 
-    committer: the commit strategy (commit.LocalCommit or commit.RankCommit).
-    group: the run's zarr group (one process: opened now, every field whole).
-    agree: several ranks only: ``agree(step, tensors, due)``, the first step's collective agreement,
-    which opens the run's arrays through :meth:`open` with the plan agreed.
+    committer: commit.LocalCommit or commit.RankCommit. group: the run's zarr group (one process).
+    agree (several ranks): ``agree(step, tensors, due)``, the first step's collective, which calls open().
     """
 
     def __init__(self, store: RunStore, fields: dict[str, Field], steps: int | None, committer, *, group=None,
@@ -248,8 +218,7 @@ class Recorder:
         return self._committer.committed
 
     def open(self, plan: Plan, group) -> None:
-        """Open the run's arrays: a block buffer for each field (or rows of one) this process
-        writes, staging slots sized by the blocks, then start the writer thread."""
+        """Block buffers for what this process writes, staging slots sized by them; start the writer."""
         sized, arrays = self.steps is not None, {}
         for name, spec in self.fields.items():
             array = arrays[name] = group[name]
@@ -326,17 +295,14 @@ class Recorder:
         return self._latest.get(name)
 
     def close(self) -> None:
-        """Commit what is staged, stop the writer, release the run. Raises the writer's error.
-        Several ranks: rank 0 waits for every rank and commits the run; the others wait for its
-        verdict."""
+        """Commit what is staged, stop the writer, release the run; raise the writer's error."""
         self._close(None)
 
     def __enter__(self) -> "Recorder":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """Close; on the way out of an exception, that exception goes on (a rank reports it and
-        does not wait), with the writer's own error attached as a note, never instead of it."""
+        """Close; an exception on the way out goes on, the writer's error only a note on it."""
         try:
             self._close(exc)
         except Exception as error:
@@ -381,8 +347,7 @@ class Recorder:
         return tensor if name in self._blocks else None
 
     def _note_device(self, devices: set) -> None:
-        """At the first step: whether the tensors are on a GPU, and so the writer's default threads.
-        The writer reads both only after the queue hands it that step."""
+        """At the first step: whether the tensors are on a GPU, and so the writer's default threads."""
         if self._on_gpu is None:
             self._on_gpu = bool(devices - {None})
             # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
@@ -423,10 +388,9 @@ class Recorder:
         return self._rows_on[key]
 
     def _commit_points(self, step: int) -> tuple[bool, bool]:
-        """(a commit point every rank agrees on: a block fills or the run's last step; a commit
-        point of this process: also when commit_interval seconds passed since the last one, once
-        the writer finished the previous commit — a slow writer must not turn every late step
-        into another re-encoding of the partial blocks)."""
+        """(a commit point every rank agrees on: a block fills or the last step; one of this process:
+        also commit_interval after the last, once the writer finished it, so a slow writer does
+        not re-encode the partial blocks at every late step)."""
         done = step + 1
         agreed = done == self.steps or any(spec.due(step) and spec.rows_at(done) % self._time_chunk[name] == 0
                                            for name, spec in self.fields.items())
@@ -505,9 +469,7 @@ class Recorder:
                 self._run_after_commit(pending)
 
     def _encode_threads(self) -> int:
-        """Threads for the block about to be written: writer_threads while training runs; once
-        close() is called, training is over and waits for the writer, so the cores it used compress
-        what is left (a CPU run's writer is then often a block or more behind)."""
+        """writer_threads while training runs; after close() training waits, so its cores help too."""
         threads = self.writer_threads or 1
         if self._closed:
             return max(threads, default_threads() // self._processes)
@@ -549,11 +511,8 @@ _unclosed: "weakref.WeakSet[Recorder]" = weakref.WeakSet()
 
 
 def _close_unclosed_at_exit() -> None:
-    """Interpreter exit: commit the recorders the program never closed (their steps would be lost).
-
-    Registered with threading's exit hooks, not atexit: those run before concurrent.futures
-    refuses new work at exit, and zarr's file I/O still needs its executor to commit.
-    """
+    """Interpreter exit: commit the recorders never closed. A threading exit hook, not atexit: it runs
+    before concurrent.futures refuses new work, which zarr's file I/O still needs."""
     for rec in list(_unclosed):
         log.warning("crucible-record: %s was not closed; committing its %d recorded steps at interpreter exit",
                     rec.location, rec.next_step)

@@ -1,11 +1,8 @@
 """The notebook's questions, answered from a store while streaming over blocks of steps.
 
-Every function takes a :class:`~crucible_record.crucible3.trajectory.Trajectory`; :func:`analyze` runs
-them all and adds a plain ``summary``. Only committed steps are used, so a run in progress can be analysed.
-W is never loaded whole: :func:`scan_W` makes one pass over whole stored chunks, so peak memory is one
-chunk of W plus O(steps x hidden + vocab) for the results, whatever the run length.
-How every array is indexed (h_mean[i] comes from training step i+1): :data:`INDEXING`, also written
-into analysis.json. A cosine with a zero vector (e.g. a centroid that did not move in bf16) is NaN.
+Only committed steps are used, so a run in progress can be analysed. W is never loaded whole
+(:func:`scan_W`: one pass over stored chunks). How every array is indexed: :data:`INDEXING`. A
+cosine with a zero vector (a centroid that did not move in bf16) is NaN.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Checkpoints for exact resume, with nothing executable in them: one safetensors file.
 
-Tensors (model, optimizer state, RNG states) are safetensors tensors; everything else (step, epoch,
-position in the epoch, optimizer hyper-parameters, Python's and NumPy's RNG counters) is JSON in the
-file's metadata. Loading parses JSON and tensors only, so a crafted file can at worst be refused;
-it can never run code (torch.load of a pickle could). Written atomically and fsynced.
+Tensors are safetensors tensors, everything else JSON in its metadata: a crafted file can at worst
+be refused, never run code (torch.load of a pickle could). Written atomically and fsynced.
 """
 
 from __future__ import annotations
@@ -74,9 +72,7 @@ def size_limit(model: torch.nn.Module) -> int:
 
 
 def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
-    """The checkpoint, or None if there is none. A malformed file gets a one-line refusal, and so
-    does one larger than `limit` bytes (size_limit(model); default: the store's cap for a file),
-    which is never read."""
+    """The checkpoint, or None; a malformed file, or one over `limit` bytes (never read), is refused."""
     from safetensors.torch import load
 
     path = f"{store.location}/{CHECKPOINT_FILE}"
@@ -101,9 +97,7 @@ def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
 
 
 def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__ (strings, as the format defines it). safetensors' own
-    reader gives metadata only through safe_open of a file path, and a checkpoint comes from the
-    store as bytes (a PUT on S3), so the package's one header parser reads it."""
+    """The safetensors header's __metadata__ (safetensors reads it only from a path, not bytes)."""
     return parse_bytes(data, "the file").metadata
 
 
@@ -113,11 +107,8 @@ def _model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def check_fits(ckpt: dict[str, Any], model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose model tensors are not `model`'s (names, shapes, dtypes).
-
-    Called before a resume takes the run or says anything, so such a file gets the one-line
-    refusal alone; `model` may live on the meta device (no memory, no RNG draws).
-    """
+    """Refuse a checkpoint whose model tensors are not `model`'s (names, shapes, dtypes), before a
+    resume takes the run; `model` may live on the meta device."""
     saved = _model_state(ckpt)
     wanted = model.state_dict()
     for name in sorted(set(saved) | set(wanted)):

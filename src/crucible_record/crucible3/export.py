@@ -1,13 +1,8 @@
 """A Crucible-3 run -> the notebook's crucible_3_trajectory.safetensors + metadata.json, streamed.
 
-Byte for byte what the notebook saves for the same steps (tests/test_fidelity.py checks it):
-W as uint16 bf16 bits (steps+1, vocab, hidden), h_mean (steps, hidden) without the run's NaN row of
-step 0, loss, dead_mask, dead_indices; the streamed writer is crucible_record.export's.
-
-A run recorded with ``--record`` adds its fields to the file under their names (W_grad, W_exp_avg,
-W_exp_avg_sq: uint16 bf16 bits like W, (steps+1, rows, hidden), NaN at step 0) and, for a row
-subset (--record-rows dead|live), the kept token ids as ``<name>.rows`` (int64); metadata.json
-gives their shapes and "record_rows". A default run's two files are the notebook's, unchanged.
+Byte for byte what the notebook saves (tests/test_fidelity.py), h_mean without the run's NaN row of
+step 0. Fields from ``--record`` are added under their names (NaN at step 0), a row subset's token
+ids as ``<name>.rows``; a default run's two files are the notebook's, unchanged.
 """
 
 from __future__ import annotations

@@ -1,40 +1,18 @@
 """`crucible-record import`: a notebook output file -> a Crucible-3 run, streamed.
 
-The notebook saves ``crucible_3_trajectory.safetensors`` (``W`` uint16 bf16 bits (steps+1, vocab,
-hidden), ``h_mean`` float32 (steps, hidden), ``loss`` float32 (steps+1,) with ``loss[0]`` NaN,
-``dead_mask`` bool (vocab,), ``dead_indices`` int64) and ``metadata.json``. The import makes the run
-a recorded one would be (format 2, the fields of :func:`engine.fields`): step ``s`` holds ``W[s]``,
-``h_mean[s-1]`` and ``loss[s]``; at step 0 h_mean is NaN (as the engine records it) and loss is the
-file's own ``loss[0]`` (NaN in every notebook file; anything else is refused). Exporting the run
-(``crucible-record export``) gives back the input file byte for byte (when its header is laid out as
-safetensors' ``save_file`` lays it out, which the notebook's always is; the import says so
-otherwise), and, with ``--metadata``, a ``metadata.json`` equal to the input one.
+The notebook saves ``crucible_3_trajectory.safetensors`` (``W`` bf16 bits (steps+1, vocab, hidden),
+``h_mean`` (steps, hidden), ``loss`` (steps+1,) with ``loss[0]`` NaN, ``dead_mask``, ``dead_indices``)
+and ``metadata.json``. The run is what a recorded one would be: step ``s`` holds ``W[s]``,
+``h_mean[s-1]`` (NaN at step 0) and ``loss[s]``; exporting it gives the input back byte for byte.
 
-What the file does not say, the run does not invent:
+What the file does not say, the run does not invent: a step's **epoch** is recorded where every
+batches-per-epoch count consistent with ``total_epochs`` agrees, **-1 (unknown)** elsewhere; the
+**config** comes from ``metadata.json`` (checked against the tensors) or, without it, from the
+shapes and RunConfig defaults, as ``attributes["import"]["config_from"]`` says.
 
-- **epoch**: the file does not record at which step each epoch began. The notebook's DataLoader
-  (``drop_last=True``) gives every epoch the same number B of batches, so step ``s`` (1-based) is in
-  epoch ``ceil(s / B)``; B is unknown, but the metadata's ``total_epochs`` E bounds it
-  (``(E-1)*B < steps <= E*B``). A step's epoch is recorded where every such B gives the same
-  answer, and **-1 (unknown)** elsewhere. Step 0 (the initial embedding, before any epoch) is 0, as
-  the engine records it; step 1 is always epoch 1; the last step is always E. Without metadata only
-  steps 0 and 1 are known. The metadata itself is kept whole in the run's attributes
-  (``notebook_metadata``), and the export's ``metadata.json`` takes ``total_epochs`` and the
-  values no tensor holds (date, device, notes, ...) from it.
-- **config**: from ``metadata.json`` when given (every key the notebook writes is required and
-  checked against the tensors: steps, vocabulary, width, dead-token counts, final loss, shapes);
-  without it, steps, vocab_size and hidden_dim come from the shapes and every other key is a
-  RunConfig default (num_heads 1 when 2 does not divide the width), which
-  ``attributes["import"]["config_from"]`` says. corpus/tokenizer/dead_mask paths are unknown (None);
-  the device the notebook ran on is kept in ``provenance`` (its config is the notebook's
-  auto-detection: ``auto``).
-
-Nothing is written until the whole input has been checked: a bad file, bad metadata or an existing
-``--out`` is one CrucibleError and leaves no run behind. The run is written into a hidden sibling
-folder and renamed to ``--out`` only when complete; a failure (or Ctrl-C) part way removes it.
-Memory stays flat in the file's size: the file is read with plain reads (not memory-mapped: mapped
-pages count as resident memory), one block of ``time_chunk`` steps at a time, through the
-Recorder (``cr.record``), whose own memory is one block per field.
+Nothing is written until the whole input has been checked; the run is written into a hidden
+sibling folder, renamed to ``--out`` when complete and removed on failure. Memory stays flat: plain
+reads (mapped pages count as resident), one block of steps at a time, through the Recorder.
 """
 
 from __future__ import annotations
@@ -60,7 +38,7 @@ from ..errors import CrucibleError
 from ..api import record
 from ..safetensors_io import header as safetensors_header
 from ..safetensors_io import parse_header
-from ..storage import MAX_METADATA_BYTES, is_url, open_regular, open_store, read_fd
+from ..storage import MAX_METADATA_BYTES, fsync_path, is_url, open_regular, open_store, read_fd
 from .config import RunConfig
 from .engine import fields
 from .trajectory import EXPERIMENT
@@ -278,8 +256,7 @@ def check_tensors(nb: NotebookFile, f) -> None:
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
-    """The notebook's metadata.json: a regular file (a FIFO or a device is refused, never waited
-    on or read without end) of at most MAX_METADATA_BYTES."""
+    """The notebook's metadata.json: a regular file of at most MAX_METADATA_BYTES."""
     try:
         fd, size = open_regular(path, MAX_METADATA_BYTES, follow=True, what="metadata file ")
     except FileNotFoundError:
@@ -401,11 +378,7 @@ def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict,
             out.rmdir()  # an empty directory (checked before): replaced by the run
         os.rename(tmp, out)
         if durability == "fsync":
-            fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(out.parent, os.O_RDONLY | os.O_DIRECTORY)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:
@@ -447,9 +420,7 @@ def _missing_parents(path: Path) -> list[Path]:
 
 
 def _open_input(path: Path):
-    """The input file, read by plain reads: a regular file (a symlink to one is followed: the user
-    named it), opened without blocking, so a FIFO or a device is a one-line refusal, never a hang
-    or an endless read. Its size is not capped: the tensors are streamed a block at a time."""
+    """The input file: a regular file (a symlink the user named is followed), never a FIFO or device."""
     try:
         fd, _ = open_regular(path, sys.maxsize, follow=True)
     except FileNotFoundError:

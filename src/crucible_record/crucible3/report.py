@@ -1,8 +1,6 @@
 """`crucible-record analyze`: analysis.json, lab-notebook plots and the printed answers for one run.
 
-The numbers come from :func:`crucible_record.analysis.analyze` (one streaming pass over W); this
-module only writes them down. Plots use matplotlib's Agg canvas directly (no pyplot, so importing
-this module never changes the backend of an interactive session).
+Plots use matplotlib's Agg canvas directly: no pyplot, so an interactive session's backend is kept.
 """
 
 from __future__ import annotations
@@ -41,16 +39,10 @@ _QUESTION_KEYS = ("h_mean_persistence", "centroid_separation", "h_mean_alignment
 def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: bool = False,
                 *, block: int | None = None, plots: bool = True,
                 scheduler: str | None = None, workers: int | None = None) -> str:
-    """Analyse RUN_DIR's committed steps into OUT_DIR (default RUN_DIR/analysis).
-
-    Writes OUT_DIR/analysis.json and the PNG plots, returns the text to print (the answers table and
-    what was written). Raises CrucibleError (one line) for a path that is not a run, a run with fewer
-    than 2 committed steps, or an OUT_DIR that already holds files (unless ``force``, which
-    overwrites this command's files and leaves others alone). ``plots=False`` writes only the JSON;
-    ``block`` is the number of W steps read at a time (default: one stored chunk).
-    ``scheduler`` (``tcp://host:port``) runs the pass over W as a dask graph on that cluster;
-    ``workers`` (N) on a ``distributed.LocalCluster`` of N worker processes started for it (not both;
-    see crucible3/distributed.py). The analysis.json is the same as without them.
+    """Analyse RUN_DIR's committed steps into OUT_DIR (default RUN_DIR/analysis): analysis.json and
+    the plots; returns the text to print. An OUT_DIR holding files is refused unless ``force``.
+    ``block``: W steps read at a time; ``scheduler`` / ``workers``: the pass over W as a dask graph
+    (crucible3/distributed.py), with the same analysis.json.
     """
     traj = open_trajectory(run_dir)
     if traj.steps < 2:
@@ -93,8 +85,7 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
 
 
 def _open_out_dir(out: Path, force: bool, run_dir: Path | None) -> int:
-    """The output folder's descriptor (created if missing; never through a symlink planted in the
-    run or given as --out: see open_output_dir), refused if it holds files and not ``force``."""
+    """The output folder's descriptor (open_output_dir), refused if it holds files and not ``force``."""
     if out.exists() and not out.is_dir() and not out.is_symlink():
         raise CrucibleError(f"output folder {out} exists and is not a directory")
     folder = open_output_dir(out, run_dir)
@@ -104,9 +95,7 @@ def _open_out_dir(out: Path, force: bool, run_dir: Path | None) -> int:
     return folder
 
 
-# --------------------------------------------------------------------------------------------
-# analysis.json
-# --------------------------------------------------------------------------------------------
+# ----- analysis.json ------------------------------------------------------------------------
 
 
 def to_jsonable(value: Any) -> Any:
@@ -157,9 +146,7 @@ def write_analysis_json(result: dict[str, Any], path: Path, *, dir_fd: int | Non
     return Path(path)
 
 
-# --------------------------------------------------------------------------------------------
-# The printed answers
-# --------------------------------------------------------------------------------------------
+# ----- The printed answers ------------------------------------------------------------------
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -180,15 +167,12 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------------------------
+# ----- Plots --------------------------------------------------------------------------------
 
 
 def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None) -> tuple[list[Path], str]:
-    """The lab-notebook figures as PNGs; ([], reason) when matplotlib is not installed. Each is
-    rendered in memory and replaces its file atomically (a symlink there is replaced, never
-    written through); dir_fd: `out`, opened by the caller."""
+    """The lab-notebook figures as PNGs, each an atomic replace; ([], reason) without matplotlib.
+    dir_fd: `out`, opened by the caller."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -215,22 +199,25 @@ def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None)
 
     title = f"{Path(result['run_dir']).name} ({n} steps)"
 
+    def label(ax, ylabel: str, title: str, xlabel: str | None = None, legend: bool = True) -> None:
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if legend:
+            ax.legend(fontsize=8)
+
     # 1. h_mean persistence
     fig = Figure(figsize=(8, 7))
     ax1, ax2 = fig.subplots(2, 1)
     ax1.plot(lag1_step, a["h_mean_cos_lag1"], marker=marker, label="cos(h_mean[t-1], h_mean[t]) (lag 1)")
     ax1.plot(trans, a["h_mean_cos_to_first"], marker=marker, alpha=0.7, label="cos(h_mean at step 1, h_mean[t])")
     ax1.axhline(0.95, color="grey", linestyle="--", linewidth=0.8, label="0.95")
-    ax1.set_xlabel("training step t (forward pass that produced h_mean)")
-    ax1.set_ylabel("cosine")
-    ax1.set_title(f"h_mean persistence over time - {title}")
-    ax1.legend(fontsize=8)
+    label(ax1, "cosine", f"h_mean persistence over time - {title}",
+          "training step t (forward pass that produced h_mean)")
     ax2.plot(lag[1:], a["h_mean_autocorr"][1:], marker=marker)
     ax2.axhline(0.5, color="grey", linestyle="--", linewidth=0.8, label="0.5")
-    ax2.set_xlabel("lag k (steps)")
-    ax2.set_ylabel("mean over t of cos(h_mean[t], h_mean[t+k])")
-    ax2.set_title("h_mean autocorrelation by lag")
-    ax2.legend(fontsize=8)
+    label(ax2, "mean over t of cos(h_mean[t], h_mean[t+k])", "h_mean autocorrelation by lag", "lag k (steps)")
     save(fig, PLOT_NAMES[0])
 
     # 2. centroids
@@ -238,18 +225,13 @@ def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None)
     ax1, ax2, ax3 = fig.subplots(3, 1, sharex=True)
     ax1.plot(step, a["centroid_dead_norm"], marker=marker, label="dead centroid |c_dead|")
     ax1.plot(step, a["centroid_live_norm"], marker=marker, label="live centroid |c_live|")
-    ax1.set_ylabel("L2 norm")
-    ax1.set_title(f"Centroid norms - {title}")
-    ax1.legend(fontsize=8)
+    label(ax1, "L2 norm", f"Centroid norms - {title}")
     ax2.plot(step, a["centroid_separation"], marker=marker, color="black")
-    ax2.set_ylabel("|c_dead - c_live|")
-    ax2.set_title("Live/dead centroid separation")
+    label(ax2, "|c_dead - c_live|", "Live/dead centroid separation", legend=False)
     ax3.plot(step, a["centroid_dead_displacement"], marker=marker, label="dead |c[t] - c[0]|")
     ax3.plot(step, a["centroid_live_displacement"], marker=marker, label="live |c[t] - c[0]|")
-    ax3.set_ylabel("displacement from step 0")
-    ax3.set_xlabel("training step t (W after step t; 0 = initialisation)")
-    ax3.set_title("Centroid displacement from initialisation")
-    ax3.legend(fontsize=8)
+    label(ax3, "displacement from step 0", "Centroid displacement from initialisation",
+          "training step t (W after step t; 0 = initialisation)")
     save(fig, PLOT_NAMES[1])
 
     # 3. alignment
@@ -258,19 +240,15 @@ def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None)
     ax1.plot(trans, a["cos_hmean_live_centroid"], marker=marker, label="cos(h_mean, c_live)")
     ax1.plot(trans, a["cos_hmean_live_minus_dead"], marker=marker, label="cos(h_mean, c_live - c_dead)")
     ax1.axhline(0, color="grey", linewidth=0.8)
-    ax1.set_ylabel("cosine")
-    ax1.set_title(f"Does h_mean point toward the live centroid? - {title}")
-    ax1.legend(fontsize=8)
-    for key, label in (("cos_dead_drift_neg_sign_hmean", "dead drift vs -sign(h_mean)"),
-                       ("cos_dead_drift_neg_hmean", "dead drift vs -h_mean"),
-                       ("cos_live_drift_sign_hmean", "live drift vs +sign(h_mean)"),
-                       ("cos_live_drift_hmean", "live drift vs +h_mean")):
-        ax2.plot(trans, a[key], marker=marker, linewidth=1, label=label)
+    label(ax1, "cosine", f"Does h_mean point toward the live centroid? - {title}")
+    for key, text in (("cos_dead_drift_neg_sign_hmean", "dead drift vs -sign(h_mean)"),
+                      ("cos_dead_drift_neg_hmean", "dead drift vs -h_mean"),
+                      ("cos_live_drift_sign_hmean", "live drift vs +sign(h_mean)"),
+                      ("cos_live_drift_hmean", "live drift vs +h_mean")):
+        ax2.plot(trans, a[key], marker=marker, linewidth=1, label=text)
     ax2.axhline(0, color="grey", linewidth=0.8)
-    ax2.set_ylabel("cosine")
-    ax2.set_xlabel("training step t (h_mean of step t; drift c[t] - c[t-1]; centroids of W[t])")
-    ax2.set_title("Centroid drift directions (Adam: sign vs value of h_mean)")
-    ax2.legend(fontsize=8)
+    label(ax2, "cosine", "Centroid drift directions (Adam: sign vs value of h_mean)",
+          "training step t (h_mean of step t; drift c[t] - c[t-1]; centroids of W[t])")
     save(fig, PLOT_NAMES[2])
 
     # 4. share of entries changed
@@ -279,10 +257,8 @@ def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None)
     ax.plot(trans, a["frac_changed_dead"], marker=marker, label="dead tokens")
     ax.plot(trans, a["frac_changed_live"], marker=marker, label="live tokens")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("training step t (W[t] compared with W[t-1])")
-    ax.set_ylabel("share of W entries changed")
-    ax.set_title(f"Does bf16 stall the drift? - {title}")
-    ax.legend(fontsize=8)
+    label(ax, "share of W entries changed", f"Does bf16 stall the drift? - {title}",
+          "training step t (W[t] compared with W[t-1])")
     save(fig, PLOT_NAMES[3])
 
     # 5. path straightness per token
@@ -291,15 +267,13 @@ def write_plots(result: dict[str, Any], out: Path, *, dir_fd: int | None = None)
     straight = result["path_straightness"].double().numpy()
     dead = result["dead_mask"].bool().numpy()
     bins = np.linspace(0, 1, 51)
-    for mask, label in ((dead, "dead tokens"), (~dead, "live tokens")):
+    for mask, who in ((dead, "dead tokens"), (~dead, "live tokens")):
         values = straight[mask]
         values = values[np.isfinite(values)]
         if values.size:
-            ax.hist(values, bins=bins, density=True, alpha=0.6, label=f"{label} ({values.size})")
-    ax.set_xlabel("path straightness |W[T] - W[0]| / sum_t |W[t+1] - W[t]| (1 = straight line)")
-    ax.set_ylabel("density of tokens")
-    ax.set_title(f"How straight are the token paths? - {title}")
-    ax.legend(fontsize=8)
+            ax.hist(values, bins=bins, density=True, alpha=0.6, label=f"{who} ({values.size})")
+    label(ax, "density of tokens", f"How straight are the token paths? - {title}",
+          "path straightness |W[T] - W[0]| / sum_t |W[t+1] - W[t]| (1 = straight line)")
     save(fig, PLOT_NAMES[4])
     return written, ""
 

@@ -1,7 +1,6 @@
 """Whole blocks of steps as store files: encoded in zarr's exact bytes, found, checked for absence.
 
-Readers ask :func:`missing_blocks` first: zarr reads an absent chunk as fill values without
-complaint, but for committed rows an absent chunk can only mean damage.
+zarr reads an absent chunk as fill values; for committed rows it can only mean damage (missing_blocks).
 """
 
 from __future__ import annotations
@@ -29,12 +28,9 @@ def log_fallback(path: str, what: str, why: str) -> None:
 
 
 def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, threads: int = 1) -> dict[str, bytes]:
-    """The shard files of time block `block` of `array` holding `rows`: store key -> bytes.
-    row_shard: `rows` are the rows of zarr shard `row_shard` along the first axis (one rank's share).
-
-    zarr's own write of a sharded array reads the old shard and merges into it (a GET on S3, and a
-    failure if it is damaged), so a block is encoded whole here: by shardio (1.2-1.4x less CPU) where
-    it is one file, else by zarr's pipeline into a scratch in-memory array shaped just this block."""
+    """The shard files of time block `block` of `array` holding `rows` (of shard `row_shard` on the
+    first axis): store key -> bytes. Encoded whole (zarr would read and merge the old shard): by
+    shardio where it is one file, else by zarr into a scratch in-memory array."""
     import json
 
     import zarr

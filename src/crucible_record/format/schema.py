@@ -1,13 +1,8 @@
 """The run's metadata (FORMAT.md is its specification): group layout, field attributes, the commit marker.
 
-A run is a Zarr v3 group. Each field is an array at the group's root with the step axis first;
-constants (tensors recorded once) sit beside them; row indices of row-subset fields live in the
-``.rows`` subgroup; ``commit.json`` says how many steps every field holds durably. This module
-creates and opens that layout; it knows nothing of any experiment. How a field is split among
-ranks is format/planner.py; how a block of steps becomes files is format/blocks.py. Format-1 runs
-(crucible-record 0.1, all written by the Crucible-3 experiment) are read from their stored arrays'
-own metadata (dimension names, dtypes, lengths), not from a list of that experiment's fields: a
-hook into crucible3 would make opening a run depend on whether crucible3 was imported.
+A run is a Zarr v3 group: a step-first array per field, constants beside them, row indices in
+``.rows``, and ``commit.json``; this module knows no experiment. Format-1 runs are read from their
+arrays' own metadata, not a list of Crucible-3's fields (opening a run must not depend on crucible3).
 """
 
 from __future__ import annotations
@@ -79,12 +74,8 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
                constants: Mapping[str, Any] | None = None,
                partitions: Mapping[str, Partition] | None = None, world_size: int = 1,
                claimed: bool = False):
-    """Create the group, one array per field, the constants and the row indices; commit 0 steps.
-
-    Refuses an existing run (zarr's ``mode="w-"``). Everything is fsynced before it returns.
-    partitions, world_size: a run recorded by `world_size` ranks, fields split among them
-    (multi-rank runs; ``claimed``: the caller already claimed the store, see RunStore.claim_new).
-    """
+    """Create the group, the arrays, constants and row indices, all durable; commit 0 steps.
+    partitions, world_size: fields split among ranks; claimed: see RunStore.claim_new."""
     import zarr
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -172,10 +163,8 @@ def _check_constants(constants: Mapping[str, Any], fields: Mapping[str, Field]) 
 
 
 def open_group(store: RunStore, mode: str = "r"):
-    """Open a run's group and read its metadata, refusing what is not a run of a known version,
-    and checking the run's own record of every field and constant against its array's metadata
-    (dtype, shape, cadence, codecs; the sha256 of each array's metadata as created, where the run
-    has them) before anything is read or allocated. Every refusal is a CrucibleError."""
+    """Open a run's group and metadata, refusing what is not a run of a known version or whose
+    arrays contradict the run's record of them (check_array), before anything is read."""
     import zarr
 
     if not store.run_exists():
@@ -233,9 +222,8 @@ def metadata_digest(array) -> str:
 
 
 def check_array(store: RunStore, path: str, array, info: RunInfo, attrs: Mapping[str, Any]) -> None:
-    """What the run recorded of the field or constant at `path` against what zarr reads of its array:
-    the digest of its metadata as created (runs written since it is kept), and in every case its
-    dtype, shape, cadence, endianness and codecs. A mismatch would read wrong values silently."""
+    """The run's record of the field or constant at `path` (its metadata digest, dtype, shape,
+    cadence, codecs) against what zarr reads: a mismatch would read wrong values silently."""
     where = f"{store.location} is damaged: {STORE_NAME}/{path}/zarr.json"
     digests = attrs.get(DIGESTS)
     if digests is not None:
@@ -376,11 +364,9 @@ def read_layout(values: Any, where: str) -> Layout:
 
 
 def _info_v1(group, attrs: dict) -> RunInfo:
-    """Format 1 (crucible-record 0.1), derived from what is stored rather than from which experiment
-    wrote it, so this layer names no field: an array whose first axis is named ``step`` is a field,
-    ``step_minus_one`` a field recorded from step 1; any other array is a constant. 0.1 stored
-    bfloat16 as uint16 bits (and nothing else as uint16), without format 2's dtype attribute. It
-    sized every array for the whole run when it created it: their lengths give the run's steps."""
+    """Format 1 (crucible-record 0.1), from what is stored: a first axis named ``step`` is a field,
+    ``step_minus_one`` one from step 1, anything else a constant; uint16 is bfloat16 bits, and the
+    arrays' lengths (sized for the whole run) give its steps."""
     fields, constants, first_step, steps = {}, [], {}, 0
     for name, array in sorted(group.arrays()):
         dims = tuple(array.metadata.dimension_names or ())
@@ -429,11 +415,8 @@ def extend_run(store: RunStore, group, info: RunInfo, steps: int | None,
 
 
 def read_commit(store: RunStore, group, info: RunInfo | None = None) -> dict[str, Any]:
-    """The commit marker: ``steps`` = how many steps (0 .. steps-1) every field holds durably.
-
-    With `info` (from open_group) the marker is checked against the arrays: a marker that says more
-    steps than a field's array holds would read uninitialised rows, so it is refused (``verify
-    --repair`` moves it back). Without, only its type is checked (an int >= 0, not a bool)."""
+    """The commit marker: ``steps`` = how many steps every field holds durably. With `info`, a marker
+    beyond a field's array (it would read uninitialised rows) is refused (``verify --repair``)."""
     if info is not None and info.version == 1 or info is None and group.attrs.get("format_version") == 1:
         commit = group.attrs.get("commit", {})
         steps, epoch = (commit.get("steps", -1), commit.get("epoch", 0)) if isinstance(commit, dict) else (None, None)
