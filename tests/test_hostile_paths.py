@@ -133,7 +133,7 @@ READ_W = """
 import crucible_record as cr
 from crucible_record.errors import CrucibleError
 try:
-    cr.open({run!r})["W"][:]
+    cr.open({run!r})["W"][{key}]
 except CrucibleError as e:
     print("error:", e, file=__import__("sys").stderr)
     raise SystemExit(1)
@@ -163,7 +163,9 @@ def plant_sparse(path: Path) -> None:
 def test_hostile_shard_is_refused_by_reads_export_and_verify(tmp_path, generic_base, plant, fragment):
     run_dir = copy_run(generic_base, tmp_path / "run")
     plant(run_dir / SHARD)
-    assert_clean_failure(child(READ_W.format(run=str(run_dir)), cwd=tmp_path), "W/c/0/0/0", fragment)
+    assert_clean_failure(child(READ_W.format(run=str(run_dir), key=":"), cwd=tmp_path), "W/c/0/0/0", fragment)
+    # one token's trajectory reads only the index and one inner chunk of each shard: bounded the same way
+    assert_clean_failure(child(READ_W.format(run=str(run_dir), key=":, 3"), cwd=tmp_path), "W/c/0/0/0", fragment)
     assert_clean_failure(cli_child(tmp_path, "export", run_dir, "--out", tmp_path / "out"), "W/c/0/0/0", fragment)
     result = cli_child(tmp_path, "verify", run_dir)
     assert_clean_failure(result, "damaged")
@@ -177,7 +179,7 @@ def test_hostile_shard_is_refused_by_reads_export_and_verify(tmp_path, generic_b
 def test_hostile_commit_marker_is_refused(tmp_path, generic_base, plant, fragment):
     run_dir = copy_run(generic_base, tmp_path / "run")
     plant(run_dir / STORE / "commit.json")
-    assert_clean_failure(child(READ_W.format(run=str(run_dir)), cwd=tmp_path), "commit.json", fragment)
+    assert_clean_failure(child(READ_W.format(run=str(run_dir), key=":"), cwd=tmp_path), "commit.json", fragment)
     assert_clean_failure(cli_child(tmp_path, "info", run_dir), "commit.json", fragment)
     assert_clean_failure(cli_child(tmp_path, "verify", run_dir, "--repair"), "commit.json", fragment)
 
@@ -272,6 +274,8 @@ def test_symlinked_folder_inside_the_store_is_never_written_through(tmp_path, ge
 
     with pytest.raises(CrucibleError, match="symlink"):
         cr.open(run_dir)["W"][:]
+    with pytest.raises(CrucibleError, match="symlink"):
+        cr.open(run_dir)["W"][:, 3]  # one token: the index and one inner chunk a shard, never through the link
     with pytest.raises(CrucibleError, match="W/c"):
         with cr.record(run_dir, generic_fields(), resume=True) as rec:
             for step in range(rec.next_step, rec.next_step + 8):

@@ -26,7 +26,7 @@ from .errors import CrucibleError, describe, missing_chunk_error
 from .format.blocks import log_fallback, missing_blocks
 from .shardio import (ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, index_spans,
                       shard_layout, shard_spans)
-from .storage import open_store, read_fd
+from .storage import open_file_beneath, open_store, read_fd
 
 
 class DamagedBlock(CrucibleError):
@@ -265,7 +265,7 @@ async def _fetch_one(store, layout: ShardLayout, key: str, wanted, extent):
 
     inner = store.store
     if wanted is not None and isinstance(inner, zarr.storage.LocalStore):
-        return _local_chunks(Path(inner.root) / key, layout, wanted, extent)
+        return _local_chunks(inner, key, layout, wanted, extent)
     if wanted is not None and isinstance(inner, zarr.storage.ObjectStore):
         for _ in range(RANGED_TRIES):
             result = await _object_chunks(inner.store, key, layout, wanted, extent)
@@ -292,14 +292,14 @@ async def _whole(inner, key: str, layout: ShardLayout, wanted, extent):
     return {c: buf[spans[c][0]:spans[c][0] + spans[c][1]] for c in coords}
 
 
-def _local_chunks(path: Path, layout: ShardLayout, wanted, extent):
-    """The index and the wanted inner chunks of a local shard file, read from one descriptor."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
+def _local_chunks(inner, key: str, layout: ShardLayout, wanted, extent):
+    """The index and the wanted inner chunks of a local shard file, read from one descriptor, opened
+    as every store read is (no symlink beneath the run, a regular file within its array's cap)."""
+    opened = open_file_beneath(Path(inner.root), key, inner.cap(key))
+    if opened is None:
         return None
+    fd, size = opened
     try:
-        size = os.fstat(fd).st_size
         n = layout.index_nbytes
         if size < n:
             return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")

@@ -514,9 +514,9 @@ def read_fd(fd: int, start: int, stop: int) -> bytearray:
     return out
 
 
-def read_file_beneath(base: Path, key: str, max_bytes: int, byte_range=None) -> bytearray | None:
-    """The one bounded read: a file `base`/key (regular, at most `max_bytes`, no symlink anywhere
-    beneath `base`), or None if absent; byte_range is zarr's ByteRequest."""
+def open_file_beneath(base: Path, key: str, max_bytes: int) -> tuple[int, int] | None:
+    """(descriptor, size) of the file `base`/key: regular, at most `max_bytes`, no symlink anywhere
+    beneath `base`; None if absent. The caller closes it."""
     *dirs, name = parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise CrucibleError(f"{base}/{key}: a path inside a run has no empty, '.' or '..' component")
@@ -525,11 +525,20 @@ def read_file_beneath(base: Path, key: str, max_bytes: int, byte_range=None) -> 
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        fd, size = open_regular(f"{base}/{key}", max_bytes, dir_fd=dir_fd, name=name)
+        return open_regular(f"{base}/{key}", max_bytes, dir_fd=dir_fd, name=name)
     except (FileNotFoundError, IsADirectoryError):
         return None
     finally:
         os.close(dir_fd)
+
+
+def read_file_beneath(base: Path, key: str, max_bytes: int, byte_range=None) -> bytearray | None:
+    """The one bounded read: a file `base`/key (see open_file_beneath), or None if absent;
+    byte_range is zarr's ByteRequest."""
+    opened = open_file_beneath(base, key, max_bytes)
+    if opened is None:
+        return None
+    fd, size = opened
     try:
         return read_fd(fd, *_range(byte_range, size))
     except OSError as e:
