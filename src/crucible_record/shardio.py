@@ -557,26 +557,40 @@ def index_spans(layout: ShardLayout, raw: np.ndarray, size: int,
     `raw`: checksum verified, every span inside the shard's data (ShardError otherwise).
     extent (the shard's part inside its array): every inner chunk was written (WRITE_ALL), so one
     absent within `extent`, or two overlapping, is damage zarr would read silently: ShardError."""
-    index = parse_index(layout, np.asarray(raw, dtype=np.uint8))
+    index = parse_index(layout, np.asarray(raw, dtype=np.uint8)).reshape(-1, 2)
     n = layout.index_nbytes
     lo, hi = (n, size) if layout.index_at_start else (0, size - n)
-    absent = int(MAX_U64)
-    spans: dict[tuple[int, ...], tuple[int, int]] = {}
-    for coords in np.ndindex(*layout.grid):
-        offset, nbytes = (int(x) for x in index[coords])
-        if offset == absent and nbytes == absent:
-            if extent is not None and all(c * k < e for c, k, e in zip(coords, layout.chunk_shape, extent)):
-                raise ShardError(f"inner chunk {coords} is absent from the shard index (every inner chunk is written)")
-            continue
-        if offset < lo or offset + nbytes > hi:
-            raise ShardError(f"shard index entry {coords} ({offset}, {nbytes}) points outside the shard's data")
-        spans[tuple(coords)] = (offset, nbytes)
+    coords = _grid_coords(layout.grid)  # (numpy, whole arrays: a token read parses one index a block)
+    offsets, sizes = index[:, 0], index[:, 1]
+    absent = (offsets == MAX_U64) & (sizes == MAX_U64)
     if extent is not None:
-        ordered = sorted(spans.items(), key=lambda item: item[1])
-        for (a, (a_off, a_n)), (b, (b_off, _)) in zip(ordered, ordered[1:]):
-            if a_off + a_n > b_off:
-                raise ShardError(f"shard index entries {a} and {b} overlap (bytes {b_off}-{a_off + a_n - 1})")
-    return spans
+        inside = np.all(coords * np.asarray(layout.chunk_shape) < np.asarray(extent), axis=1)
+        if (absent & inside).any():
+            first = tuple(int(c) for c in coords[np.flatnonzero(absent & inside)[0]])
+            raise ShardError(f"inner chunk {first} is absent from the shard index (every inner chunk is written)")
+    present = np.flatnonzero(~absent)
+    offsets, sizes = offsets[present].astype(np.int64), sizes[present].astype(np.int64)
+    outside = np.flatnonzero((offsets < lo) | (offsets > hi) | (sizes < 0) | (sizes > hi) | (offsets + sizes > hi))
+    if len(outside):
+        i = outside[0]
+        raise ShardError(f"shard index entry {tuple(int(c) for c in coords[present[i]])} "
+                         f"({int(index[present[i], 0])}, {int(index[present[i], 1])}) points outside the shard's data")
+    if extent is not None and len(present) > 1:
+        order = np.lexsort((sizes, offsets))
+        ends, starts = (offsets + sizes)[order[:-1]], offsets[order[1:]]
+        clash = np.flatnonzero(ends > starts)
+        if len(clash):
+            j = clash[0]
+            a, b = (tuple(int(c) for c in coords[present[order[k]]]) for k in (j, j + 1))
+            raise ShardError(f"shard index entries {a} and {b} overlap (bytes {int(starts[j])}-{int(ends[j]) - 1})")
+    keys = map(tuple, coords[present].tolist())
+    return dict(zip(keys, zip(offsets.tolist(), sizes.tolist())))
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_coords(grid: tuple[int, ...]) -> np.ndarray:
+    """Every inner chunk's coordinates in C order (the index's order), one row each."""
+    return np.array(list(np.ndindex(*grid)), dtype=np.int64).reshape(-1, len(grid))
 
 
 def shard_spans(layout: ShardLayout, buf: np.ndarray, extent: tuple[int, ...] | None = None) -> dict:
