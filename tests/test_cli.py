@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
@@ -147,3 +150,44 @@ def test_progress_bar_shows_the_current_steps_loss(capsys, tmp_path, tiny_corpus
     t = open_trajectory(tmp_path / "run")
     for count, losses in shown.items():
         assert losses == {f"{t.loss[count].item():.4f}"}, (count, losses)
+
+
+def test_train_first_line_comes_before_torch_is_imported(tmp_path, tiny_corpus):
+    """`train` names the run, device and config at once: before the 1-2 s import of torch (and zarr).
+
+    A fresh interpreter (this one has torch already) records, for each line the CLI prints, whether
+    torch was imported yet; 'auto' on this CPU-only torch build is known to be the CPU without it."""
+    flags = [f for f in tiny_flags(tiny_corpus) if f not in ("--device", "cpu")] + ["--steps", "1"]
+    script = (
+        "import sys, click\n"
+        "printed, echo = [], click.echo\n"
+        "click.echo = lambda message=None, *a, **k: (printed.append(('torch' in sys.modules, str(message))),"
+        " echo(message, *a, **k))\n"
+        "from crucible_record.cli import main\n"
+        "try:\n"
+        f"    main(['train', *{flags!r}, '--out', {str(tmp_path / 'run')!r}])\n"
+        "finally:\n"
+        "    print('PRINTED', printed, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    printed = ast.literal_eval(done.stderr.split("PRINTED ", 1)[1].strip())
+    assert printed[0] == (False, f"training {tmp_path / 'run'} on cpu: 1 steps of 4 x 16 tokens, hidden_dim=16, "
+                                 f"num_layers=1, corpus={tiny_corpus}")
+    assert printed[-1][0] and printed[-1][1].startswith("Run: ")  # torch was imported for the training
+
+
+def test_package_import_is_lazy_and_names_resolve():
+    """`import crucible_record` imports neither torch nor zarr; every public name still resolves, and
+    importing the submodule behind cr.watch (as the framework callbacks do) leaves cr.watch a function."""
+    script = ("import sys, crucible_record as cr\n"
+              "assert 'torch' not in sys.modules and 'zarr' not in sys.modules, 'eager import'\n"
+              "import crucible_record.integrations.hf\n"
+              "assert callable(cr.watch) and cr.watch.__name__ == 'watch', cr.watch\n"
+              "names = [getattr(cr, n) for n in cr.__all__]\n"
+              "from crucible_record import Field, Shard, record, open\n"
+              "from crucible_record.crucible3 import open_trajectory, Trajectory\n"
+              "print(len(names))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(len(cr.__all__))

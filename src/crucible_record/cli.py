@@ -10,14 +10,17 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .cli_common import RUN, default_out, size_text
 from .crucible3 import cli as crucible3_cli
 from .errors import CrucibleError, Interrupted
-from .reader import Run
 from .steps_text import steps_committed
+
+if TYPE_CHECKING:  # reader imports torch and zarr (1-2 s): each command imports it when it runs
+    from .reader import Run
 
 # The experiments whose runs the generic commands show in their own terms (each: owns(run),
 # view(run), info_lines(view), export(view, out, force)); each adds its commands in register(cli).
@@ -38,6 +41,8 @@ def cli() -> None:
 @click.option("--force", is_flag=True, help="overwrite existing files")
 def export(run_dir, fmt, out, force):
     """Write a run's committed steps as safetensors (a Crucible-3 run: the notebook's two files)."""
+    from .reader import Run
+
     run = Run(run_dir)
     experiment = experiment_of(run)
     view = experiment.view(run) if experiment else None
@@ -56,6 +61,8 @@ def export(run_dir, fmt, out, force):
 @click.argument("run_dir", type=RUN)
 def info(run_dir):
     """Fields, committed steps, size on disk; for a Crucible-3 run its config and Quick Stats."""
+    from .reader import Run
+
     run = Run(run_dir)
     experiment = experiment_of(run)
     view = experiment.view(run) if experiment else None
@@ -104,6 +111,8 @@ def verify(run_dir, repair):
 
 def _is_experiment(run_dir) -> bool:
     """Whether an experiment recorded the run (its steps are then counted as training steps)."""
+    from .reader import Run
+
     try:
         return experiment_of(Run(run_dir)) is not None
     except CrucibleError:  # e.g. a marker past the arrays, which verify has just reported

@@ -36,6 +36,7 @@ LOCK_FILE = ".lock"
 MARKER = "commit.json"
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")  # zarr LocalStore's temporary files
 DURABILITY = ("fsync", "none")
+DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # (pathlib folds "s3://b/run" into "s3:/b/run")
 URL_SCHEMES = ("s3", "file", "memory")
 MAX_METADATA_BYTES = 16 << 20  # a run's JSON documents (zarr.json, commit.json, .ranks/*.json)

@@ -37,9 +37,8 @@ from .fields import Field, Shard, as_shard_tensor, as_tensor
 from .format.blocks import WRITE_ALL, encode_block, missing_blocks
 from .format.planner import Partition, show_partition
 from .shardio import default_threads
-from .storage import RunStore
+from .storage import DEFAULT_COMMIT_INTERVAL, RunStore
 
-DEFAULT_COMMIT_INTERVAL = 10.0  # seconds of training a crash may lose at most
 POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
 STAGING_BYTES = 256 * 2**20  # staging beyond 3 steps stays under this
 # The writer's nice value on a CPU run: torch's intra-op threads busy-wait at barriers, so a writer

@@ -11,15 +11,19 @@ from pathlib import Path
 
 import click
 
+from typing import TYPE_CHECKING
+
 from ..cli_common import RUN, default_out, size_text
 from ..codecs import CODEC_PRESETS, Layout
 from ..errors import CrucibleError
-from ..reader import Run
-from ..writer import DEFAULT_COMMIT_INTERVAL
 from ..steps_text import steps_committed
-from ..storage import DURABILITY
-from .config import DEVICES, PRESETS, RECORD_ROWS, RECORDABLE, RunConfig, load_config_file, parse_record
-from .trajectory import Trajectory, is_crucible
+from ..storage import DEFAULT_COMMIT_INTERVAL, DURABILITY
+from .config import (DEVICES, PRESETS, RECORD_ROWS, RECORDABLE, RunConfig, device_without_torch, load_config_file,
+                     parse_record, training_line)
+
+if TYPE_CHECKING:  # what imports torch and zarr (1-2 s) is imported where a command needs it
+    from ..reader import Run
+    from .trajectory import Trajectory
 
 
 def register(group: click.Group) -> None:
@@ -33,11 +37,15 @@ def register(group: click.Group) -> None:
 
 def owns(run: Run) -> bool:
     """A Crucible-3 run: its recorded steps 0..T are T training steps (step 0: the initial state)."""
+    from .trajectory import is_crucible
+
     return is_crucible(run)
 
 
 def view(run: Run) -> Trajectory:
     """The notebook's view of one of its runs (refuses one with no committed step)."""
+    from .trajectory import Trajectory
+
     return Trajectory(run)
 
 
@@ -143,8 +151,6 @@ def _experiment_options(func):
 def train(ctx, out, preset, config_file, resume, commit_interval, durability, writer_threads, checkpoints, time_chunk,
           token_chunk, codec, progress, **values):
     """Train the notebook's model and record every step into OUT/trajectory.zarr."""
-    from .run import resume_run, start_run
-
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if not commit_interval > 0:
         raise CrucibleError(f"--commit-interval must be a positive number of seconds, got {commit_interval}")
@@ -157,6 +163,8 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
                 f"--resume continues a run with its own settings (only --steps may extend it); "
                 f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
             )
+        from .run import resume_run
+
         summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, commit_interval=commit_interval, durability=durability, progress=progress,
                              writer_threads=writer_threads, announce=click.echo,
                              say=lambda line: click.echo(line, err=True))
@@ -172,9 +180,15 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
         if out is None:
             out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
         layout = Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec)
+        device = device_without_torch(config.device)
+        if device is not None:  # the first line, before torch is imported (1-2 s)
+            click.echo(training_line(out, device, config))
+        from .run import start_run
+
         summary = start_run(config, out, layout=layout, checkpoints=checkpoints, commit_interval=commit_interval,
                             durability=durability, progress=progress, writer_threads=writer_threads,
-                            announce=click.echo, say=lambda line: click.echo(line, err=True))
+                            announce=click.echo if device is None else lambda line: None,
+                            say=lambda line: click.echo(line, err=True))
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
         f"{steps_committed(summary.steps + 1, of=summary.planned + 1, training=True)}, time: {summary.seconds:.1f} s"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
 import json
+import platform
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -138,6 +141,44 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """The config in one line: its size, then whatever differs from the notebook's values."""
+        changed = [f"{k}={v}" for k, v in self.to_dict().items()
+                   if k not in ("steps", "batch_size", "seq_len", "device") and v != getattr(RunConfig(), k, None)]
+        return (f"{self.steps} steps of {self.batch_size} x {self.seq_len} tokens, "
+                + (", ".join(changed) if changed else "the notebook's other values"))
+
+
+def training_line(run_dir, device: str, config: RunConfig) -> str:
+    """`train`'s first line: the run, the device, the config."""
+    return f"training {run_dir} on {device}: {config.describe()}"
+
+
+def device_without_torch(name: str) -> str | None:
+    """The device `name` stands for, when that is known without importing torch (1-2 s), else None.
+
+    An explicit name is itself (resolve_device checks it later); 'auto' is 'cpu' when the installed
+    torch was built with neither CUDA nor ROCm (its torch/version.py, read as text, says so) off macOS.
+    """
+    if name != "auto":
+        return name
+    spec = importlib.util.find_spec("torch")  # finds the package without importing it
+    if platform.system() == "Darwin" or spec is None or spec.origin is None:
+        return None
+    try:
+        tree = ast.parse((Path(spec.origin).parent / "version.py").read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    built_for = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    built_for[target.id] = node.value.value
+    if "cuda" in built_for and built_for["cuda"] is None and built_for.get("hip") is None:
+        return "cpu"
+    return None
 
 
 def parse_record(text: str) -> tuple[str, ...]:

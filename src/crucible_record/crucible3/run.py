@@ -31,7 +31,7 @@ from ..writer import DEFAULT_COMMIT_INTERVAL, Recorder
 from ..steps_text import steps_committed
 from ..storage import is_url, open_store
 from . import checkpoint
-from .config import RunConfig
+from .config import RunConfig, training_line
 from .engine import Inputs, build_model, fields, load_inputs, resolve_device, train
 from .trajectory import EXPERIMENT
 
@@ -69,7 +69,7 @@ def start_run(
             raise CrucibleError(f"--out {run_dir} already exists and is not empty; choose a new directory")
     layout.validate()
     device = resolve_device(config.device)
-    announce(f"training {run_dir} on {device}: {describe_config(config)}")
+    announce(training_line(run_dir, device, config))
     inputs = load_inputs(config)  # every input is checked before anything is written
     recorder = record(
         run_dir,
@@ -91,14 +91,6 @@ def start_run(
         writer_threads=writer_threads,
     )
     return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say=say)
-
-
-def describe_config(config: RunConfig) -> str:
-    """The config in one line: its size, then whatever differs from the notebook's values."""
-    changed = [f"{k}={v}" for k, v in config.to_dict().items()
-               if k not in ("steps", "batch_size", "seq_len", "device") and v != getattr(RunConfig(), k, None)]
-    return (f"{config.steps} steps of {config.batch_size} x {config.seq_len} tokens, "
-            + (", ".join(changed) if changed else "the notebook's other values"))
 
 
 def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
@@ -133,7 +125,7 @@ def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval
     if done >= config.steps:
         raise CrucibleError(f"{run_dir} is already complete: {steps_committed(done + 1, of=config.steps + 1, training=True)}; "
                             f"extend it with: crucible-record train --resume {run_dir} --steps N (N > {config.steps})")
-    announce(f"continuing {run_dir} on {resolve_device(config.device)}: {describe_config(config)}")
+    announce(f"continuing {run_dir} on {resolve_device(config.device)}: {config.describe()}")
     damage = verify_run(run_dir)  # continuing over a damaged committed block would keep the damage and exit 0
     if not damage.ok:
         raise CrucibleError(f"{run_dir} is damaged ({damage.problems[0]}): run `crucible-record verify --repair` "

@@ -16,7 +16,7 @@ import torch
 from ..errors import CrucibleError
 from ..api import record
 from ..writer import Recorder
-from ..watch import Watch
+from ..watcher import Watch
 
 
 class RecordingSession:
