@@ -186,7 +186,7 @@ def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | No
     return out.reshape(final)
 
 
-read_one_row = read_selection  # ``array[rows, k]`` (see wants_one_row): per block the index and one inner chunk
+read_one_row = read_selection  # ``array[rows, k]`` (wants_one_row): per block the index and one inner chunk
 
 
 def read_whole_rows(store, array, name: str, start: int, stop: int) -> np.ndarray | None:

@@ -83,7 +83,7 @@ def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
     if data is None:
         return None
     try:
-        meta = json.loads(parse_bytes(data, "the file").metadata[_META_KEY])  # (safetensors reads it from a path only)
+        meta = json.loads(parse_bytes(data, "the file").metadata[_META_KEY])  # (safetensors: from a path only)
         tensors = load(data)
         if not isinstance(meta, dict) or meta.get("version") != _VERSION:
             raise ValueError("unknown checkpoint version")
