@@ -137,11 +137,6 @@ def wants_one_row(selection: tuple, shape) -> bool:
     return isinstance(selection[1], int) and all(_is_whole(k, n) for k, n in zip(selection[2:], shape[2:]))
 
 
-def read_one_row(store, array, selection: tuple, name: str) -> np.ndarray | None:
-    """``array[rows, k]`` (see wants_one_row): per block the index and one inner chunk (read_selection)."""
-    return read_selection(store, array, selection, name)
-
-
 def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | None:
     """``array[selection]`` (ints, slices of any step, at most one list; orthogonal) read per shard
     file as its index and the inner chunks touched (the whole file when it touches them all), one
@@ -189,6 +184,17 @@ def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | No
         except ShardError as e:
             raise _undecodable(name, f"{first}-{last}", e) from None
     return out.reshape(final)
+
+
+read_one_row = read_selection  # ``array[rows, k]`` (wants_one_row): per block the index and one inner chunk
+
+
+def read_whole_rows(store, array, name: str, start: int, stop: int) -> np.ndarray | None:
+    """Rows [start, stop) by shardio: whole blocks, else per file (a block split among ranks' files);
+    None where shardio cannot decode the array (zarr then)."""
+    selection = whole_rows(array, start, stop)
+    data = read_blocks(store, array, selection, name)
+    return read_selection(store, array, selection, name) if data is None else data
 
 
 def _axis_indices(key, size: int) -> tuple[np.ndarray, bool]:
@@ -361,10 +367,7 @@ def read_rows(location: str, name: str, start: int, stop: int) -> np.ndarray:
     store = open_store(location)
     array = zarr.open_array(store.store, path=name, mode="r", zarr_format=3)
     if stop > start:
-        selection = whole_rows(array, start, stop)
-        data = read_blocks(store, array, selection, name)
-        if data is None:  # a block split among ranks' files
-            data = read_selection(store, array, selection, name)
+        data = read_whole_rows(store, array, name, start, stop)
         if data is not None:
             return data
     missing = missing_blocks(store, array, name, range(start, stop))

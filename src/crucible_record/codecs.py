@@ -29,9 +29,8 @@ class Layout:
     codec: str = "default"
 
     def validate(self) -> None:
-        if self.time_chunk is not None and (isinstance(self.time_chunk, bool) or self.time_chunk <= 0):
-            raise CrucibleError("chunk sizes must be positive")
-        if self.row_chunk <= 0:
+        if self.time_chunk is not None and (isinstance(self.time_chunk, bool) or self.time_chunk <= 0) \
+                or self.row_chunk <= 0:
             raise CrucibleError("chunk sizes must be positive")
         if self.codec not in CODEC_PRESETS:
             raise CrucibleError(f"unknown codec preset {self.codec!r}; choose one of {', '.join(CODEC_PRESETS)}")

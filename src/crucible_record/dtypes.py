@@ -52,10 +52,6 @@ def supported(dtype: Any) -> bool:
     return dtype in TABLE
 
 
-def storage(dtype: torch.dtype) -> Storage:
-    return TABLE[dtype]
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return TABLE[dtype].name
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +19,7 @@ from . import dtypes
 from .errors import CrucibleError
 from .reader import LazyField, Run
 from .safetensors_io import header as safetensors_header
-from .storage import lexists_at, open_output_dir
+from .storage import atomic_write_bytes, lexists_at, open_output_dir, write_all
 
 # name -> (safetensors dtype, shape, a function yielding the tensor's little-endian bytes in order)
 Chunks = Callable[[], Iterator[memoryview | bytes]]
@@ -31,43 +30,28 @@ def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int
     """Stream tensors into `target` by a durable replace (never a torn file, never through a symlink);
     dir_fd: `target`'s folder (open_output_dir), else its parent as named."""
     header, order = safetensors_header({name: spec[:3] for name, spec in tensors.items()}, metadata)
-    target = Path(target)
-    tmp = f".{target.name}.{uuid.uuid4().hex}.tmp"
-    folder = dir_fd
+
+    def fill(fd: int) -> None:
+        # One thread writes a block while this one decodes the next (memory: two blocks).
+        with ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
+            write_all(fd, header)
+            pending = None
+            for name in order:
+                written = 0
+                for chunk in tensors[name][3]():
+                    if pending is not None:
+                        pending.result()
+                    pending = writer.submit(write_all, fd, chunk)
+                    written += memoryview(chunk).nbytes
+                if written != tensors[name][2]:
+                    raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
+            if pending is not None:
+                pending.result()
+
     try:
-        if folder is None:
-            folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=folder)
-        try:
-            # One thread writes a block while this one decodes the next (memory: two blocks).
-            with os.fdopen(fd, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
-                f.write(header)
-                pending = None
-                for name in order:
-                    written = 0
-                    for chunk in tensors[name][3]():
-                        if pending is not None:
-                            pending.result()
-                        pending = writer.submit(f.write, chunk)
-                        written += memoryview(chunk).nbytes
-                    if written != tensors[name][2]:
-                        raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
-                if pending is not None:
-                    pending.result()
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target.name, src_dir_fd=folder, dst_dir_fd=folder)
-            os.fsync(folder)
-        finally:
-            try:
-                os.unlink(tmp, dir_fd=folder)
-            except FileNotFoundError:
-                pass
+        atomic_write_bytes(target, fill, dir_fd=dir_fd, mode=0o644)
     except OSError as e:
         raise CrucibleError(f"cannot write {target}: {e.strerror or e}") from None
-    finally:
-        if dir_fd is None and folder is not None:
-            os.close(folder)
 
 
 def field_blocks(field: LazyField, start: int = 0, stop: int | None = None) -> Chunks:

@@ -203,12 +203,8 @@ def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill
 
 def _morton(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """The order zarr lays inner chunks out in a shard (zarr's own Morton order iterator)."""
-    try:
-        from zarr.core.indexing import morton_order_iter
-    except ImportError:  # a zarr without it: only a grid along one axis has an obvious order
-        if sum(1 for g in grid if g > 1) > 1:
-            raise NotImplementedError("inner-chunk order of this zarr version") from None
-        return tuple(np.ndindex(*grid))
+    from zarr.core.indexing import morton_order_iter
+
     return tuple(tuple(int(i) for i in c) for c in morton_order_iter(grid))
 
 
@@ -332,10 +328,14 @@ def _from_step_last(stored: np.ndarray, dest: np.ndarray, layout: ShardLayout) -
 
 
 # ----- checksums -----------------------------------------------------------------------------
-def _crc32c(data) -> bytes:
+def _crc32c(*parts) -> bytes:
+    """crc32c of the parts' bytes, one after the other."""
     import google_crc32c
 
-    return int(google_crc32c.value(data)).to_bytes(4, "little")
+    crc = 0
+    for part in parts:
+        crc = google_crc32c.extend(crc, part)
+    return int(crc).to_bytes(4, "little")
 
 
 def _is_fill(chunk: np.ndarray, fill) -> bool:
@@ -369,12 +369,8 @@ def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) 
     """encode_shard with a layout already parsed (see shard_layout)."""
     cs = layout.chunk_shape
 
-    def region(coords):
-        r = tuple(slice(c * n, min((c + 1) * n, b)) for c, n, b in zip(coords, cs, block.shape))
-        return None if any(s.start >= s.stop for s in r) else r
-
     def chunk_of(coords) -> np.ndarray | None:
-        r = region(coords)
+        r = _region(coords, cs, block.shape)
         if r is None:
             return None
         view = block[r]
@@ -391,9 +387,7 @@ def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) 
 
     def encode_one(coords) -> list | None:
         chunk = chunk_of(coords)
-        if chunk is None:
-            return None
-        return _encode_chunk(chunk, layout)
+        return None if chunk is None else _encode_chunk(chunk, layout)
 
     parts = _map(encode_one, list(layout.data_order), threads)
     return _assemble(layout, parts)
@@ -413,8 +407,7 @@ def _encode_chunk(chunk: np.ndarray, layout: ShardLayout) -> list:
     parts: list = []
     for name, codec in layout.bytes_codecs:
         if name == "crc32c":
-            crc = _crc32c(payload) if not parts else _crc32c_parts([payload] + parts)
-            parts.append(crc)
+            parts.append(_crc32c(payload, *parts))
         else:
             if parts:
                 payload, parts = b"".join([payload, *parts]), []
@@ -424,35 +417,28 @@ def _encode_chunk(chunk: np.ndarray, layout: ShardLayout) -> list:
     return [payload, *parts]
 
 
-def _crc32c_parts(parts: list) -> bytes:
-    import google_crc32c
-
-    crc = 0
-    for part in parts:
-        crc = google_crc32c.extend(crc, part)
-    return int(crc).to_bytes(4, "little")
+def _index_bytes(layout: ShardLayout, spans: dict) -> bytes:
+    """A shard index holding `spans` (inner chunk coords -> (offset, nbytes)), its checksum appended."""
+    index = np.full(layout.grid + (2,), MAX_U64, dtype="<u8")
+    for coords, span in spans.items():
+        index[coords] = span
+    return index.tobytes() + (_crc32c(index.tobytes()) if layout.index_crc else b"")
 
 
 def _assemble(layout: ShardLayout, parts: list) -> bytes | None:
     if not layout.sharded:
         return None if parts[0] is None else b"".join(parts[0])
-    index = np.full(layout.grid + (2,), MAX_U64, dtype="<u8")
-    offset = layout.index_nbytes if layout.index_at_start else 0
+    spans, offset = {}, layout.index_nbytes if layout.index_at_start else 0
     pieces: list = []
     for coords, chunk_parts in zip(layout.data_order, parts):
-        if chunk_parts is None:
-            continue
-        n = sum(len(p) for p in chunk_parts)
-        if n == 0:
-            continue
-        index[coords] = (offset, n)
-        offset += n
-        pieces.extend(chunk_parts)
+        n = 0 if chunk_parts is None else sum(len(p) for p in chunk_parts)
+        if n:
+            spans[coords] = (offset, n)
+            offset += n
+            pieces.extend(chunk_parts)
     if not pieces:
         return None
-    index_bytes = index.tobytes()
-    if layout.index_crc:
-        index_bytes += _crc32c(index_bytes)
+    index_bytes = _index_bytes(layout, spans)
     return b"".join([index_bytes, *pieces] if layout.index_at_start else [*pieces, index_bytes])
 
 
@@ -490,14 +476,10 @@ def _encode_fixed(layout: ShardLayout, chunk_of, threads: int) -> bytes | None:
     _map(place, present, threads)
     if not layout.sharded:
         return out.tobytes()
-    index = np.full(layout.grid + (2,), MAX_U64, dtype="<u8")
-    for i in present:
-        index[layout.data_order[i]] = (slots[i], size)
-    index_bytes = index.tobytes() + (_crc32c(index.tobytes()) if layout.index_crc else b"")
-    if layout.index_at_start:
-        out[:len(index_bytes)] = np.frombuffer(index_bytes, dtype=np.uint8)
-    else:
-        out[total - len(index_bytes):] = np.frombuffer(index_bytes, dtype=np.uint8)
+    index_bytes = np.frombuffer(_index_bytes(layout, {layout.data_order[i]: (slots[i], size) for i in present}),
+                                dtype=np.uint8)
+    start = 0 if layout.index_at_start else total - len(index_bytes)
+    out[start:start + len(index_bytes)] = index_bytes
     return out.tobytes()
 
 
@@ -519,12 +501,11 @@ def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int =
     if hasattr(data, "as_numpy_array"):  # a zarr Buffer, as store.get returns it
         data = data.as_numpy_array()
     buf = np.frombuffer(data, dtype=np.uint8)
-    cs = layout.chunk_shape
     spans = shard_spans(layout, buf, out.shape if complete else None)
 
     def decode_one(coords) -> None:
-        r = tuple(slice(c * n, min((c + 1) * n, o)) for c, n, o in zip(coords, cs, out.shape))
-        if any(s.start >= s.stop for s in r):
+        r = _region(coords, layout.chunk_shape, out.shape)
+        if r is None:
             return
         dest = out[r]
         span = spans.get(coords)
@@ -534,9 +515,14 @@ def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int =
         stored = decode_chunk(buf[span[0]:span[0] + span[1]], layout, coords)
         _from_step_last(stored, dest, layout)
 
-    coords_list = [tuple(c) for c in np.ndindex(*layout.grid)]
-    _map(decode_one, coords_list, threads)
+    _map(decode_one, list(np.ndindex(*layout.grid)), threads)
     return out
+
+
+def _region(coords, chunk_shape, extent) -> tuple[slice, ...] | None:
+    """The part of inner chunk `coords` inside `extent` (a block's shape), or None if none is."""
+    r = tuple(slice(c * n, min((c + 1) * n, e)) for c, n, e in zip(coords, chunk_shape, extent))
+    return None if any(s.start >= s.stop for s in r) else r
 
 
 def parse_index(layout: ShardLayout, raw: np.ndarray) -> np.ndarray:

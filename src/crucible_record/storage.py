@@ -413,16 +413,21 @@ def lexists_at(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = False, fsync: bool = True) -> None:
+def write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = False, fsync: bool = True,
+                mode: int = 0o666) -> None:
     """The one durable replace: temporary file `tmp` in the folder `dir_fd` (O_EXCL, O_NOFOLLOW), fsync,
     rename over `name` (a symlink there is replaced, never followed; exclusive: link, so an existing
-    `name` is FileExistsError), fsync the folder."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    `name` is FileExistsError), fsync the folder. `data`: bytes, or a function writing to the descriptor."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
+            data(fd) if callable(data) else write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -440,18 +445,19 @@ def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = Fal
         os.fsync(dir_fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, dir_fd: int | None = None) -> None:
+def atomic_write_bytes(path: str | Path, data, *, dir_fd: int | None = None, mode: int = 0o666) -> None:
     """A local file replaced atomically and durably (a symlink at `path` is replaced, never written
-    through), in `path`'s parent as named or in `dir_fd` (a folder the caller opened)."""
+    through), in `path`'s parent as named or in `dir_fd` (a folder the caller opened). `data`: bytes,
+    or a function writing the contents to the descriptor it is given."""
     path = Path(path)
     if dir_fd is not None:
-        return _replace_at(dir_fd, path.name, data, f".{path.name}.{uuid.uuid4().hex}.tmp")
+        return _replace_at(dir_fd, path.name, data, f".{path.name}.{uuid.uuid4().hex}.tmp", mode=mode)
     try:
         dir_fd = os.open(path.parent, _DIR)
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path.parent)) from None
     try:
-        atomic_write_bytes(path, data, dir_fd=dir_fd)
+        atomic_write_bytes(path, data, dir_fd=dir_fd, mode=mode)
     finally:
         os.close(dir_fd)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blockread import DamagedBlock, read_blocks, read_selection, whole_rows
+from .blockread import DamagedBlock, read_whole_rows
 from .errors import CrucibleError
 from .format.blocks import missing_blocks
 from .format.schema import COMMIT_KEY, ROWS_GROUP, check_commit, open_group, read_commit, write_commit
@@ -79,16 +79,11 @@ def _check_array(store: RunStore, array, name: str, rows: int, report: VerifyRep
 
 
 def _read(store: RunStore, array, name: str, start: int, stop: int) -> None:
-    """Decode rows [start, stop): whole shards by shardio where it can, else through zarr."""
-    if array.ndim:
-        selection = whole_rows(array, start, stop)
-        if read_blocks(store, array, selection, name) is not None:
-            return
-        if read_selection(store, array, selection, name) is not None:  # a block split among ranks' files
-            return
-        array[start:stop]
-    else:
+    """Decode rows [start, stop): by shardio where it can, else through zarr."""
+    if not array.ndim:
         array[...]
+    elif read_whole_rows(store, array, name, start, stop) is None:
+        array[start:stop]
 
 
 def repair_run(run_dir: str | Path) -> tuple[int, int]:

@@ -120,58 +120,73 @@ class WScan:
     path_length: torch.Tensor
     net_displacement: torch.Tensor
 
-    @classmethod
-    def from_parts(cls, c_dead, c_live, ch_dead, ch_live, path, first, last) -> "WScan":
-        """Joined per-block parts (in step order), from the first and last steps of W."""
+
+class ScanParts:
+    """The per-block parts of a pass over W, in step order: gathered here by scan_W, or on Dask
+    workers and merged in block order (distributed.py), to the same float64 sums either way.
+    ``path``: the per-token path-length sums (anything supporting ``+=``)."""
+
+    def __init__(self, dead: torch.Tensor, path=None):
+        self.dead = dead.bool()
+        self.live = ~self.dead
+        self.n_dead, self.n_live = int(self.dead.sum()), int(self.live.sum())
+        self.c_dead, self.c_live, self.ch_dead, self.ch_live = [], [], [], []
+        self.path = torch.zeros(len(self.dead), dtype=torch.float64) if path is None else path
+        self.scratch: dict[str, torch.Tensor] = {}  # temporaries reused by every block (see _scratch)
+
+    def block(self, W: torch.Tensor, prev: torch.Tensor | None) -> None:
+        """One block of steps, a few at a time; ``prev``: the step before the block (or None)."""
+        for s in range(0, W.shape[0], _SUB_STEPS):
+            part = W[s:s + _SUB_STEPS]
+            self.c_dead.append(_masked_mean(part, self.dead, self.n_dead, self.scratch))
+            self.c_live.append(_masked_mean(part, self.live, self.n_live, self.scratch))
+            # transitions a[j] -> b[j] that end in `part`; the previous block's last step is carried
+            if s > 0:
+                a, b = W[s - 1:s - 1 + part.shape[0]], part
+            elif prev is not None:
+                a, b = torch.cat([prev[None], part[:-1]], out=_scratch(self.scratch, "a", part.shape, part.dtype)), part
+            else:  # global step 0 has no step before it
+                a, b = part[:-1], part[1:]
+            if a.shape[0]:
+                self._transitions(a, b)
+
+    def _transitions(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
+        # (k, vocab) changed entries (by value: -0.0 == +0.0)
+        per_token = torch.ne(a, b, out=_scratch(self.scratch, "ne", a.shape, torch.bool)).sum(dim=2)
+        for mask, count, out in ((self.dead, self.n_dead, self.ch_dead), (self.live, self.n_live, self.ch_live)):
+            out.append(per_token[:, mask].sum(dim=1).double() / (count * a.shape[2]) if count else
+                       torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
+        fb = _scratch(self.scratch, "fb", b.shape, torch.float32).copy_(b)  # b.float() - a.float(), reused buffers
+        fa = _scratch(self.scratch, "fa", a.shape, torch.float32).copy_(a)
+        self.path += torch.norm(fb.sub_(fa), dim=2).double().sum(dim=0)
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        """The parts joined: centroid_dead/live, changed_dead/live (empty without a transition)."""
         empty = torch.zeros(0, dtype=torch.float64)
-        return cls(
-            centroid_dead=torch.cat(c_dead),
-            centroid_live=torch.cat(c_live),
-            changed_dead=torch.cat(ch_dead) if ch_dead else empty,
-            changed_live=torch.cat(ch_live) if ch_live else empty,
-            path_length=path,
-            net_displacement=torch.norm(last.float() - first.float(), dim=1),
-        )
+        return {"centroid_dead": torch.cat(self.c_dead), "centroid_live": torch.cat(self.c_live),
+                "changed_dead": torch.cat(self.ch_dead) if self.ch_dead else empty,
+                "changed_live": torch.cat(self.ch_live) if self.ch_live else empty}
+
+    def result(self, first: torch.Tensor, last: torch.Tensor) -> WScan:
+        """The WScan, given the first and last steps of W."""
+        return WScan(**self.arrays(), path_length=self.path,
+                     net_displacement=torch.norm(last.float() - first.float(), dim=1))
 
 
 def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks, carrying the last step across blocks."""
-    dead = traj.dead_mask.bool()
-    live = ~dead
-    n_dead, n_live = int(dead.sum()), int(live.sum())
-    vocab, hidden = traj.W.shape[1], traj.W.shape[2]
-    c_dead, c_live, ch_dead, ch_live = [], [], [], []
-    path = torch.zeros(vocab, dtype=torch.float64)
+    parts = ScanParts(traj.dead_mask)
     first = prev = None
-    scratch: dict[str, torch.Tensor] = {}  # temporaries reused by every block (see _scratch)
     for _, W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
-        scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path, scratch)
+        parts.block(W, prev)
         prev = W[-1].clone()
         del W  # drop this block before the next one is read: one block in memory at a time
     if prev is None:
         raise CrucibleError(f"{traj.location} has no committed step of W")
-    return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, prev)
-
-
-def scan_W_block(W, prev, dead, live, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, path,
-                scratch: dict[str, torch.Tensor] | None = None) -> None:
-    """One block of steps, a few at a time; ``prev``: the step before the block (or None)."""
-    scratch = {} if scratch is None else scratch
-    for s in range(0, W.shape[0], _SUB_STEPS):
-        part = W[s:s + _SUB_STEPS]
-        c_dead.append(_masked_mean(part, dead, n_dead, scratch))
-        c_live.append(_masked_mean(part, live, n_live, scratch))
-        # transitions a[j] -> b[j] that end in `part`; the previous block's last step is carried
-        if s > 0:
-            a, b = W[s - 1:s - 1 + part.shape[0]], part
-        elif prev is not None:
-            a, b = torch.cat([prev[None], part[:-1]], out=_scratch(scratch, "a", part.shape, part.dtype)), part
-        else:  # global step 0 has no step before it
-            a, b = part[:-1], part[1:]
-        if a.shape[0]:
-            _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path, scratch)
+    return parts.result(first, prev)
 
 
 def _scratch(scratch: dict[str, torch.Tensor], key: str, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -190,17 +205,6 @@ def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int, scratch: dict[
     shape = (W.shape[0], count, W.shape[2])  # W[:, mask, :].float(), into reused buffers: the same values
     gathered = torch.index_select(W, 1, mask.nonzero().flatten(), out=_scratch(scratch, f"gather{count}", shape, W.dtype))
     return _scratch(scratch, f"float{count}", shape, torch.float32).copy_(gathered).mean(dim=1)
-
-
-def _transitions(a, b, dead, live, n_dead, n_live, hidden, ch_dead, ch_live, path, scratch) -> None:
-    """Accumulate the transitions a[j] -> b[j] (bf16, (k, vocab, hidden))."""
-    per_token = torch.ne(a, b, out=_scratch(scratch, "ne", a.shape, torch.bool)).sum(dim=2)  # (k, vocab) changed entries (by value: -0.0 == +0.0)
-    ch_dead.append(per_token[:, dead].sum(dim=1).double() / (n_dead * hidden) if n_dead else
-                   torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
-    ch_live.append(per_token[:, live].sum(dim=1).double() / (n_live * hidden) if n_live else
-                   torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
-    fb = _scratch(scratch, "fb", b.shape, torch.float32).copy_(b)  # b.float() - a.float(), in reused buffers
-    path += torch.norm(fb.sub_(_scratch(scratch, "fa", a.shape, torch.float32).copy_(a)), dim=2).double().sum(dim=0)
 
 
 # --- The questions ---

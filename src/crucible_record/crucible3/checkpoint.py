@@ -83,7 +83,7 @@ def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
     if data is None:
         return None
     try:
-        meta = json.loads(_metadata(data)[_META_KEY])
+        meta = json.loads(parse_bytes(data, "the file").metadata[_META_KEY])  # (safetensors: from a path only)
         tensors = load(data)
         if not isinstance(meta, dict) or meta.get("version") != _VERSION:
             raise ValueError("unknown checkpoint version")
@@ -94,11 +94,6 @@ def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
         raise CrucibleError(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                             f"delete it to resume from step 0") from None
     return {"tensors": tensors, "meta": meta}
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__ (safetensors reads it only from a path, not bytes)."""
-    return parse_bytes(data, "the file").metadata
 
 
 def _model_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:

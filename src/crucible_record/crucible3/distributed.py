@@ -22,7 +22,7 @@ import torch
 
 from .. import dtypes
 from ..errors import CrucibleError
-from .analysis import WScan, scan_W_block
+from .analysis import ScanParts, WScan
 from .trajectory import Trajectory
 
 CONNECT_TIMEOUT_S = 10.0  # how long to try to reach a --scheduler before giving up
@@ -52,24 +52,14 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
 
     bits = read_rows(location, "W", start - 1 if start else start, stop)
     rows = dtypes.from_stored(torch.from_numpy(bits), torch.bfloat16)
-    prev, W = (rows[0], rows[1:]) if start else (None, rows)
-    dead_t = torch.from_numpy(np.ascontiguousarray(dead, dtype=bool))
-    live_t = ~dead_t
-    n_dead, n_live = int(dead_t.sum()), int(live_t.sum())
-    vocab, hidden = W.shape[1], W.shape[2]
-    c_dead, c_live, ch_dead, ch_live = [], [], [], []
-    groups = _GroupSums()
-    scan_W_block(W, prev, dead_t, live_t, n_dead, n_live, hidden, c_dead, c_live, ch_dead, ch_live, groups)
-    empty = np.zeros(0, dtype=np.float64)
+    parts = ScanParts(torch.from_numpy(np.ascontiguousarray(dead, dtype=bool)), path=_GroupSums())
+    parts.block(rows[1:] if start else rows, rows[0] if start else None)
+    groups = parts.path.parts
     return {
         "start": start,
         "stop": stop,
-        "centroid_dead": torch.cat(c_dead).numpy(),
-        "centroid_live": torch.cat(c_live).numpy(),
-        "changed_dead": torch.cat(ch_dead).numpy() if ch_dead else empty,
-        "changed_live": torch.cat(ch_live).numpy() if ch_live else empty,
-        "path_parts": (torch.stack(groups.parts).numpy() if groups.parts
-                       else np.zeros((0, vocab), dtype=np.float64)),
+        **{key: value.numpy() for key, value in parts.arrays().items()},
+        "path_parts": torch.stack(groups).numpy() if groups else np.zeros((0, rows.shape[1]), dtype=np.float64),
         # copies: a view would keep the whole block alive in the worker's memory with the result
         "first": bits[0].copy() if start == 0 else None,
         "last": bits[-1].copy() if keep_last else None,
@@ -115,11 +105,9 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
 
     tasks = build_tasks(traj, block)
     ranges = block_ranges(traj, block)
-    vocab = traj.W.shape[1]
     futures = client.compute(tasks)
     order = {future.key: i for i, future in enumerate(futures)}
-    c_dead, c_live, ch_dead, ch_live = [], [], [], []
-    path = torch.zeros(vocab, dtype=torch.float64)
+    parts = ScanParts(traj.dead_mask)
     first = last = None
     done: dict[int, dict[str, Any]] = {}
     wanted = 0
@@ -138,13 +126,12 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
             future.release()
             while wanted in done:  # combine in block order, as scan_W does
                 part = done.pop(wanted)
-                c_dead.append(torch.from_numpy(part["centroid_dead"]))
-                c_live.append(torch.from_numpy(part["centroid_live"]))
-                if len(part["changed_dead"]):
-                    ch_dead.append(torch.from_numpy(part["changed_dead"]))
-                    ch_live.append(torch.from_numpy(part["changed_live"]))
+                for key, out in (("centroid_dead", parts.c_dead), ("centroid_live", parts.c_live),
+                                 ("changed_dead", parts.ch_dead), ("changed_live", parts.ch_live)):
+                    if len(part[key]):
+                        out.append(torch.from_numpy(part[key]))
                 for group in torch.from_numpy(part["path_parts"]):
-                    path += group
+                    parts.path += group
                 if part["first"] is not None:
                     first = dtypes.from_stored(torch.from_numpy(part["first"]), torch.bfloat16)
                 if part["last"] is not None:
@@ -154,7 +141,7 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
         client.cancel([f for f in futures if not f.done()])
     if first is None or last is None:
         raise CrucibleError(f"{traj.location} has no committed step of W")
-    return WScan.from_parts(c_dead, c_live, ch_dead, ch_live, path, first, last)
+    return parts.result(first, last)
 
 
 @contextlib.contextmanager

@@ -35,16 +35,11 @@ from .model import TinyLM
 
 def resolve_device(name: str) -> str:
     """'auto' is the notebook's detection: cuda, then mps, then cpu."""
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CrucibleError("--device cuda was asked for but CUDA is not available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise CrucibleError("--device mps was asked for but MPS is not available")
+        return next((device for device, present in available.items() if present()), "cpu")
+    if name in available and not available[name]():
+        raise CrucibleError(f"--device {name} was asked for but {name.upper()} is not available")
     return name
 
 

@@ -32,12 +32,8 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
 
 
 def _export(traj: Trajectory, target: Path, meta_path: Path, folder: int) -> None:
-    steps, vocab, hidden = traj.steps, traj.W.shape[1], traj.W.shape[2]
     tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
-    bits = dtypes.stored_torch_dtype(traj.W.dtype)  # the notebook saves W's bf16 bits: U16
-    tensors["W"] = (dtypes.safetensors_name(bits), [steps + 1, vocab, hidden], (steps + 1) * vocab * hidden * bits.itemsize,
-                    field_blocks(traj.W))
-    for name in recorded_extras(traj):  # --record: stored like W
+    for name in ["W", *recorded_extras(traj)]:  # the notebook saves W's bf16 bits (U16); --record fields alike
         field = traj[name]
         bits = dtypes.stored_torch_dtype(field.dtype)
         tensors[name] = (dtypes.safetensors_name(bits), list(field.shape), field.shape.numel() * bits.itemsize,

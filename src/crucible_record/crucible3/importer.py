@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import dtypes
+from .. import __version__, dtypes
 from ..codecs import Layout, time_chunk_for
 from ..errors import CrucibleError
 from ..api import record
@@ -89,21 +89,16 @@ class NotebookFile:
         """Rows [first, first+count) of a tensor, by plain reads (never memory-mapped)."""
         dtype, shape, begin, _ = self.entries[name]
         np_dtype = np.dtype(NOTEBOOK_TENSORS[name][1])
-        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * np_dtype.itemsize
         count = shape[0] - first if count is None else count
-        out = np.empty((count, *shape[1:]), dtype=np_dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        offset = self.data_start + begin + first * row_items * np_dtype.itemsize
-        done = 0
+        offset = self.data_start + begin + first * row_bytes
         try:
-            f.seek(offset)
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise CrucibleError(f"{self.path} ended early, inside tensor {name}")
-                done += n
+            data = read_fd(f.fileno(), offset, offset + count * row_bytes)
         except OSError as e:
             raise CrucibleError(f"cannot read {self.path}: {e.strerror or e}") from None
+        if len(data) != count * row_bytes:
+            raise CrucibleError(f"{self.path} ended early, inside tensor {name}")
+        out = np.frombuffer(data, dtype=np_dtype).reshape(count, *shape[1:])
         return out.astype(np_dtype.newbyteorder("="), copy=False)
 
     @property
@@ -154,7 +149,7 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
     attributes = {
         "experiment": EXPERIMENT,
         "config": config.to_dict(),
-        "provenance": {"imported_by": f"crucible-record {_version()}",
+        "provenance": {"imported_by": f"crucible-record {__version__}",
                        "device": meta["device"] if meta is not None else "unknown"},
         "checkpoints": False,
         "import": {
@@ -431,17 +426,8 @@ def _open_input(path: Path):
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
         with _open_input(path) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+            return hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise CrucibleError(f"cannot read {path}: {e.strerror or e}") from None
-    return digest.hexdigest()
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -86,8 +86,6 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
 
 def _open_out_dir(out: Path, force: bool, run_dir: Path | None) -> int:
     """The output folder's descriptor (open_output_dir), refused if it holds files and not ``force``."""
-    if out.exists() and not out.is_dir() and not out.is_symlink():
-        raise CrucibleError(f"output folder {out} exists and is not a directory")
     folder = open_output_dir(out, run_dir)
     if os.listdir(folder) and not force:
         os.close(folder)
