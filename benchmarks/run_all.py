@@ -19,6 +19,7 @@ BENCHMARKS = {  # name -> the script and its arguments
     "hf_overhead": ["bench_hf_overhead.py", "--crucible"],
     "memory": ["bench_memory.py"],
     "multirank": ["bench_multirank.py"],
+    "fsdp": ["bench_fsdp.py"],
     "s3": ["bench_s3.py"],
     "dask_analysis": ["bench_dask_analysis.py"],
     "first_line": ["bench_first_line.py"],

@@ -1,11 +1,13 @@
 """What a run records: named fields, each a tensor of fixed shape and dtype, validated up front.
 
 Refusals name the field and the fix, like safetensors' errors do. Under torch.distributed a
-:class:`Shard` hands over one rank's rows of a field.
+:class:`Shard` hands over one rank's rows of a field; a DTensor (FSDP2's parameters, gradients and
+optimizer state) is turned into one by :func:`local_part`.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,8 +152,9 @@ def as_shard_tensor(name: str, shard: Shard, spec: Field) -> torch.Tensor:
     if not spec.shape:
         raise CrucibleError(f"field {name!r} is a scalar (shape ()): it cannot be sharded; pass the tensor itself")
     if spec.row_indices is not None:
-        raise CrucibleError(f"field {name!r} keeps a subset of its rows (rows=...): a Shard of it is not supported; "
-                            f"pass the whole tensor on every rank")
+        raise CrucibleError(f"field {name!r} keeps a subset of its rows (rows=...): a Shard (or a DTensor sharded "
+                            f"on rows) of it is not supported; drop rows=, or pass the whole tensor on every rank "
+                            f"(a DTensor's full_tensor())")
     if value.dtype != spec.dtype:
         raise CrucibleError(f"field {name!r}: dtype {value.dtype} given, the field records {spec.dtype} (cast it yourself: .to({spec.dtype}))")
     if value.dim() != len(spec.shape) or tuple(value.shape[1:]) != spec.shape[1:]:
@@ -162,6 +165,30 @@ def as_shard_tensor(name: str, shard: Shard, spec: Field) -> torch.Tensor:
         raise CrucibleError(f"field {name!r}: Shard rows {shard.offset}..{shard.offset + value.shape[0] - 1} lie past "
                             f"the field's {spec.shape[0]} rows")
     return value.detach()
+
+
+def local_part(name: str, value: Any) -> Any:
+    """What this rank holds of a DTensor on a 1-D mesh, without a collective: ``Shard(0)`` -> a
+    :class:`Shard` of its local rows at their global offset (DTensor's own split, torch.chunk's:
+    equal shards, a shorter or empty last one); ``Replicate()`` -> its local tensor (a replicated
+    value, written by rank 0). Any other value is returned as it is; other placements are refused."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no DTensor can exist
+    if dtensor is None or not isinstance(value, dtensor.DTensor):
+        return value
+    mesh, placements = value.device_mesh, tuple(value.placements)
+    with torch.no_grad():
+        local = value.to_local()
+    if mesh.ndim == 1 and type(placements[0]) is dtensor.Replicate:
+        return local
+    if mesh.ndim == 1 and type(placements[0]) is dtensor.Shard and placements[0].dim == 0:
+        rows, per = value.shape[0], -(-value.shape[0] // mesh.size())
+        offset = min(mesh.get_local_rank() * per, rows)
+        if local.dim() == value.dim() and local.shape[0] == min(per, rows - offset):
+            return Shard(local, offset)
+    raise CrucibleError(
+        f"field {name!r}: a DTensor placed {placements} on a {mesh.ndim}-D mesh of shape {tuple(mesh.shape)} is "
+        f"not recorded (only Shard(0) or Replicate() on a 1-D mesh); redistribute it first "
+        f"(x.redistribute(mesh, [Shard(0)])) or pass x.full_tensor()")
 
 
 def _check_rows(rows: Any, shape: tuple[int, ...]) -> np.ndarray:

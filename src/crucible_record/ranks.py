@@ -14,7 +14,7 @@ import torch
 
 from .codecs import Layout
 from .errors import CrucibleError, describe
-from .fields import Field, Shard, as_shard_tensor, as_tensor
+from .fields import Field, Shard, as_shard_tensor, as_tensor, local_part
 from .format.planner import Partition, show_partition, tile
 
 
@@ -153,7 +153,7 @@ def agree_on_first_step(ranks: Ranks, fields: Mapping[str, Field], step: int, du
     try:
         known = stored()
         for name in due():
-            value, spec = tensors[name], fields[name]
+            value, spec = local_part(name, tensors[name]), fields[name]
             if isinstance(value, Shard):
                 as_shard_tensor(name, value, spec)
                 layout[name] = (value.offset, value.rows)

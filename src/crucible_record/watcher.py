@@ -14,6 +14,11 @@ the s-th optimizer step, the gradients that step used and the optimizer state it
 the initial parameters, and NaN for what does not exist yet (gradients, state, loss). The loss is
 stored as float32 (a float64 loss, or a Python float, is rounded to it).
 
+Under torch.distributed (more than one rank) each rank records its own rows of a sharded model
+(FSDP2's DTensors, see fields.local_part) and its own loss: ``loss`` is then a ``(world_size,)``
+field (dim ``rank``), row r the loss rank r passed; ``t["loss"][:].mean(1)`` is the loss over all
+ranks when their batches are equal. No collective is run for it.
+
 The training-framework callbacks (crucible_record.integrations) are built on this.
 """
 
@@ -25,7 +30,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from .errors import CrucibleError
-from .fields import Field
+from .fields import Field, Shard
+from .ranks import Ranks
 
 LOSS = "loss"
 
@@ -62,8 +68,11 @@ class Watch:
                 self.fields[f"{name}.{key}"] = _field(f"{name}.{key}", param, every, rows, _dims(model, name, param))
         for name, param in self.grads.items():
             self.fields[f"{name}.grad"] = _field(f"{name}.grad", param, every, rows, _dims(model, name, param))
+        ranks = Ranks.current()  # several ranks: each records its own loss, one row per rank
+        self.rank, self.world_size = (ranks.rank, ranks.size) if ranks else (0, 1)
         if loss:
-            self.fields[LOSS] = Field((), torch.float32)
+            self.fields[LOSS] = Field((), torch.float32) if ranks is None else \
+                Field((ranks.size,), torch.float32, dims=("rank",))
         if len(self.fields) != len(self.params) * (1 + len(self.optim_state)) + len(self.grads) + bool(loss):
             raise CrucibleError(f"two watched tensors share a field name; fields: {', '.join(self.fields)}")
         self._nan: dict[str, torch.Tensor] = {}
@@ -95,6 +104,8 @@ class Watch:
                 out[LOSS] = loss.detach().reshape(()).float()  # the loss field is float32
             else:  # loss.item() too: rounded to float32 like a tensor loss
                 out[LOSS] = torch.tensor(float(loss), dtype=torch.float32)
+            if self.world_size > 1:
+                out[LOSS] = Shard(torch.as_tensor(out[LOSS]).reshape(1).float(), offset=self.rank)
         return out
 
     def _missing(self, name: str, like: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch
 from . import dtypes
 from .blockread import read_selection
 from .errors import CrucibleError, RecorderError, describe, missing_chunk_error
-from .fields import Field, Shard, as_shard_tensor, as_tensor
+from .fields import Field, Shard, as_shard_tensor, as_tensor, local_part
 from .format.blocks import WRITE_ALL, encode_block, missing_blocks
 from .format.planner import Partition, show_partition
 from .shardio import default_threads
@@ -325,7 +325,7 @@ class Recorder:
 
     def _source(self, name: str, value: Any) -> torch.Tensor | None:
         """Check one field's value against the run's plan; the tensor to stage if this process writes it."""
-        spec, partition = self.fields[name], self._plan[name]
+        spec, partition, value = self.fields[name], self._plan[name], local_part(name, value)
         if self.world_size == 1:
             value = _whole(name, value, spec)
         if partition is None:
