@@ -112,8 +112,12 @@ class Follower:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """Stop following; wait for a look in progress to end (a thread cut off at interpreter exit
+        in the middle of a torch op aborts the process)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -127,7 +127,8 @@ class PlanePanel:
             return
         norms = snap.row_norms[self.name]
         stride = -(-len(steps) // MAX_COLUMNS)
-        self.heat_source.data = {"image": [np.ascontiguousarray(norms[::stride].T)],  # bins of ~equal rows "x": [int(steps[0])], "y": [0],
+        # bins of about equal rows (stats.row_bin_edges), every stride-th step
+        self.heat_source.data = {"image": [np.ascontiguousarray(norms[::stride].T)], "x": [int(steps[0])], "y": [0],
                                  "dw": [int(steps[-1] - steps[0]) + self.spec.every], "dh": [self.rows]}
         basis = snap.bases[self.name]
         at_end = old is None or self.slider.value >= self.slider.end or old.bases[self.name] is not basis
