@@ -5,8 +5,8 @@ The browser test writes a screenshot the way tests/viewpage.py writes docs/view.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import crucible_record as cr
 from crucible_record.reader import Run
@@ -22,14 +23,10 @@ from crucible_record.stats import stats
 from crucible_record.view import Follower
 
 from .clirun import assert_one_line_error, run_cli
-from .viewpage import (CHROMEDRIVER, drawn, free_port, serving, start_view, start_writer, stop, wait_for, chrome)
+from .viewpage import (CHROMEDRIVER, FIGURES_SHOWN, all_drawn, chrome, committed_of, div_texts, figures, free_port,
+                       serving, start_view, start_writer, stop, type_row, wait_for)
 
 pytest.importorskip("bokeh")
-
-
-def committed_of(title: str) -> int:
-    match = re.search(r"steps 0\.\.(\d+) committed", title)
-    return int(match.group(1)) + 1 if match else 0
 
 
 def test_follower_keeps_up_with_a_run_written_elsewhere(tmp_path):
@@ -65,24 +62,8 @@ def test_follower_keeps_up_with_a_run_written_elsewhere(tmp_path):
 
 
 needs_browser = pytest.mark.skipif(
-    not (os.path.exists(CHROMEDRIVER) and shutil.which("chromium")) or not __import__("importlib").util.find_spec("selenium"),
+    not (os.path.exists(CHROMEDRIVER) and shutil.which("chromium")) or importlib.util.find_spec("selenium") is None,
     reason="needs Debian's chromium and chromium-driver and selenium (.ci/run installs them)")
-
-# Every Bokeh view of the page, as `views`
-VIEWS = """
-const views = [];
-const walk = (v) => { views.push(v); for (const c of (v.child_views || [])) walk(c); };
-[...Bokeh.index].forEach(walk);
-"""
-# Per figure: its glyphs' data points and whether its canvas has been painted.
-FIGURES = VIEWS + """
-const figs = views.filter(v => v.model.type === 'Figure');
-return figs.map(f => ({title: f.model.title.text,
-  points: [...f.renderer_views.values()].filter(r => r.model.data_source)
-           .map(r => { const d = r.model.data_source.data; const k = Object.keys(d)[0]; return d[k].length; })
-           .reduce((a, b) => a + b, 0),
-  painted: f.canvas_view.primary.canvas.width > 0 && f.canvas_view.primary.canvas.toDataURL().length > 5000}));
-"""
 
 
 @needs_browser
@@ -110,18 +91,15 @@ def test_page_in_a_real_browser_follows_a_run_being_written(tmp_path):
         assert counts == sorted(counts) and titles[-1].startswith(f"{run} — steps 0..")
         assert titles[-1].endswith(" of 150 steps)"), titles
         # every plot drawn: 3 statistics plots per field, a heatmap and a projection per 2+-axis field
-        wait_for(lambda: len(drawn_figures(driver)) == 11 and all(f["points"] and f["painted"]
-                                                                  for f in drawn_figures(driver)), what="the plots drawn")
-        titles_drawn = [f["title"] for f in drawn_figures(driver)]
+        wait_for(lambda: all_drawn(driver, FIGURES_SHOWN), what="the plots drawn")
+        titles_drawn = [f["title"] for f in figures(driver)]
         assert "emb: row norms (rows x steps)" in titles_drawn and "loss (value)" in titles_drawn
         assert any(t.startswith("emb: 50 of 50 rows in one PCA plane") for t in titles_drawn)
         # one row's path, by typing its index into the page's text box
-        driver.execute_script(VIEWS + "return views.find(v => v.model.type === 'TextInput').input_el;").send_keys("7\n")
-        wait_for(lambda: any("row 7 over steps 0.." in text for text in driver.execute_script(
-            VIEWS + "return views.filter(v => v.model.type === 'Div').map(v => v.model.text);")), what="the row's path")
-        path = [f for f in drawn_figures(driver) if "PCA plane" in f["title"] and f["title"].startswith("emb")][0]
-        wait_for(lambda: [f for f in drawn_figures(driver) if f["title"] == path["title"]][0]["points"] > 50,
-                 what="the path drawn")
+        type_row(driver, "7")
+        wait_for(lambda: any("row 7 over steps 0.." in text for text in div_texts(driver)), what="the row's path")
+        plane = next(t for t in titles_drawn if t.startswith("emb: 50 of 50 rows"))
+        wait_for(lambda: any(f["title"] == plane and f["points"] > 50 for f in figures(driver)), what="the path drawn")
         shot = tmp_path / "view.png"
         driver.save_screenshot(str(shot))
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -132,10 +110,6 @@ def test_page_in_a_real_browser_follows_a_run_being_written(tmp_path):
         writer.kill()
         writer.wait()
     assert code == 0 and "Traceback" not in err, err
-
-
-def drawn_figures(driver):
-    return driver.execute_script(FIGURES)
 
 
 def test_ctrl_c_stops_the_server_in_one_line(tmp_path):
@@ -155,8 +129,8 @@ def test_ctrl_c_stops_the_server_in_one_line(tmp_path):
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert_one_line_error(run_cli(capsys, "view", tmp_path / "nothing", "--no-browser"), "nothing")
     run = tmp_path / "r"
-    with cr.record(run, {"x": cr.Field((3,), __import__("torch").float32)}) as rec:
-        rec.record(0, x=__import__("torch").zeros(3))
+    with cr.record(run, {"x": cr.Field((3,), torch.float32)}) as rec:
+        rec.record(0, x=torch.zeros(3))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

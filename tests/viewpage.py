@@ -8,6 +8,7 @@ screenshot the same way (a run being written, the page as the browser draws it).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,10 +53,10 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
 
 
-def start_writer(run: Path, steps: int, pause: float) -> subprocess.Popen:
-    script = run.parent / "writer.py"
+def start_writer(run: Path, steps: int, pause: float, cwd: Path | None = None) -> subprocess.Popen:
+    script = (cwd or Path()) / run.parent / "writer.py"
     script.write_text(WRITER)
-    return subprocess.Popen([sys.executable, str(script), str(run), str(steps), str(pause)], env=env(),
+    return subprocess.Popen([sys.executable, str(script), str(run), str(steps), str(pause)], env=env(), cwd=cwd,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -75,10 +76,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_view(run: Path | str, port: int) -> subprocess.Popen:
+def start_view(run: Path | str, port: int, cwd: Path | None = None) -> subprocess.Popen:
     """`crucible-record view RUN --no-browser --port PORT` in a new process."""
     return subprocess.Popen([sys.executable, "-m", "crucible_record", "view", str(run), "--no-browser",
-                             "--port", str(port)], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--port", str(port)], env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def serving(url: str) -> bool:
@@ -112,44 +114,69 @@ def chrome(width: int = 1400, height: int = 1000):
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-# What Bokeh has drawn: the plots of the document and how many of them have a rendered canvas.
-DRAWN = """
-const doc = window.Bokeh && Bokeh.documents && Bokeh.documents[0];
-if (!doc) return null;
-const views = [...Bokeh.index.values()];
-const plots = [];
-const walk = (v) => { if (v.model.type === 'Plot' || v.model.constructor.name === 'Figure') plots.push(v);
-                      for (const c of (v.child_views || [])) walk(c); };
-views.forEach(walk);
-const drawn = plots.filter(p => p.canvas_view && p.canvas_view.el.isConnected && p.canvas.el.clientWidth > 0);
-return {plots: plots.length, drawn: drawn.length, roots: doc.roots().length};
+# Every Bokeh view of the page, as `views` (Bokeh draws into shadow roots: reach them through its views)
+VIEWS = """
+const views = [];
+const walk = (v) => { views.push(v); for (const c of (v.child_views || [])) walk(c); };
+[...Bokeh.index].forEach(walk);
+"""
+# Per figure: its title, its glyphs' data points and whether its canvas has been painted.
+FIGURES = VIEWS + """
+return views.filter(v => v.model.type === 'Figure').map(f => ({title: f.model.title.text,
+  points: [...f.renderer_views.values()].filter(r => r.model.data_source)
+           .map(r => { const d = r.model.data_source.data; return d[Object.keys(d)[0]].length; })
+           .reduce((a, b) => a + b, 0),
+  painted: f.canvas_view.primary.canvas.width > 0 && f.canvas_view.primary.canvas.toDataURL().length > 5000}));
 """
 
 
-def drawn(driver) -> dict | None:
-    return driver.execute_script(DRAWN)
+def figures(driver) -> list[dict]:
+    return driver.execute_script("if (!window.Bokeh || !Bokeh.index) return [];" + FIGURES)
+
+
+def all_drawn(driver, count: int) -> bool:
+    shown = figures(driver)
+    return len(shown) == count and all(f["points"] and f["painted"] for f in shown)
+
+
+def type_row(driver, text: str) -> None:
+    """Type into the first row box of the page, as a user does (Enter included)."""
+    driver.execute_script(VIEWS + "return views.find(v => v.model.type === 'TextInput').input_el;").send_keys(text + "\n")
+
+
+def div_texts(driver) -> list[str]:
+    return driver.execute_script(VIEWS + "return views.filter(v => v.model.type === 'Div').map(v => v.model.text);")
+
+
+def committed_of(title: str) -> int:
+    """Steps committed, from the page's title (0 if it says none)."""
+    match = re.search(r"steps 0\.\.(\d+) committed", title)
+    return int(match.group(1)) + 1 if match else 0
+
+
+FIGURES_SHOWN = 11  # 3 statistics plots per field, a heatmap and a projection per field of 2+ axes
 
 
 def screenshot(path: Path, steps: int = 120, pause: float = 0.05) -> Path:
     """The README's picture: the page of a run being written, at about two thirds of its steps."""
     import tempfile
 
+    path = Path(path).resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "runs" / "x"
-        run.parent.mkdir()
-        writer, port = start_writer(run, steps, pause), free_port()
-        wait_for(lambda: (run / "trajectory.zarr" / "commit.json").exists(), what="the writer's first commit")
-        view = start_view(run, port)
-        driver = chrome(1400, 1900)
+        run = Path("runs") / "x"  # as a user types it, from the directory of their runs
+        (Path(tmp) / "runs").mkdir()
+        writer, port = start_writer(run, steps, pause, cwd=Path(tmp)), free_port()
+        wait_for(lambda: (Path(tmp) / run / "trajectory.zarr" / "commit.json").exists(), what="the writer's first commit")
+        view = start_view(run, port, cwd=Path(tmp))
+        driver = chrome(1400, 1750)
         try:
             url = f"http://127.0.0.1:{port}/"
             wait_for(lambda: serving(url), what="the server")
             driver.get(url)
-            wait_for(lambda: (drawn(driver) or {}).get("drawn", 0) >= 8, what="the plots")
-            wait_for(lambda: f"steps 0..{2 * steps // 3}" in driver.title or "of" in driver.title and
-                     int(driver.title.split("..")[1].split()[0]) >= 2 * steps // 3, what="two thirds of the steps")
-            driver.find_element("css selector", "input[type=text]").send_keys("7\n") if False else None
-            time.sleep(1.5)
+            wait_for(lambda: committed_of(driver.title) >= 2 * steps // 3, what="two thirds of the steps")
+            type_row(driver, "7")
+            wait_for(lambda: all_drawn(driver, FIGURES_SHOWN), what="the plots")
+            time.sleep(1.5)  # the last streamed points painted
             driver.save_screenshot(str(path))
         finally:
             driver.quit()

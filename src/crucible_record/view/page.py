@@ -133,8 +133,6 @@ class PlanePanel:
         basis = snap.bases[self.name]
         at_end = old is None or self.slider.value >= self.slider.end or old.bases[self.name] is not basis
         self.slider.start, self.slider.end = int(steps[0]), int(max(steps[-1], steps[0] + self.spec.every))
-        (x0, x1, y0, y1) = basis.extent
-        self.plane.x_range.start, self.plane.x_range.end, self.plane.y_range.start, self.plane.y_range.end = x0, x1, y0, y1
         self.plane.title.text = (f"{self.name}: {len(basis.rows)} of {self.rows} rows in one PCA plane "
                                  f"(fitted at steps {', '.join(map(str, basis.steps))})")
         if at_end:  # following the newest step
@@ -148,6 +146,14 @@ class PlanePanel:
         i = min(max(0, (step - field.steps.start) // field.every), len(field) - 1)
         xy = basis.project(field.numpy((i, basis.rows)).reshape(len(basis.rows), -1), field.dtype)
         group, colour = self.groups
+        # the fitted points' extent, grown to the points shown (a run that drifts out of it)
+        x0, x1, y0, y1 = basis.extent
+        pad = 0.05 * max(x1 - x0, y1 - y0)
+        if np.isfinite(xy).all() and len(xy):
+            x0, x1 = min(x0, xy[:, 0].min() - pad), max(x1, xy[:, 0].max() + pad)
+            y0, y1 = min(y0, xy[:, 1].min() - pad), max(y1, xy[:, 1].max() + pad)
+        self.plane.x_range.update(start=float(x0), end=float(x1))
+        self.plane.y_range.update(start=float(y0), end=float(y1))
         self.points.data = {"x": xy[:, 0], "y": xy[:, 1], "group": group[basis.rows], "colour": colour[basis.rows]}
 
     def show_row(self) -> None:
