@@ -117,6 +117,12 @@ def test_cache_reads_each_complete_block_once(tmp_path):
         assert len(table["step"]) == n == fs.rows
     assert grown == [[(0, 3)], [], [(0, 4), (4, 8), (8, 9)], [(8, 12), (12, 14)],
                      [(12, 16), (16, 20), (20, 24), (24, 28), (28, 30)], []]
+    # a block at a time, as the live page reads a long run
+    fs, covered = FieldStats(), []
+    while fs.rows < len(field):
+        covered.append(fs.update(field, blocks=1).rows)
+    assert covered == [4, 8, 12, 16, 20, 24, 28, 30]
+    check(field, fs.table())
 
 
 @pytest.mark.parametrize("steps", [1, 2])

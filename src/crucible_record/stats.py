@@ -63,14 +63,17 @@ class FieldStats:
         """Recorded steps covered."""
         return len(self._steps)
 
-    def update(self, field: LazyField) -> FieldStats:
-        """Cover every committed step of `field`: complete blocks once, the partial block when it grew."""
+    def update(self, field: LazyField, blocks: int | None = None) -> FieldStats:
+        """Cover the committed steps of `field`: complete blocks once, the partial block when it grew;
+        at most `blocks` blocks read in this call (None: all, so every committed step is covered)."""
         unit, n = block_rows(field), len(field)
         if n < len(self._done) * unit:  # the commit moved back (verify --repair): start over
             self.__init__(self.row_bins)
-        while len(self._done) * unit < n:
+        for _ in range(-(-n // unit) if blocks is None else blocks):
             first = len(self._done) * unit
             stop = min(first + unit, n)
+            if first >= n:
+                break
             if stop < first + unit and self._partial is not None and self._partial[0] == stop:
                 break  # the partial block has not grown
             data = field.numpy(slice(first, stop)).reshape(stop - first, -1)
@@ -81,7 +84,7 @@ class FieldStats:
                 break
             self._done.append(part)
             self._before, self._partial = np.concatenate([before, data[-2:]])[-2:], None
-        self._steps = field.steps[:n]
+        self._steps = field.steps[:self._partial[0] if self._partial else len(self._done) * unit]
         return self
 
     def _parts(self) -> list[dict[str, np.ndarray]]:

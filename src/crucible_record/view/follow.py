@@ -87,6 +87,7 @@ class Snapshot:
     bases: dict[str, Basis] = dataclass_field(default_factory=dict)
     panels: Panels = dataclass_field(default_factory=dict)
     error: str = ""
+    behind: bool = False  # statistics not yet read up to the committed steps
 
 
 class Follower:
@@ -122,24 +123,27 @@ class Follower:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.refresh()
+                behind = self.refresh().behind
             except Exception as e:  # a run not yet created, a transient read error: said on the page, retried
-                self._snapshot = replace(self._snapshot, error=describe(e))
-            self._stop.wait(self.poll)
+                self._snapshot, behind = replace(self._snapshot, error=describe(e)), False
+            self._stop.wait(0 if behind else self.poll)
 
     def refresh(self) -> Snapshot:
-        """One look at the run: open it afresh and bring everything up to its committed steps."""
+        """One look at the run: open it afresh and read one more block of each field's statistics
+        (a page shows a long run block by block; `behind` says there is more to read)."""
         run = Run(self.where)
         old, (panel_steps, panel_time) = self._snapshot, self._panels_at
         panels_due = self.panels_of is not None and panel_steps != run.committed_steps
-        if old.run is not None and run.committed_steps == old.run.committed_steps and not old.error and not panels_due:
+        if (old.run is not None and run.committed_steps == old.run.committed_steps and not old.error
+                and not old.behind and not panels_due):
             return old
-        tables, row_norms, bases = {}, {}, {}
+        tables, row_norms, bases, behind = {}, {}, {}, False
         for name in run.fields:
             field = run[name]
-            stats = self._stats.setdefault(name, FieldStats()).update(field)
+            stats = self._stats.setdefault(name, FieldStats()).update(field, blocks=1)
+            behind |= stats.rows < len(field)
             tables[name] = stats.table()
-            if len(field.shape) >= 3 and len(field):
+            if len(field.shape) >= 3 and stats.rows:
                 row_norms[name] = stats.row_norms()
                 fitted, basis = self._bases.get(name, (0, None))
                 if len(field) >= 2 * fitted:  # refit as the run doubles: a handful of fits per run
@@ -149,5 +153,5 @@ class Follower:
             self._panels = self.panels_of(run)
             self._panels_at = (run.committed_steps, time.monotonic())
         self._snapshot = Snapshot(title_of(self.where, run, self.training), run, tables, row_norms, bases,
-                                  self._panels)
+                                  self._panels, behind=behind)
         return self._snapshot

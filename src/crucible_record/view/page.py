@@ -89,7 +89,7 @@ class FieldPanel:
             self.source.data = {key: table[key] for key in self.source.data}
         elif len(table["step"]) > have:
             self.source.stream({key: table[key][have:] for key in self.source.data})
-        if self.plane and self.name in snap.bases:
+        if self.plane and self.name in snap.bases and self.name in snap.row_norms:
             self.plane.update(snap, table["step"])
 
 
@@ -121,9 +121,9 @@ class PlanePanel:
         self.layout = row(heat, column(self.plane, self.slider, self.row_input, self.note))
 
     def update(self, snap: Snapshot, steps: np.ndarray) -> None:
-        old = self.snap
+        old, shown = self.snap, self.snap and len(self.snap.tables[self.name]["step"])
         self.snap = snap
-        if old is not None and old.run.committed_steps == snap.run.committed_steps:
+        if old is not None and shown == len(steps) and old.bases[self.name] is snap.bases[self.name]:
             return
         norms = snap.row_norms[self.name]
         stride = -(-len(steps) // MAX_COLUMNS)
