@@ -21,6 +21,7 @@ BENCHMARKS = {  # name -> the script and its arguments
     "multirank": ["bench_multirank.py"],
     "s3": ["bench_s3.py"],
     "dask_analysis": ["bench_dask_analysis.py"],
+    "view": ["bench_view.py"],
 }
 
 
