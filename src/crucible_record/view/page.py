@@ -8,6 +8,8 @@ row typed by its index. Then the experiment's panels, if it has any. New steps a
 
 from __future__ import annotations
 
+from html import escape
+
 import numpy as np
 import torch
 from bokeh.layouts import column, row
@@ -37,7 +39,7 @@ def document(doc, follower: Follower) -> None:
         doc.title = snap.title
         header.text = (f"<h3>{escape(snap.title)}</h3>" + (f"<p style='color:#b00'>{escape(snap.error)}</p>"
                                                              if snap.error else ""))
-        for name, table in snap.tables.items():
+        for name in snap.tables:
             if name not in panels:
                 panels[name] = FieldPanel(name, snap.run)
                 page.children.append(panels[name].layout)
@@ -46,10 +48,6 @@ def document(doc, follower: Follower) -> None:
 
     tick()
     doc.add_periodic_callback(tick, PERIOD_MS)
-
-
-def escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def line_figure(title: str, source, series: dict[str, str], **kw):
@@ -74,7 +72,7 @@ class FieldPanel:
                      line_figure(f"{name}: update ||x_t - x_(t-1)||", self.source, {"update": "update_norm"}),
                      line_figure(f"{name}: cos between successive updates", self.source, {"cos": "update_cos"},
                                  y_range=Range1d(-1.05, 1.05))]
-        parts = [Div(text=f"<b>{name}</b> {tuple(self.spec.shape)} {str(self.spec.dtype).replace('torch.', '')}"
+        parts = [Div(text=f"<b>{escape(name)}</b> {tuple(self.spec.shape)} {str(self.spec.dtype).replace('torch.', '')}"
                           f", every {self.spec.every}"), row(*plots)]
         self.plane = None
         if len(self.spec.stored_shape) >= 2:
