@@ -80,10 +80,10 @@ def view_panels(run: Run) -> dict[str, dict[str, tuple]]:
 
     from .analysis import alignment, centroid_dynamics, h_mean_persistence, scan_W
 
+    if run.committed_steps < 3:  # the questions need 2 training steps
+        return {}
     traj = Trajectory(run)
     n = traj.steps
-    if n < 2:
-        return {}
     scan = scan_W(traj)
     persistence, centroids, align = h_mean_persistence(traj), centroid_dynamics(traj, scan), alignment(traj, scan)
     steps, transitions = torch.arange(n + 1), torch.arange(1, n + 1)

@@ -145,8 +145,7 @@ class Follower:
             tables[name] = stats.table()
             if len(field.shape) >= 3 and stats.rows:
                 row_norms[name] = stats.row_norms()
-                fitted, basis = self._bases.get(name, (0, None))
-                if len(field) >= 2 * fitted:  # refit as the run doubles: a handful of fits per run
+                if len(field) >= 2 * self._bases.get(name, (0, None))[0]:  # refit as the run doubles: a handful of fits per run
                     self._bases[name] = (len(field), fit_basis(field))
                 bases[name] = self._bases[name][1]
         if panels_due and (panel_steps < 0 or time.monotonic() - panel_time >= PANELS_EVERY):
