@@ -112,6 +112,11 @@ def values(stored: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return dtypes.from_stored(torch.from_numpy(np.ascontiguousarray(stored)), dtype).float()
 
 
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products (einsum: without the temporary of (a * b).sum(1))."""
+    return torch.einsum("ij,ij->i", a, b)
+
+
 def block_stats(flat: np.ndarray, before: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...],
                 row_bins: int = ROW_BINS) -> dict[str, np.ndarray]:
     """STATS (and binned row norms) of the stored steps `flat` (steps, elements); `before`: up to two
@@ -124,28 +129,36 @@ def block_stats(flat: np.ndarray, before: np.ndarray, dtype: torch.dtype, shape:
     last = values(before[-1:], dtype)[0] if len(before) else None  # x_(t-1)
     last_update = last - values(before[-2:-1], dtype)[0] if len(before) == 2 else None  # x_(t-1) - x_(t-2)
     sub = max(1, SUB_BYTES // max(4 * flat.shape[1], 1))
+    # float32 buffers reused from one group of steps to the next (fresh ones are page-fault bound)
+    x_buffer, update_buffer = torch.empty((min(sub, n), flat.shape[1])), torch.empty((min(sub, n), flat.shape[1]))
     for a in range(0, n, sub):
-        x = values(flat[a:a + sub], dtype)
-        k = len(x)
+        k = len(flat[a:a + sub])
+        x = x_buffer[:k].copy_(dtypes.from_stored(torch.from_numpy(np.ascontiguousarray(flat[a:a + k])), dtype))
         out["norm"][a:a + k] = torch.linalg.vector_norm(x, dim=1).numpy()
         out["mean"][a:a + k] = x.mean(dim=1).numpy()
-        out["max_abs"][a:a + k] = x.abs().amax(dim=1).numpy() if x.shape[1] else np.nan
+        if x.shape[1]:
+            out["max_abs"][a:a + k] = torch.maximum(-x.amin(dim=1), x.amax(dim=1)).numpy()
         if "row_norms" in out:
             norms = torch.linalg.vector_norm(x.view(k, shape[0], -1), dim=2).numpy()
             out["row_norms"][a:a + k] = np.add.reduceat(norms, edges[:-1], axis=1) / np.diff(edges)
-        # the updates ending at rows a+skip .. a+k-1
+        # the updates ending at rows a+skip .. a+k-1, and the one before them (if any)
         skip = 0 if last is not None else 1
-        update = x - torch.cat([last[None], x[:-1]]) if last is not None else x[1:] - x[:-1]
-        out["update_norm"][a + skip:a + k] = torch.linalg.vector_norm(update, dim=1).numpy()
-        if last_update is not None:
-            pairs, first_cos = (torch.cat([last_update[None], update[:-1]]), update), a + skip
+        update = update_buffer[:k - skip]
+        if last is not None:
+            torch.sub(x[:1], last[None], out=update[:1])
+        torch.sub(x[1:], x[:-1], out=update[1 - skip:])
+        size = torch.linalg.vector_norm(update, dim=1)
+        out["update_norm"][a + skip:a + k] = size.numpy()
+        if last_update is not None:  # cos(update_t, update_(t-1)) = dot / (|update_t| |update_(t-1)|)
+            dots = torch.cat([dot(update[:1], last_update[None]), dot(update[1:], update[:-1])])
+            before_size, first_cos = torch.cat([torch.linalg.vector_norm(last_update)[None], size[:-1]]), a + skip
         else:
-            pairs, first_cos = (update[:-1], update[1:]), a + skip + 1
-        if len(pairs[1]):
-            p, q = pairs
-            denom = torch.linalg.vector_norm(p, dim=1) * torch.linalg.vector_norm(q, dim=1)
-            cos = ((p * q).sum(dim=1) / denom).numpy().astype(np.float64)
-            out["update_cos"][first_cos:first_cos + len(q)] = np.where(denom.numpy() > 0, cos, np.nan)
+            dots, before_size, size, first_cos = dot(update[1:], update[:-1]), size[:-1], size[1:], a + skip + 1
+        if len(dots):
+            denom = (size * before_size).numpy()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = dots.numpy().astype(np.float64) / denom
+            out["update_cos"][first_cos:first_cos + len(dots)] = np.where(denom > 0, cos, np.nan)
         last = x[-1].clone()
         last_update = update[-1].clone() if len(update) else last_update
     return out
