@@ -80,7 +80,13 @@ def start_view(run: Path | str, port: int, cwd: Path | None = None) -> subproces
     """`crucible-record view RUN --no-browser --port PORT` in a new process."""
     return subprocess.Popen([sys.executable, "-m", "crucible_record", "view", str(run), "--no-browser",
                              "--port", str(port)], env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """In the child: Ctrl-C's default action, even where this process ignores SIGINT (a shell's
+    background job does), so that Python turns it into KeyboardInterrupt as at a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def serving(url: str) -> bool:
