@@ -23,6 +23,7 @@ BENCHMARKS = {  # name -> the script and its arguments
     "s3": ["bench_s3.py"],
     "dask_analysis": ["bench_dask_analysis.py"],
     "first_line": ["bench_first_line.py"],
+    "view": ["bench_view.py"],
 }
 
 

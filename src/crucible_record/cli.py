@@ -1,6 +1,6 @@
 """The `crucible-record` command. Thin: parsing, printing, exit codes; the work lives elsewhere.
 
-The generic commands (info, verify, export) live here. An experiment's commands, and its view of
+The generic commands (info, verify, export, view) live here. An experiment's commands, and its view of
 its own runs in info and export, live with the experiment (crucible3/cli.py): this module is the
 one generic module that imports it."""
 
@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # reader imports torch and zarr (1-2 s): each command imports
     from .reader import Run
 
 # The experiments whose runs the generic commands show in their own terms (each: owns(run),
-# view(run), info_lines(view), export(view, out, force)); each adds its commands in register(cli).
+# view(run), info_lines(view), export(view, out, force), view_panels(run) for the live page); each
+# adds its commands in register(cli).
 EXPERIMENTS = (crucible3_cli,)
 
 
@@ -107,6 +108,25 @@ def verify(run_dir, repair):
         raise CrucibleError(f"{run_dir}: {len(report.problems)} damaged chunk(s); {progress} "
                             f"(--repair rolls the commit back before them)")
     click.echo(f"OK: {progress}; {report.blocks_read} blocks read, all checksums match")
+
+
+@cli.command("view")
+@click.argument("run_dir", type=RUN)
+@click.option("--port", type=click.IntRange(1, 65535), default=5006, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to bind; 0.0.0.0 shows the run to every machine that can reach this one")
+@click.option("--no-browser", is_flag=True, help="do not open the page in the default browser")
+def view_command(run_dir, port, host, no_browser):
+    """Serve a live page of a run (local or s3://): a panel per field, new steps as they commit.
+    Ctrl-C stops it (exit 0)."""
+    from .view import serve
+
+    experiment = experiment_of(Run(run_dir))  # not a run: one line, before anything is served
+    try:
+        serve(run_dir, port=port, host=host, browser=not no_browser, training=experiment is not None,
+              panels=experiment.view_panels if experiment else None, say=click.echo)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop: exit 0, one line
+        click.echo(f"stopped serving {run_dir} (Ctrl-C)", err=True)
 
 
 def _is_experiment(run_dir) -> bool:

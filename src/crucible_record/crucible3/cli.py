@@ -81,6 +81,32 @@ def export(traj: Trajectory, out: Path, force: bool) -> str:
             f"{steps_committed(traj.committed_steps, of=traj.run.info.steps, training=True)}\n{W_DTYPE}")
 
 
+def view_panels(run: Run) -> dict[str, dict[str, tuple]]:
+    """The live page's panels for a Crucible-3 run: analyze's questions over the committed steps,
+    {title: {series: (x, y)}} (reads W once: the page asks at most every few seconds)."""
+    import torch
+
+    from .analysis import alignment, centroid_dynamics, h_mean_persistence, scan_W
+
+    if run.committed_steps < 3:  # the questions need 2 training steps
+        return {}
+    traj = Trajectory(run)
+    n = traj.steps
+    scan = scan_W(traj)
+    persistence, centroids, align = h_mean_persistence(traj), centroid_dynamics(traj, scan), alignment(traj, scan)
+    steps, transitions = torch.arange(n + 1), torch.arange(1, n + 1)
+    return {
+        "h_mean persistence": {"cos(h_mean[i], h_mean[i+1])": (torch.arange(2, n + 1), persistence["h_mean_cos_lag1"]),
+                               "cos to the first h_mean": (transitions, persistence["h_mean_cos_to_first"])},
+        "centroid separation": {"|c_dead - c_live|": (steps, centroids["centroid_separation"]),
+                                "dead displacement": (steps, centroids["centroid_dead_displacement"]),
+                                "live displacement": (steps, centroids["centroid_live_displacement"])},
+        "alignment of drift with h_mean": {"cos(live drift, h_mean)": (transitions, align["cos_live_drift_hmean"]),
+                                           "cos(dead drift, -h_mean)": (transitions, align["cos_dead_drift_neg_hmean"]),
+                                           "cos(h_mean, c_live)": (transitions, align["cos_hmean_live_centroid"])},
+    }
+
+
 # -- the experiment's own commands --------------------------------------------------------------
 
 
