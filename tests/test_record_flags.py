@@ -137,6 +137,9 @@ def test_export_default_unchanged_extras_added(tmp_path, full, tiny_run):
     assert "record_rows" not in default_meta and set(default_meta["data_shapes"]) == {"W", "h_mean", "loss"}
     assert extras_meta.pop("record_rows") == "all"
     assert {k: extras_meta["data_shapes"].pop(k) for k in EXTRAS} == {k: [TINY["steps"] + 1, V, H] for k in EXTRAS}
+    # each run's own training date: the two runs may be trained on either side of midnight
+    assert extras_meta.pop("date") == open_trajectory(full[0]).attrs["date"]
+    assert default_meta.pop("date") == open_trajectory(tiny_run).attrs["date"]
     assert extras_meta == default_meta
 
 
