@@ -19,8 +19,8 @@ from .fields import Field, check_fields
 from .format.planner import read_partition
 from .format.schema import check_run_arguments, create_run, extend_run, open_group, read_commit
 from .ranks import Ranks, agree_on_call, agree_on_first_step, fingerprint
-from .storage import RunStore, open_store
-from .writer import DEFAULT_COMMIT_INTERVAL, Recorder
+from .storage import DEFAULT_COMMIT_INTERVAL, RunStore, open_store
+from .writer import Recorder
 
 DEFAULT_RANK_TIMEOUT = 60.0  # multi-rank: how long a closing rank waits for the others
 

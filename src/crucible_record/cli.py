@@ -119,6 +119,7 @@ def verify(run_dir, repair):
 def view_command(run_dir, port, host, no_browser):
     """Serve a live page of a run (local or s3://): a panel per field, new steps as they commit.
     Ctrl-C stops it (exit 0)."""
+    from .reader import Run
     from .view import serve
 
     experiment = experiment_of(Run(run_dir))  # not a run: one line, before anything is served

@@ -37,7 +37,7 @@ from .fields import Field, Shard, as_shard_tensor, as_tensor, local_part
 from .format.blocks import WRITE_ALL, encode_block, missing_blocks
 from .format.planner import Partition, show_partition
 from .shardio import default_threads
-from .storage import DEFAULT_COMMIT_INTERVAL, RunStore
+from .storage import RunStore
 
 POLL_S = 0.05  # how often a waiting producer checks that the writer is still alive
 STAGING_BYTES = 256 * 2**20  # staging beyond 3 steps stays under this

@@ -87,6 +87,7 @@ def view_panels(run: Run) -> dict[str, dict[str, tuple]]:
     import torch
 
     from .analysis import alignment, centroid_dynamics, h_mean_persistence, scan_W
+    from .trajectory import Trajectory
 
     if run.committed_steps < 3:  # the questions need 2 training steps
         return {}

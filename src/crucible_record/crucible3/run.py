@@ -27,9 +27,9 @@ from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format.schema import open_group, read_commit
 from ..verify import verify_run
 from ..api import record
-from ..writer import DEFAULT_COMMIT_INTERVAL, Recorder
+from ..writer import Recorder
 from ..steps_text import steps_committed
-from ..storage import is_url, open_store
+from ..storage import DEFAULT_COMMIT_INTERVAL, is_url, open_store
 from . import checkpoint
 from .config import RunConfig, training_line
 from .engine import Inputs, build_model, fields, load_inputs, resolve_device, train
