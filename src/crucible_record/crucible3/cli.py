@@ -8,10 +8,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-
-from typing import TYPE_CHECKING
 
 from ..cli_common import RUN, default_out, size_text
 from ..codecs import CODEC_PRESETS, Layout
