@@ -130,3 +130,35 @@ def test_first_steps(tmp_path, steps):
     record_run(tmp_path / "run", steps=steps)
     run = cr.open(tmp_path / "run")
     check(run["W"], stats(run["W"]))
+
+
+def test_wide_steps_match_float64():
+    """8 million elements a step: torch's vector_norm and einsum add up such rows in float32 loosely
+    (a norm off by ~1e-4, a cosine by ~1e-2); the statistics must stay at float32's own precision."""
+    from crucible_record.stats import block_stats
+
+    g = np.random.default_rng(0)
+    x0 = g.standard_normal(8_000_000).astype(np.float32)
+    moves = [(g.random(x0.size) < 0.25) * g.standard_normal(x0.size).astype(np.float32) * 1e-3 for _ in range(3)]
+    flat = np.stack([x0, x0 + moves[0], x0 + moves[0] + moves[1], x0 + moves[0] + moves[1] + moves[2]])
+    got = block_stats(flat, flat[:0], torch.float32, (4000, 2000))
+    want = reference(flat)
+    for key in ("norm", "update_norm", "update_cos"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, equal_nan=True, err_msg=key)
+
+
+def test_commit_moved_back_to_a_block_boundary(tmp_path):
+    """A FieldStats that saw 10 steps (blocks of 4: two complete and 2 rows of a third) updated with
+    the same run committed only to step 8: every column has 8 rows, equal to a fresh pass."""
+    x = walk(10, (50, 8), 0)
+    for name, steps in (("ten", 10), ("eight", 8)):
+        with cr.record(tmp_path / name, {"W": cr.Field((50, 8), torch.float32)},
+                       layout=cr.Layout(time_chunk=4, row_chunk=16)) as rec:
+            for s in range(steps):
+                rec.record(s, W=x[s])
+    fs = FieldStats().update(cr.open(tmp_path / "ten")["W"])
+    table = fs.update(cr.open(tmp_path / "eight")["W"]).table()
+    want = stats(cr.open(tmp_path / "eight")["W"])
+    assert {len(v) for v in table.values()} == {8}
+    for key, values in want.items():
+        np.testing.assert_array_equal(table[key], values, err_msg=key)

@@ -39,8 +39,9 @@ def test_follower_keeps_up_with_a_run_written_elsewhere(tmp_path):
                 seen.append(snap.run.committed_steps)
             return snap.run is not None and snap.run.committed_steps == 60 and not snap.behind
         wait_for(finished, timeout=180, what="all 60 steps", every=0.05)
-        follower.stop()
     finally:
+        if "follower" in locals():
+            follower.stop()
         writer.wait(timeout=120)
     assert writer.returncode == 0, writer.stderr.read()
     assert len(seen) >= 3 and seen == sorted(seen), seen  # it followed the run as it grew
@@ -117,8 +118,10 @@ def test_ctrl_c_stops_the_server_in_one_line(tmp_path):
     assert writer.wait(timeout=120) == 0, writer.stderr.read()
     port = free_port()
     view = start_view(run, port)
-    wait_for(lambda: serving(f"http://127.0.0.1:{port}/") or view.poll() is not None, what="the server")
-    code, out, err = stop(view)
+    try:
+        wait_for(lambda: serving(f"http://127.0.0.1:{port}/") or view.poll() is not None, what="the server")
+    finally:
+        code, out, err = stop(view)
     assert code == 0, (out, err)
     assert out.splitlines() == [f"Serving {run} at http://127.0.0.1:{port}/ (Ctrl-C stops)"]
     assert err.splitlines() == [f"stopped serving {run} (Ctrl-C)"], err
@@ -158,3 +161,23 @@ def test_help_does_not_import_bokeh():
             "try: main(['--help'])\nexcept SystemExit: pass\n"
             "assert 'bokeh' not in sys.modules and 'crucible_record.view' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=120)
+
+
+def test_a_non_finite_value_does_not_stop_the_follower(tmp_path):
+    """A diverging run (inf and NaN in a step) is when one watches: the projection is fitted on the
+    finite rows, the statistics say inf/NaN, and the follower goes on publishing without an error."""
+    x = torch.randn(6, 40, 8)
+    x[5, 3, 0], x[4, 7, 1] = float("inf"), float("nan")
+    with cr.record(tmp_path / "run", {"W": cr.Field((40, 8), torch.float32)}, layout=cr.Layout(time_chunk=2)) as rec:
+        for s in range(6):
+            rec.record(s, W=x[s])
+    follower = Follower(str(tmp_path / "run"))
+    snap = follower.refresh()
+    while snap.behind:
+        snap = follower.refresh()
+    assert snap.error == "" and snap.title.endswith("steps 0..5 committed (6 steps, open-ended)")
+    assert np.isinf(snap.tables["W"]["norm"][5]) and np.isnan(snap.tables["W"]["norm"][4])
+    basis = snap.bases["W"]
+    assert torch.isfinite(basis.axes).all() and np.isfinite(basis.extent).all()
+    xy = basis.project(cr.open(tmp_path / "run")["W"].numpy((0,)), torch.float32)
+    assert np.isfinite(xy).all()

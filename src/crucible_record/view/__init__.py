@@ -7,6 +7,7 @@ in this process until Ctrl-C. Bokeh is imported only here, when a page is served
 
 from __future__ import annotations
 
+import threading
 import webbrowser
 from collections.abc import Callable
 from functools import partial
@@ -28,7 +29,8 @@ def serve(where: str, *, port: int = 5006, host: str = "127.0.0.1", browser: boo
     from .page import document
 
     wildcard = host in ("0.0.0.0", "::", "")
-    origins = [f"*:{port}"] if wildcard else [f"{host}:{port}"] + ([f"localhost:{port}"] if host == "127.0.0.1" else [])
+    named = f"[{host}]" if ":" in host else host  # an IPv6 address is bracketed in URLs and Host headers
+    origins = [f"*:{port}"] if wildcard else [f"{named}:{port}"] + ([f"localhost:{port}"] if host == "127.0.0.1" else [])
     follower = Follower(where, training=training, panels=panels)
     try:
         server = Server({"/": Application(FunctionHandler(partial(document, follower=follower)))},
@@ -37,11 +39,11 @@ def serve(where: str, *, port: int = 5006, host: str = "127.0.0.1", browser: boo
         raise CrucibleError(f"cannot serve on {host}:{port}: {e.strerror or e} (choose another --port)") from None
     follower.start()
     server.start()
-    shown = "127.0.0.1" if wildcard else f"[{host}]" if ":" in host else host
+    shown = "[::1]" if host == "::" else "127.0.0.1" if wildcard else named
     url = f"http://{shown}:{server.port}/"
     say(f"Serving {where} at {url} (Ctrl-C stops)" + (f"; bound to {host}: visible to your network" if wildcard else ""))
-    if browser:
-        server.io_loop.add_callback(webbrowser.open, url)
+    if browser:  # in a thread: on a machine without a display, webbrowser may run a console browser and wait
+        threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
     try:
         server.io_loop.start()
     finally:

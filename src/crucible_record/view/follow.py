@@ -57,12 +57,13 @@ def fit_basis(field: LazyField) -> Basis:
     at = sorted({0, n // 2, n - 1})
     data = np.concatenate([field.numpy((i, rows)).reshape(len(rows), -1) for i in at])
     x = values(data, field.dtype)
-    mean = x.mean(dim=0)
+    x = x[torch.isfinite(x).all(dim=1)]  # a diverging row (inf, NaN) is left out of the fit, drawn nowhere
+    mean = x.mean(dim=0) if len(x) else torch.zeros(x.shape[1])
     q = min(2, *x.shape)
     axes = torch.zeros(x.shape[1], 2)
     if q:
         axes[:, :q] = torch.pca_lowrank(x - mean, q=q, center=False, niter=4)[2][:, :q]
-    xy = ((x - mean) @ axes).numpy()
+    xy = ((x - mean) @ axes).numpy() if len(x) else np.zeros((1, 2))
     lo, hi = np.nanmin(xy, axis=0), np.nanmax(xy, axis=0)
     pad = np.maximum((hi - lo) * 0.1, 1e-6)
     return Basis(rows, mean, axes, tuple(field.steps[i] for i in at),
@@ -102,6 +103,7 @@ class Follower:
         self._bases: dict[str, tuple[int, Basis]] = {}  # field -> (rows when fitted, basis)
         self._panels: Panels = {}
         self._panels_at = (-1, 0.0)  # (committed steps, monotonic time) of the last panels
+        self._panels_took = 0.0  # seconds the last panels took
         self._snapshot = Snapshot(title_of(where, None, training))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="crucible-view-follow", daemon=True)
@@ -137,20 +139,29 @@ class Follower:
         if (old.run is not None and run.committed_steps == old.run.committed_steps and not old.error
                 and not old.behind and not panels_due):
             return old
-        tables, row_norms, bases, behind = {}, {}, {}, False
+        tables, row_norms, bases, behind, errors = {}, {}, {}, False, []
         for name in run.fields:
             field = run[name]
-            stats = self._stats.setdefault(name, FieldStats()).update(field, blocks=1)
-            behind |= stats.rows < len(field)
-            tables[name] = stats.table()
-            if len(field.shape) >= 3 and stats.rows:
-                row_norms[name] = stats.row_norms()
-                if len(field) >= 2 * self._bases.get(name, (0, None))[0]:  # refit as the run doubles: a handful of fits per run
-                    self._bases[name] = (len(field), fit_basis(field))
-                bases[name] = self._bases[name][1]
-        if panels_due and (panel_steps < 0 or time.monotonic() - panel_time >= PANELS_EVERY):
-            self._panels = self.panels_of(run)
-            self._panels_at = (run.committed_steps, time.monotonic())
+            try:  # one field's failure is said on the page; the others go on
+                stats = self._stats.setdefault(name, FieldStats()).update(field, blocks=1)
+                behind |= stats.rows < len(field)
+                tables[name] = stats.table()
+                if len(field.shape) >= 3 and stats.rows:
+                    row_norms[name] = stats.row_norms()
+                    if len(field) >= 2 * self._bases.get(name, (0, None))[0]:  # refit as the run doubles: a handful of fits per run
+                        self._bases[name] = (len(field), fit_basis(field))
+                    bases[name] = self._bases[name][1]
+            except Exception as e:
+                errors.append(f"{name}: {describe(e)}")
+                tables.pop(name, None), row_norms.pop(name, None), bases.pop(name, None)
+        # the experiment's panels may read a field whole: at most one look in ten is spent on them
+        if panels_due and (panel_steps < 0 or time.monotonic() - panel_time >= max(PANELS_EVERY, 10 * self._panels_took)):
+            began = time.monotonic()
+            try:
+                self._panels = self.panels_of(run)
+            except Exception as e:
+                errors.append(f"panels: {describe(e)}")
+            self._panels_at, self._panels_took = (run.committed_steps, time.monotonic()), time.monotonic() - began
         self._snapshot = Snapshot(title_of(self.where, run, self.training), run, tables, row_norms, bases,
-                                  self._panels, behind=behind)
+                                  self._panels, error="; ".join(errors), behind=behind)
         return self._snapshot

@@ -8,6 +8,7 @@ row typed by its index. Then the experiment's panels, if it has any. New steps a
 
 from __future__ import annotations
 
+import time
 from html import escape
 
 import numpy as np
@@ -116,12 +117,14 @@ class PlanePanel:
         self.row_input.on_change("value", lambda attr, old, new: self.show_row())
         self.note = Div(text="")
         self.snap: Snapshot | None = None
+        self.stale, self.next_read = False, 0.0  # the newest step not drawn yet; when reads may resume
         self.layout = row(heat, column(self.plane, self.slider, self.row_input, self.note))
 
     def update(self, snap: Snapshot, steps: np.ndarray) -> None:
         old, shown = self.snap, self.snap and len(self.snap.tables[self.name]["step"])
         self.snap = snap
-        if old is not None and shown == len(steps) and old.bases[self.name] is snap.bases[self.name]:
+        if (old is not None and shown == len(steps) and old.bases[self.name] is snap.bases[self.name]
+                and not self.stale):
             return
         norms = snap.row_norms[self.name]
         stride = -(-len(steps) // MAX_COLUMNS)
@@ -133,11 +136,18 @@ class PlanePanel:
         self.slider.start, self.slider.end = int(steps[0]), int(max(steps[-1], steps[0] + self.spec.every))
         self.plane.title.text = (f"{self.name}: {len(basis.rows)} of {self.rows} rows in one PCA plane "
                                  f"(fitted at steps {', '.join(map(str, basis.steps))})")
-        if at_end:  # following the newest step
+        if at_end:
             self.slider.value = self.slider.end
-            self.show_step(int(steps[-1]))
-        if self.row_input.value.strip():
-            self.show_row()
+        # following the run: a step of rows spread over the field, and a row's whole path, may each
+        # decode whole blocks on the event loop: at most one tick in ten is spent on them
+        self.stale = time.monotonic() < self.next_read
+        if not self.stale:
+            began = time.monotonic()
+            if at_end:
+                self.show_step(int(steps[-1]))
+            if self.row_input.value.strip():
+                self.show_row()
+            self.next_read = time.monotonic() + 9 * (time.monotonic() - began)
 
     def show_step(self, step: int) -> None:
         field, basis = self.snap.run[self.name], self.snap.bases[self.name]
