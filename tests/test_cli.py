@@ -185,6 +185,7 @@ def test_package_import_is_lazy_and_names_resolve():
               "import crucible_record.integrations.hf\n"
               "assert callable(cr.watch) and cr.watch.__name__ == 'watch', cr.watch\n"
               "names = [getattr(cr, n) for n in cr.__all__]\n"
+              "assert cr.reader.Run is cr.Run and not hasattr(cr, 'no_such_name')\n"
               "from crucible_record import Field, Shard, record, open\n"
               "from crucible_record.crucible3 import open_trajectory, Trajectory\n"
               "print(len(names))\n")

@@ -410,7 +410,7 @@ def test_replicate_and_an_empty_shard_are_recorded(job1):
 @pytest.mark.parametrize("case, message", [
     ("shard1", r"^field 'x': a DTensor placed \(Shard\(dim=1\),\) on a 1-D mesh of shape \(2,\) is not recorded "
                r"\(only Shard\(0\) or Replicate\(\) on a 1-D mesh\); redistribute it first "
-               r"\(x\.redistribute\(mesh, \[Shard\(0\)\]\)\) or pass x\.full_tensor\(\)$"),
+               r"\(x\.redistribute\(x\.device_mesh, \[Shard\(0\)\]\)\) or pass x\.full_tensor\(\)$"),
     ("mesh2d", r"^field 'x': a DTensor placed \(Shard\(dim=0\), Replicate\(\)\) on a 2-D mesh of shape \(1, 2\) is "
                r"not recorded"),
     ("rows", r"^field 'x' keeps a subset of its rows \(rows=\.\.\.\): a Shard \(or a DTensor sharded on rows\) of it "

@@ -150,6 +150,11 @@ def scenario_refusals(rank: int, tmp: Path) -> dict:
         with cr.record(tmp / "alone", fields(), distributed=False, commit_interval=1e6) as rec:
             for step in range(3):
                 rec.record(step, **full_step(step))
+        # the same through cr.watch: distributed=False makes its loss one scalar, as for one process
+        w = cr.watch(torch.nn.Linear(3, 2), params="weight", distributed=False)
+        with cr.record(tmp / "alone_watch", w.fields, distributed=False) as rec:
+            rec.record(0, **w.capture(0))
+            rec.record(1, **w.capture(1, loss=torch.tensor(0.5)))
     try:  # a run recorded by one process (made by the test before the job) cannot be continued by 2 ranks
         cr.record(tmp / "one_process", fields(), resume=True)
         out["resume_one_process_run"] = {"error": None}
@@ -404,6 +409,8 @@ def test_distributed_false_records_from_one_rank_alone(job1):
     assert t.committed_steps == 3 and "world_size" not in t.group.attrs
     for name in fields():
         assert t[name].numpy().tobytes() == expected(name, 3).tobytes(), name
+    loss = cr.open(tmp / "alone_watch")["loss"]
+    assert tuple(loss.shape) == (2,) and np.isnan(loss[0].item()) and loss[1].item() == 0.5
 
 
 def test_sigkill_of_rank_1_leaves_a_committed_prefix_and_rank_0_names_it(job1):

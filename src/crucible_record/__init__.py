@@ -30,8 +30,13 @@ _WHERE = {
 
 
 def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'crucible_record' has no attribute {name!r}")
+    if name not in _WHERE:  # a submodule (cr.reader, ...), as an eager import made them attributes
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'crucible_record' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     globals()[name] = value  # later look-ups skip this function
     return value

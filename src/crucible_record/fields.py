@@ -188,7 +188,7 @@ def local_part(name: str, value: Any) -> Any:
     raise CrucibleError(
         f"field {name!r}: a DTensor placed {placements} on a {mesh.ndim}-D mesh of shape {tuple(mesh.shape)} is "
         f"not recorded (only Shard(0) or Replicate() on a 1-D mesh); redistribute it first "
-        f"(x.redistribute(mesh, [Shard(0)])) or pass x.full_tensor()")
+        f"(x.redistribute(x.device_mesh, [Shard(0)])) or pass x.full_tensor()")
 
 
 def _check_rows(rows: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -41,7 +41,8 @@ class Watch:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
                  params: str | Sequence[str] = (), grads: str | Sequence[str] = (),
-                 optim_state: Sequence[str] = (), every: int = 1, rows=None, loss: bool = True):
+                 optim_state: Sequence[str] = (), every: int = 1, rows=None, loss: bool = True,
+                 distributed: bool | None = None):
         named = dict(model.named_parameters(remove_duplicate=False))  # a tied lm_head keeps its name
         self.model, self.optimizer = model, optimizer
         self.params = _select(named, params, "params")
@@ -68,7 +69,9 @@ class Watch:
                 self.fields[f"{name}.{key}"] = _field(f"{name}.{key}", param, every, rows, _dims(model, name, param))
         for name, param in self.grads.items():
             self.fields[f"{name}.grad"] = _field(f"{name}.grad", param, every, rows, _dims(model, name, param))
-        ranks = Ranks.current()  # several ranks: each records its own loss, one row per rank
+        # recorded by several ranks (as cr.record decides, from the same `distributed`): each rank
+        # records its own loss, one row per rank
+        ranks = Ranks.current() if distributed is not False else None
         self.rank, self.world_size = (ranks.rank, ranks.size) if ranks else (0, 1)
         if loss:
             self.fields[LOSS] = Field((), torch.float32) if ranks is None else \
@@ -118,12 +121,13 @@ class Watch:
 
 def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
           params: str | Sequence[str] = (), grads: str | Sequence[str] = (), optim_state: Sequence[str] = (),
-          every: int = 1, rows=None, loss: bool = True) -> Watch:
+          every: int = 1, rows=None, loss: bool = True, distributed: bool | None = None) -> Watch:
     """What to record of `model` (parameters and gradients by name or glob, e.g. ``"*.wte.weight"``)
     and of `optimizer` (``optim_state``: state keys such as Adam's ``"exp_avg"``, ``"exp_avg_sq"``,
-    for each of the `params`); `every` and `rows` apply to all of them; the loss every step."""
+    for each of the `params`); `every` and `rows` apply to all of them; the loss every step.
+    `distributed`: pass what you pass to cr.record (False: this process records alone, its loss a scalar)."""
     return Watch(model, optimizer, params=params, grads=grads, optim_state=optim_state, every=every,
-                 rows=rows, loss=loss)
+                 rows=rows, loss=loss, distributed=distributed)
 
 
 def _select(named: Mapping[str, torch.nn.Parameter], patterns: str | Iterable[str], what: str) -> dict:

@@ -545,7 +545,7 @@ def _whole(name: str, value: Any, spec: Field) -> Any:
         return value
     rows = spec.shape[0] if spec.shape else 0
     if value.offset != 0 or value.rows != rows:
-        raise CrucibleError(f"field {name!r}: this run is recorded by one process (no torch.distributed process "
-                            f"group of more than one rank), so a Shard must hold every row (offset 0, {rows} rows); "
+        raise CrucibleError(f"field {name!r}: this run is recorded by one process (no process group of several "
+                            f"ranks, or distributed=False), so a Shard must hold every row (offset 0, {rows} rows); "
                             f"got {value!r}")
     return value.tensor

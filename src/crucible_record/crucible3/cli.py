@@ -206,6 +206,7 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
         if out is None:
             out = Path("runs") / f"crucible3-{dt.datetime.now():%Y%m%d-%H%M%S}"
         layout = Layout(time_chunk=time_chunk, row_chunk=token_chunk, codec=codec)
+        layout.validate()
         device = device_without_torch(config.device)
         if device is not None:  # the first line, before torch is imported (1-2 s)
             click.echo(training_line(out, device, config))

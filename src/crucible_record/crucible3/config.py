@@ -158,11 +158,13 @@ def training_line(run_dir, device: str, config: RunConfig) -> str:
 def device_without_torch(name: str) -> str | None:
     """The device `name` stands for, when that is known without importing torch (1-2 s), else None.
 
-    An explicit name is itself (resolve_device checks it later); 'auto' is 'cpu' when the installed
-    torch was built with neither CUDA nor ROCm (its torch/version.py, read as text, says so) off macOS.
+    'cpu' is itself; 'auto' is 'cpu' when the installed torch was built with neither CUDA nor ROCm (its
+    torch/version.py, read as text, says so) off macOS; 'cuda' and 'mps' wait for torch to check them.
     """
-    if name != "auto":
+    if name == "cpu":
         return name
+    if name != "auto":  # cuda, mps: said once torch has checked that it is there
+        return None
     spec = importlib.util.find_spec("torch")  # finds the package without importing it
     if platform.system() == "Darwin" or spec is None or spec.origin is None:
         return None
@@ -176,7 +178,7 @@ def device_without_torch(name: str) -> str | None:
             for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 if isinstance(target, ast.Name):
                     built_for[target.id] = node.value.value
-    if "cuda" in built_for and built_for["cuda"] is None and built_for.get("hip") is None:
+    if "cuda" in built_for and built_for["cuda"] is None and built_for.get("hip") is None and built_for.get("rocm") is None:
         return "cpu"
     return None
 

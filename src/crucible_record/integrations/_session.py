@@ -36,7 +36,7 @@ class RecordingSession:
         """Create the run and record step 0, the state before any update."""
         if self.recorder is not None:
             raise CrucibleError(f"{self.path}: this callback already recorded a training run; give a new one a new path")
-        self.watch = Watch(model, optimizer, **self.watch_options)
+        self.watch = Watch(model, optimizer, distributed=self.record_options.get("distributed"), **self.watch_options)
         self.recorder = record(self.path, self.watch.fields, **self.record_options)
         self.recorder.record(0, **self.watch.capture(0))
 
