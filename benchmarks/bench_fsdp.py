@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -75,21 +74,9 @@ def rank_main(rank: int, port: int, rows: int, steps: int, recorded: bool, out: 
 
 
 def child(rows: int, steps: int, recorded: bool, scratch: str) -> dict:
-    import multiprocessing
-
     out = tempfile.mkdtemp(dir=scratch, prefix="crucible-bench-fsdp-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=rank_main, args=(rank, port, rows, steps, recorded, out)) for rank in range(2)]
     try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(900)
-            if p.exitcode != 0:
-                raise SystemExit(f"a rank exited with {p.exitcode}")
+        harness.run_ranks(rank_main, 2, (rows, steps, recorded, out))
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(2)]
         codec_s = bare_codec_seconds(Path(out) / "run", rows) if recorded else None
     finally:

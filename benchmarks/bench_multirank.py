@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import harness
 
 
-def rank_main(rank: int, world: int, port: int, rows: int, steps: int, out: str) -> None:
+def rank_main(rank: int, port: int, world: int, rows: int, steps: int, out: str) -> None:
     import numpy as np
     import torch
 
@@ -57,21 +56,9 @@ def rank_main(rank: int, world: int, port: int, rows: int, steps: int, out: str)
 
 
 def child(world: int, rows: int, steps: int, scratch: str) -> dict:
-    import multiprocessing
-
     out = tempfile.mkdtemp(dir=scratch, prefix="crucible-bench-multirank-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=rank_main, args=(rank, world, port, rows, steps, out)) for rank in range(world)]
     try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(900)
-            if p.exitcode != 0:
-                raise SystemExit(f"a rank exited with {p.exitcode}")
+        harness.run_ranks(rank_main, world, (world, rows, steps, out))
         ranks = [json.loads(Path(out, f"rank{rank}.json").read_text()) for rank in range(world)]
     finally:
         shutil.rmtree(out, ignore_errors=True)

@@ -136,6 +136,30 @@ def summarize(runs: dict[str, list[dict]], metric: str, reference: str) -> dict[
             "rows": rows}
 
 
+def run_ranks(target, world: int, args: tuple, timeout: float = 900) -> None:
+    """target(rank, port, *args) in `world` spawned processes on a free local port (torch.distributed
+    ranks); SystemExit if one fails or hangs."""
+    import multiprocessing
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=target, args=(rank, port, *args)) for rank in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+            if p.exitcode != 0:
+                raise SystemExit(f"a rank exited with {p.exitcode}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
 # ----- the bare codec: the physical limit ------------------------------------------------------
 def step_last_chunks(block, row_chunk: int) -> list:
     """A (T, rows, ...) block's inner chunks of `row_chunk` rows, step axis last: the bytes the

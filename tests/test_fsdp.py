@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import signal
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import crucible_record as cr
 from crucible_record.verify import verify_run
 
-from .test_multirank import free_port
+from .test_multirank import free_port, spawn_ranks, wait_for_steps
 
 ROWS, H = 1001, 16  # the embedding: rows 0..500 on rank 0, 501..1000 on rank 1
 STEPS = 10  # steps 0..9; time_chunk 4: commit points after steps 3 and 7
@@ -173,18 +172,6 @@ def scenario_placements(rank: int, tmp: Path) -> dict:
     return {"refused": refused}
 
 
-def _wait_for(path: Path, steps: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(path.read_text())["steps"] >= steps:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never reached {steps} steps")
-
-
 def scenario_kill(rank: int, tmp: Path) -> dict:
     """The watch's loop killed at step 9 (both ranks SIGKILL themselves) once steps 0..7 are durable."""
     model, optimizer = sharded_model()
@@ -194,7 +181,8 @@ def scenario_kill(rank: int, tmp: Path) -> dict:
     rec.record(0, **w.capture(0))
     for step in range(1, STEPS):
         if step == KILLED_AT:
-            _wait_for(run / "trajectory.zarr" / ("commit.json" if rank == 0 else ".ranks/1.json"), COMMITTED_AT_KILL)
+            progress = run / "trajectory.zarr" / ("commit.json" if rank == 0 else ".ranks/1.json")
+            wait_for_steps(progress, COMMITTED_AT_KILL, str(progress), timeout=60)
             os.kill(os.getpid(), signal.SIGKILL)
         loss = train_step(model, optimizer, rank, step)
         rec.record(step, **w.capture(step, loss=loss))
@@ -291,22 +279,7 @@ def _worker(rank: int, port: int, scenarios: list, tmp: str) -> None:
 
 def run_job(tmp: Path, scenarios: list[str], killed: bool = False) -> dict:
     """Run `scenarios` on 2 spawned ranks; {scenario: [rank 0's, rank 1's]}. killed: both end by SIGKILL."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [context.Process(target=_worker, args=(rank, port, scenarios, str(tmp))) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + JOB_TIMEOUT
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    assert not hung, f"rank(s) {hung} still running after {JOB_TIMEOUT} s: a hang"
+    codes = spawn_ranks(_worker, (free_port(), scenarios, str(tmp)), JOB_TIMEOUT)
     results = {}
     for name in scenarios:
         per_rank = []
@@ -316,7 +289,7 @@ def run_job(tmp: Path, scenarios: list[str], killed: bool = False) -> dict:
             assert "raised" not in doc, f"{name} on rank {rank}: {doc.get('traceback')}"
             per_rank.append(doc["result"])
         results[name] = per_rank
-    assert [p.exitcode for p in procs] == [-signal.SIGKILL if killed else 0] * 2, results
+    assert codes == [-signal.SIGKILL if killed else 0] * 2, results
     return results
 
 

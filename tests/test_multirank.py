@@ -163,8 +163,9 @@ def scenario_refusals(rank: int, tmp: Path) -> dict:
     return out
 
 
-def _wait_for(path: Path, steps: int, what: str) -> None:
-    deadline = time.monotonic() + 30
+def wait_for_steps(path: Path, steps: int, what: str, timeout: float = 30) -> None:
+    """Until the JSON progress record at `path` says `steps` steps (a marker or a rank's progress)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if json.loads(path.read_text())["steps"] >= steps:
@@ -182,7 +183,7 @@ def scenario_kill(rank: int, tmp: Path, victim: int, name: str) -> dict:
     rec = cr.record(run, fields(), layout=cr.Layout(**LAYOUT), commit_interval=1e6, rank_timeout=RANK_TIMEOUT)
     for step in range(KILL_STEPS):
         if rank == victim and step == KILLED_AT:
-            _wait_for(run / STORE / (".ranks/1.json" if victim == 1 else "commit.json"), COMMITTED_AT_KILL,
+            wait_for_steps(run / STORE / (".ranks/1.json" if victim == 1 else "commit.json"), COMMITTED_AT_KILL,
                       f"rank {victim}'s progress")
             os.kill(os.getpid(), signal.SIGKILL)
         rec.record(step, **rank_step(rank, step))
@@ -243,17 +244,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(tmp: Path, scenarios: list, dies: int | None = None) -> dict:
-    """Run `scenarios` [(label, scenario, kwargs)] on 2 spawned ranks; {label: [rank 0's, rank 1's]}.
-    `dies`: the rank expected to end by SIGKILL."""
+def spawn_ranks(target, args: tuple, timeout: float, world: int = 2) -> list[int]:
+    """target(rank, *args) in `world` spawned processes; their exit codes. One still running after
+    `timeout` seconds is killed and fails the test (a hang)."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [context.Process(target=_worker, args=(rank, 2, port, scenarios, str(tmp))) for rank in range(2)]
+    procs = [context.Process(target=target, args=(rank, *args)) for rank in range(world)]
     for proc in procs:
         proc.start()
-    deadline = time.monotonic() + JOB_TIMEOUT
+    deadline = time.monotonic() + timeout
     for proc in procs:
         proc.join(max(0.0, deadline - time.monotonic()))
     hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
@@ -261,10 +261,17 @@ def run_job(tmp: Path, scenarios: list, dies: int | None = None) -> dict:
         if proc.is_alive():
             proc.kill()
             proc.join()
-    assert not hung, f"rank(s) {hung} still running after {JOB_TIMEOUT} s: a hang"
-    for rank, proc in enumerate(procs):
+    assert not hung, f"rank(s) {hung} still running after {timeout} s: a hang"
+    return [proc.exitcode for proc in procs]
+
+
+def run_job(tmp: Path, scenarios: list, dies: int | None = None) -> dict:
+    """Run `scenarios` [(label, scenario, kwargs)] on 2 spawned ranks; {label: [rank 0's, rank 1's]}.
+    `dies`: the rank expected to end by SIGKILL."""
+    codes = spawn_ranks(_worker, (2, free_port(), scenarios, str(tmp)), JOB_TIMEOUT)
+    for rank, code in enumerate(codes):
         expected_code = -signal.SIGKILL if rank == dies else 0
-        assert proc.exitcode == expected_code, f"rank {rank} exited with {proc.exitcode}"
+        assert code == expected_code, f"rank {rank} exited with {code}"
     results = {}
     for label, _, _ in scenarios:
         per_rank = []
