@@ -69,7 +69,8 @@ needs_browser = pytest.mark.skipif(
 def test_page_in_a_real_browser_follows_a_run_being_written(tmp_path):
     run = tmp_path / "runs" / "x"
     run.parent.mkdir()
-    writer = start_writer(run, steps=150, pause=0.1)
+    # a minute of writing: the page sees it grow however slowly the browser starts (it is killed at the end)
+    writer = start_writer(run, steps=600, pause=0.1)
     port = free_port()
     view = driver = None
     try:
@@ -88,7 +89,7 @@ def test_page_in_a_real_browser_follows_a_run_being_written(tmp_path):
         wait_for(advanced, what="the title to advance (no reload)", every=0.1)
         counts = [committed_of(t) for t in titles if committed_of(t)]
         assert counts == sorted(counts) and titles[-1].startswith(f"{run} — steps 0..")
-        assert titles[-1].endswith(" of 150 steps)"), titles
+        assert titles[-1].endswith(" of 600 steps)"), titles
         # every plot drawn: 3 statistics plots per field, a heatmap and a projection per 2+-axis field
         wait_for(lambda: all_drawn(driver, FIGURES_SHOWN), what="the plots drawn")
         titles_drawn = [f["title"] for f in figures(driver)]
