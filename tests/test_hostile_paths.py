@@ -155,11 +155,15 @@ def plant_sparse(path: Path) -> None:
     os.truncate(path, 8 * 10**9)  # 8 GB, almost none of it on disk
 
 
+# each hostile file planted, with the fragment its refusal names
+EVERY_HOSTILE_FILE = pytest.mark.parametrize("plant, fragment", [(plant_fifo, "FIFO"), (plant_zero, "symlink"),
+                                                                  (plant_sparse, "bytes, more than")],
+                                             ids=["fifo", "dev-zero", "sparse-8GB"])
+
+
 # ----- 1. reads bounded: a FIFO, /dev/zero, an 8 GB sparse file in place of a store file ---------
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("plant, fragment", [(plant_fifo, "FIFO"), (plant_zero, "symlink"),
-                                             (plant_sparse, "bytes, more than")],
-                         ids=["fifo", "dev-zero", "sparse-8GB"])
+@EVERY_HOSTILE_FILE
 def test_hostile_shard_is_refused_by_reads_export_and_verify(tmp_path, generic_base, plant, fragment):
     run_dir = copy_run(generic_base, tmp_path / "run")
     plant(run_dir / SHARD)
@@ -173,9 +177,7 @@ def test_hostile_shard_is_refused_by_reads_export_and_verify(tmp_path, generic_b
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("plant, fragment", [(plant_fifo, "FIFO"), (plant_zero, "symlink"),
-                                             (plant_sparse, "bytes, more than")],
-                         ids=["fifo", "dev-zero", "sparse-8GB"])
+@EVERY_HOSTILE_FILE
 def test_hostile_commit_marker_is_refused(tmp_path, generic_base, plant, fragment):
     run_dir = copy_run(generic_base, tmp_path / "run")
     plant(run_dir / STORE / "commit.json")
