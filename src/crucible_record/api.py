@@ -117,7 +117,7 @@ def open_to_resume(store: RunStore, stack: ExitStack, fields: Mapping[str, Field
     if set(fields) != set(info.fields):
         raise CrucibleError(f"{store.location} records fields {sorted(info.fields)}, not {sorted(fields)}")
     for name, spec in fields.items():
-        if not spec.same_as(info.fields[name]):
+        if spec != info.fields[name]:
             raise CrucibleError(f"field {name!r} of {store.location} was recorded as {info.fields[name]}, not {spec}")
     if info.world_size != world_size:
         raise CrucibleError(f"{store.location} was recorded by {_ranks_text(info.world_size)}; it can only be "

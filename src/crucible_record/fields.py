@@ -101,14 +101,11 @@ class Field:
             "dims": list(self.dims) if self.dims else None,
         }
 
-    def same_as(self, other: "Field") -> bool:
-        rows_equal = (self._rows is None and other._rows is None) or (
-            self._rows is not None and other._rows is not None and np.array_equal(self._rows, other._rows)
-        )
-        return (self.shape, self.dtype, self.every, self.dims) == (other.shape, other.dtype, other.every, other.dims) and rows_equal
-
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Field) and self.same_as(other)
+        if not isinstance(other, Field) or (self._rows is None) != (other._rows is None):
+            return False
+        return ((self.shape, self.dtype, self.every, self.dims) == (other.shape, other.dtype, other.every, other.dims)
+                and (self._rows is None or np.array_equal(self._rows, other._rows)))
 
     def __hash__(self) -> int:
         return hash((self.shape, self.dtype, self.every))
@@ -142,21 +139,13 @@ class Shard:
 def as_shard_tensor(name: str, shard: Shard, spec: Field) -> torch.Tensor:
     """The tensor of one rank's shard of `name`, checked against its Field (dtype exact, the shape
     of the field's but for the first axis, rows within the field)."""
-    value = shard.tensor
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if spec.shape == () and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = _python_number(name, value, spec.dtype)
-    if not isinstance(value, torch.Tensor):
-        raise CrucibleError(f"field {name!r}: a Shard holds a tensor, got {type(value).__name__}")
     if not spec.shape:
         raise CrucibleError(f"field {name!r} is a scalar (shape ()): it cannot be sharded; pass the tensor itself")
     if spec.row_indices is not None:
         raise CrucibleError(f"field {name!r} keeps a subset of its rows (rows=...): a Shard (or a DTensor sharded "
                             f"on rows) of it is not supported; drop rows=, or pass the whole tensor on every rank "
                             f"(a DTensor's full_tensor())")
-    if value.dtype != spec.dtype:
-        raise CrucibleError(f"field {name!r}: dtype {value.dtype} given, the field records {spec.dtype} (cast it yourself: .to({spec.dtype}))")
+    value = _checked_tensor(name, shard.tensor, spec, "a Shard holds a tensor")
     if value.dim() != len(spec.shape) or tuple(value.shape[1:]) != spec.shape[1:]:
         expected = ("n",) + spec.shape[1:]
         raise CrucibleError(f"field {name!r}: Shard of shape {tuple(value.shape)} given, the field's rows have shape "
@@ -226,8 +215,8 @@ def check_name(name: Any) -> str:
                             f"{', '.join(sorted(RESERVED_NAMES))}) or has control characters")
     if name.endswith(".partial"):
         raise CrucibleError(f"field name {name!r} must not end with '.partial' (an interrupted write's temporary file)")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise CrucibleError(f"field name {name[:20]!r}... is {len(name.encode('utf-8', 'surrogatepass'))} bytes "
+    if (size := len(name.encode("utf-8", "surrogatepass"))) > MAX_NAME_BYTES:
+        raise CrucibleError(f"field name {name[:20]!r}... is {size} bytes "
                             f"long in UTF-8; names are at most {MAX_NAME_BYTES} bytes (they are directory names)")
     return name
 
@@ -272,37 +261,33 @@ def _is_int(value: Any) -> bool:
 
 def as_tensor(name: str, value: Any, spec: Field) -> torch.Tensor:
     """The tensor given for `name`, checked against its Field: exact shape and dtype, no cast."""
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if spec.shape == () and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = _python_number(name, value, spec.dtype)
-    if not isinstance(value, torch.Tensor):
-        raise CrucibleError(
-            f"field {name!r}: pass a tensor, got {type(value).__name__} "
-            f"(e.g. torch.tensor(x, dtype={spec.dtype}))"
-        )
-    if value.dtype != spec.dtype:
-        raise CrucibleError(f"field {name!r}: dtype {value.dtype} given, the field records {spec.dtype} (cast it yourself: .to({spec.dtype}))")
+    value = _checked_tensor(name, value, spec, "pass a tensor", f" (e.g. torch.tensor(x, dtype={spec.dtype}))")
     if tuple(value.shape) != spec.shape:
         raise CrucibleError(f"field {name!r}: shape {tuple(value.shape)} given, the field records {spec.shape}")
     return value.detach()
 
 
-def default_dims(name: str, spec: Field) -> tuple[str, ...]:
-    return spec.dims if spec.dims else tuple(f"{name}_{i}" for i in range(len(spec.shape)))
-
-
-def step_dim(spec: Field) -> str:
-    """Name of the step axis: 'step' for fields recorded every step, 'step_every_K' otherwise (so
-    that xarray.open_zarr can put fields of different cadences in one Dataset)."""
-    return "step" if spec.every == 1 else f"step_every_{spec.every}"
+def _checked_tensor(name: str, value: Any, spec: Field, expected: str, hint: str = "") -> torch.Tensor:
+    """`value` as a tensor (a numpy array, or a Python number for a () field) of the field's exact dtype."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if spec.shape == () and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = _python_number(name, value, spec.dtype)
+    if not isinstance(value, torch.Tensor):
+        raise CrucibleError(f"field {name!r}: {expected}, got {type(value).__name__}{hint}")
+    if value.dtype != spec.dtype:
+        raise CrucibleError(f"field {name!r}: dtype {value.dtype} given, the field records {spec.dtype} "
+                            f"(cast it yourself: .to({spec.dtype}))")
+    return value
 
 
 def stored_dims(name: str, spec: Field) -> tuple[str, ...]:
-    dims = default_dims(name, spec)
+    """The stored array's axis names. The step axis is 'step_every_K' for a field recorded every K > 1
+    steps, so that xarray.open_zarr can put fields of different cadences in one Dataset."""
+    dims = spec.dims or tuple(f"{name}_{i}" for i in range(len(spec.shape)))
     if spec.row_indices is not None:
         dims = (f"{name}_row",) + dims[1:]
-    return (step_dim(spec),) + dims
+    return ("step" if spec.every == 1 else f"step_every_{spec.every}",) + dims
 
 
 def _python_number(name: str, value: int | float, dtype: torch.dtype) -> torch.Tensor:

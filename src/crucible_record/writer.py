@@ -52,7 +52,7 @@ Plan = dict[str, Partition | None]
 
 def lower_this_threads_priority(nice: int) -> None:
     """Raise this thread's nice value by `nice` (Linux: per thread; elsewhere: nothing)."""
-    if nice > 0 and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+    if nice > 0 and sys.platform.startswith("linux"):
         try:
             tid = threading.get_native_id()
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
@@ -86,28 +86,24 @@ class BlockBuffer:
         self.rows = self.array.chunks[0]
         self.fill = dtypes.fill_value(spec.dtype)
         self.shard, first, count = part if part is not None else (0, 0, None)
-        region = tuple(self.array.shape[1:]) if count is None else (count,) + tuple(self.array.shape[2:])
-        select = (slice(None),) if count is None else (slice(None), slice(first, first + count))
-        self.buf = np.full((self.rows,) + region, self.fill, dtype=self.array.dtype)
+        region = [slice(0, n, 1) for n in self.array.shape[1:]]  # of one step, this process's
+        if count is not None:
+            region[0] = slice(first, first + count, 1)
+        self.buf = np.full((self.rows,) + tuple(r.stop - r.start for r in region), self.fill, dtype=self.array.dtype)
         self.start = committed_rows - committed_rows % self.rows
         self.filled = committed_rows - self.start
         self.dirty = False
-        if self.filled:  # resuming inside a block: keep its committed rows (never fill read as data)
+        if self.filled:  # resuming inside a block: read back its committed rows (never fill read as data)
             if missing_blocks(store, self.array, key, range(self.start, committed_rows)):
                 raise missing_chunk_error(key, self.start, committed_rows - 1, "crucible-record verify --repair")
-            self.buf[: self.filled] = self._committed_rows(committed_rows, select)
-
-    def _committed_rows(self, committed_rows: int, select: tuple) -> np.ndarray:
-        """This block's committed rows, read back to resume inside it (blockread, else zarr)."""
-        selection = [slice(self.start, committed_rows, 1)] + [slice(0, n, 1) for n in self.array.shape[1:]]
-        if len(select) > 1:
-            selection[1] = slice(select[1].start, select[1].stop, 1)
-        try:
-            data = read_selection(self.store, self.array, tuple(selection), self.key)
-            return data if data is not None else np.asarray(self.array[tuple(selection)])
-        except Exception as e:
-            raise CrucibleError(f"cannot resume {self.store.location}: {describe(e)} "
-                                f"(run `crucible-record verify --repair`)") from e
+            selection = (slice(self.start, committed_rows, 1), *region)
+            try:
+                data = read_selection(store, self.array, selection, key)
+                data = np.asarray(self.array[selection]) if data is None else data
+            except Exception as e:
+                raise CrucibleError(f"cannot resume {store.location}: {describe(e)} "
+                                    f"(run `crucible-record verify --repair`)") from e
+            self.buf[: self.filled] = data
 
     @property
     def full(self) -> bool:
@@ -143,17 +139,12 @@ class Slot:
         self.names: list[str] = []
         self.events: list = []
 
-    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
-        buf = self.buffers.get(name)
-        if buf is None or buf.is_pinned() != pin or tuple(buf.shape) != tuple(shape):
-            buf = torch.empty(shape, dtype=dtype, pin_memory=pin)
-            self.buffers[name] = buf
-        return buf
-
     def stage(self, name: str, source: torch.Tensor) -> torch.device | None:
         """Copy `source` into this slot's buffer for `name`; the CUDA device to wait for, if any."""
-        on_cuda = source.is_cuda
-        self.buffer(name, tuple(source.shape), source.dtype, on_cuda).copy_(source, non_blocking=on_cuda)
+        on_cuda, buf = source.is_cuda, self.buffers.get(name)
+        if buf is None or buf.is_pinned() != on_cuda or buf.shape != source.shape:
+            buf = self.buffers[name] = torch.empty(source.shape, dtype=source.dtype, pin_memory=on_cuda)
+        buf.copy_(source, non_blocking=on_cuda)
         return source.device if on_cuda else None
 
     def mark(self, names: list[str], devices: set) -> None:
@@ -194,7 +185,6 @@ class Recorder:
         self._work: queue.Queue[tuple] = queue.Queue()  # items hold slots: bounded by them
         self._error: BaseException | None = None
         self._closed = False
-        self._latest: dict[str, float] = {}
         self._written: list[str] = []  # keys written since the last commit: made durable before it
         self._durable = committer.committed  # this process's rows of steps 0.._durable-1 are durable
         self.next_step = committer.committed
@@ -271,9 +261,13 @@ class Recorder:
         except BaseException:
             self._free.put(index)
             raise
-        if self._on_gpu is None:
+        if self._on_gpu is None:  # the first step: the device sets the writer's default threads
             warn_if_tied(sources)
-        self._note_device(devices)
+            self._on_gpu = bool(devices - {None})
+            # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
+            self._processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if self.world_size > 1 else 1
+            if self.writer_threads is None:
+                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu, processes=self._processes)
         agreed, commit = self._commit_points(step)
         self._work.put(("step", step, index, commit))
         self.next_step = step + 1
@@ -288,10 +282,6 @@ class Recorder:
     def backlog(self) -> int:
         """Steps staged and not yet taken by the writer (at most the slots; more means nothing)."""
         return self._work.qsize()
-
-    def latest(self, name: str) -> float | None:
-        """The last value of a scalar field the writer has seen (no device sync), or None."""
-        return self._latest.get(name)
 
     def close(self) -> None:
         """Commit what is staged, stop the writer, release the run; raise the writer's error."""
@@ -326,8 +316,13 @@ class Recorder:
     def _source(self, name: str, value: Any) -> torch.Tensor | None:
         """Check one field's value against the run's plan; the tensor to stage if this process writes it."""
         spec, partition, value = self.fields[name], self._plan[name], local_part(name, value)
-        if self.world_size == 1:
-            value = _whole(name, value, spec)
+        if self.world_size == 1 and isinstance(value, Shard):  # then a Shard must hold every row: the tensor
+            rows = spec.shape[0] if spec.shape else 0
+            if value.offset != 0 or value.rows != rows:
+                raise CrucibleError(f"field {name!r}: this run is recorded by one process (no process group of "
+                                    f"several ranks, or distributed=False), so a Shard must hold every row "
+                                    f"(offset 0, {rows} rows); got {value!r}")
+            value = value.tensor
         if partition is None:
             if isinstance(value, Shard):
                 raise CrucibleError(f"field {name!r} is replicated in this run (a plain tensor on every rank at its "
@@ -344,15 +339,6 @@ class Recorder:
             raise CrucibleError(f"field {name!r}: rank {self.rank} gave {value!r}, but holds {holds} in this run "
                                 f"({show_partition(partition)})")
         return tensor if name in self._blocks else None
-
-    def _note_device(self, devices: set) -> None:
-        """At the first step: whether the tensors are on a GPU, and so the writer's default threads."""
-        if self._on_gpu is None:
-            self._on_gpu = bool(devices - {None})
-            # the ranks on this machine (torchrun's LOCAL_WORLD_SIZE) share its cores
-            self._processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if self.world_size > 1 else 1
-            if self.writer_threads is None:
-                self.writer_threads = default_writer_threads(on_gpu=self._on_gpu, processes=self._processes)
 
     def _due(self, step: int, tensors: Mapping[str, Any]) -> list[str]:
         """The fields due at `step`; refuses unknown, missing and early ones."""
@@ -478,12 +464,8 @@ class Recorder:
         for event in slot.events:
             event.synchronize()
         for name in slot.names:
-            buf = slot.buffers[name]
-            value = dtypes.stored_numpy(buf)
             block = self._blocks[name]
-            block.put(value)
-            if buf.dim() == 0 and buf.dtype.is_floating_point:
-                self._latest[name] = float(value)
+            block.put(dtypes.stored_numpy(slot.buffers[name]))
             if block.full:  # the buffer is needed for the next rows: write it now, commit soon
                 self.store.check_writer()  # (object stores: never overwrite a newer writer's shards)
                 self._written.extend(block.write(self._encode_threads()))
@@ -538,14 +520,3 @@ def warn_if_tied(tensors: Mapping[str, torch.Tensor]) -> None:
         else:
             seen[key] = name
 
-
-def _whole(name: str, value: Any, spec: Field) -> Any:
-    """One process: a Shard must hold every row, and is then the tensor itself."""
-    if not isinstance(value, Shard):
-        return value
-    rows = spec.shape[0] if spec.shape else 0
-    if value.offset != 0 or value.rows != rows:
-        raise CrucibleError(f"field {name!r}: this run is recorded by one process (no process group of several "
-                            f"ranks, or distributed=False), so a Shard must hold every row (offset 0, {rows} rows); "
-                            f"got {value!r}")
-    return value.tensor
