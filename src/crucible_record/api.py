@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .codecs import Layout
-from .commit import LocalCommit, Marker, RankCommit
+from .commit import LocalCommit, RankCommit
 from .errors import CrucibleError, describe
 from .fields import Field, check_fields
 from .format.planner import read_partition
@@ -76,21 +76,18 @@ def record(path: str | Path, fields: Mapping[str, Field], steps: int | None = No
             create_run(store, fields, steps=steps, layout=layout or Layout(time_chunk=None),
                        attributes=attributes, constants=constants)
             (group, info), committed = open_group(store, mode="r+"), 0
-        commit = LocalCommit(Marker(store, info.fields, info.steps is not None, committed))
+        commit = LocalCommit(store, info.fields, info.steps is not None, committed)
         return Recorder(store, info.fields, info.steps, commit, group=group, commit_interval=float(commit_interval),
                         slots=slots, release=stack.pop_all(), writer_threads=writer_threads)
 
 
-def check_arguments(commit_interval, slots, rank_timeout, writer_threads=None) -> None:
-    if isinstance(commit_interval, bool) or not isinstance(commit_interval, (int, float)) or not commit_interval > 0:
-        raise CrucibleError(f"commit_interval must be a positive number of seconds, got {commit_interval!r}")
-    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
-        raise CrucibleError(f"slots must be an integer >= 1 or None (automatic), got {slots!r}")
-    if isinstance(rank_timeout, bool) or not isinstance(rank_timeout, (int, float)) or not rank_timeout > 0:
-        raise CrucibleError(f"rank_timeout must be a positive number of seconds, got {rank_timeout!r}")
-    if writer_threads is not None and (isinstance(writer_threads, bool) or not isinstance(writer_threads, int)
-                                       or writer_threads < 1):
-        raise CrucibleError(f"writer_threads must be an integer >= 1 or None (automatic), got {writer_threads!r}")
+def check_arguments(commit_interval, slots, rank_timeout, writer_threads) -> None:
+    for name, value in (("commit_interval", commit_interval), ("rank_timeout", rank_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise CrucibleError(f"{name} must be a positive number of seconds, got {value!r}")
+    for name, value in (("slots", slots), ("writer_threads", writer_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CrucibleError(f"{name} must be an integer >= 1 or None (automatic), got {value!r}")
 
 
 def _check_resume_arguments(steps, attributes, constants, layout) -> None:
@@ -167,7 +164,7 @@ def _record_ranks(ranks: Ranks, path, fields, steps, attributes, *, constants, r
         stack.close()
         raise
     sized = claim["steps"] is not None
-    marker = Marker(store, checked, sized, claim["committed"]) if ranks.rank == 0 else None
+    marker = LocalCommit(store, checked, sized, claim["committed"]) if ranks.rank == 0 else None
     commit = RankCommit(store, ranks.rank, ranks.size, claim["session"], claim["committed"], marker=marker,
                         commit_interval=float(commit_interval), rank_timeout=float(rank_timeout))
     state: dict[str, Any] = {}  # the run's group, once opened at the first step

@@ -2,10 +2,10 @@
 
 * :class:`LocalCommit`: one process moves the commit marker itself.
 * :class:`RankCommit`: a rank r > 0 reports its progress in ``.ranks/<r>.json``; rank 0 moves the
-  marker to the smallest progress of all (DCP's coordinator ``finish``) and at close writes its verdict.
+  marker (through a LocalCommit) to the smallest progress of all (DCP's coordinator ``finish``) and
+  at close writes its verdict.
 
-Both move the marker through :class:`Marker`: open-ended arrays grown first, then the marker, never
-back. Called on the writer thread only.
+The marker moves after the open-ended arrays grew, never back. Called on the writer thread only.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import Any
 
 from .errors import RecorderError
@@ -27,8 +28,12 @@ def committed_text(committed: int) -> str:
     return f"steps 0..{committed - 1} of the run are committed" if committed else "no step of the run is committed"
 
 
-class Marker:
-    """The commit marker of a run, moved by the one process that may (the only one, or rank 0)."""
+class LocalCommit:
+    """The commit marker of a run, moved by the one process that may: a process recording alone
+    (the marker follows its own durable rows), or rank 0 of several (for its RankCommit)."""
+
+    world_size = 1
+    failure: BaseException | None = None
 
     def __init__(self, store: RunStore, fields: Mapping[str, Field], sized: bool, committed: int):
         self.store, self.fields, self.sized = store, fields, sized
@@ -51,22 +56,10 @@ class Marker:
         write_commit(self.store, steps)
         self.committed = steps
 
-
-class LocalCommit:
-    """One process: the marker follows this process's own durable rows."""
-
-    world_size = 1
-    failure: BaseException | None = None
-
-    def __init__(self, marker: Marker):
-        self.marker = marker
-
-    @property
-    def committed(self) -> int:
-        return self.marker.committed
+    durable = move
 
     def attach(self, arrays: dict[str, Any]) -> None:
-        self.marker.arrays = arrays
+        self.arrays = arrays
 
     def poll_seconds(self, waiting_callbacks: bool) -> float | None:
         return None  # nothing happens between steps: wait for work
@@ -74,12 +67,9 @@ class LocalCommit:
     def idle(self) -> None:
         pass
 
-    def durable(self, steps: int) -> None:
-        self.marker.move(steps)
-
     def finish(self, received: int, failure: str | None) -> None:
         """Close: commit what was received, also when the caller leaves on an exception."""
-        self.marker.move(received)
+        self.move(received)
 
     def report_failure(self, error: str) -> None:
         pass
@@ -90,7 +80,7 @@ class RankCommit:
     {"session", "rank", "steps"[, "closed", "error"]}; rank 0's holds its verdict at close."""
 
     def __init__(self, store: RunStore, rank: int, world_size: int, session: str, committed: int, *,
-                 marker: Marker | None, commit_interval: float, rank_timeout: float):
+                 marker: LocalCommit | None, commit_interval: float, rank_timeout: float):
         self.store, self.rank, self.world_size, self.session = store, rank, world_size, session
         self.marker = marker  # rank 0 only
         self._committed = committed  # ranks > 0: the marker last read
@@ -108,7 +98,7 @@ class RankCommit:
 
     def attach(self, arrays: dict[str, Any]) -> None:
         if self.marker is not None:
-            self.marker.arrays = arrays
+            self.marker.attach(arrays)
 
     def poll_seconds(self, waiting_callbacks: bool) -> float | None:
         """Rank 0 polls while the marker lags its own rows (the others catch up); the others
@@ -117,19 +107,27 @@ class RankCommit:
         return self.poll if behind else None
 
     def idle(self) -> None:
-        self._advance()
+        """Rank 0: move the marker to the smallest progress of all ranks. Others: read the marker."""
+        if self.rank != 0:
+            self._read_marker()
+            return
+        _, failed = self._catch_up()
+        if failed and self._rank_failure is None:
+            # The training thread raises it at its next record(); the writer goes on until close,
+            # which commits what every rank has (the failed rank's last rows included).
+            self._rank_failure = min(failed.items())
+            self.failure = RecorderError(self._failure_text())
 
     def durable(self, steps: int) -> None:
         self.durable_steps = max(self.durable_steps, steps)
-        if self.rank == 0:
-            self._advance()
-        else:
+        if self.rank != 0:
             self._report(steps)
-            self._read_marker()
+        self.idle()
 
     # ----- progress and the marker ------------------------------------------------------------
-    def _progress(self) -> tuple[dict[int, int], dict[int, str]]:
-        """Rank 0: every other rank's durable steps in this session, and the errors they reported."""
+    def _catch_up(self) -> tuple[dict[int, int], dict[int, str]]:
+        """Rank 0: move the marker to the smallest progress of all ranks; every other rank's durable
+        steps in this session, and the errors they reported."""
         progress, failed = {}, {}
         for rank in range(1, self.world_size):
             doc = self.store.read_json(rank_key(rank))
@@ -139,20 +137,8 @@ class RankCommit:
                     failed[rank] = str(doc["error"])
             else:  # nothing reported in this session yet: what was committed before it
                 progress[rank] = self.start
-        return progress, failed
-
-    def _advance(self) -> None:
-        """Rank 0: move the marker to the smallest progress of all ranks. Others: read the marker."""
-        if self.rank != 0:
-            self._read_marker()
-            return
-        progress, failed = self._progress()
         self.marker.move(min(self.durable_steps, *progress.values()))
-        if failed and self._rank_failure is None:
-            # The training thread raises it at its next record(); the writer goes on until close,
-            # which commits what every rank has (the failed rank's last rows included).
-            self._rank_failure = min(failed.items())
-            self.failure = RecorderError(self._failure_text())
+        return progress, failed
 
     def _read_marker(self) -> None:
         doc = self.store.read_json(COMMIT_KEY)
@@ -173,16 +159,13 @@ class RankCommit:
             self.reported = True
 
     def report_failure(self, error: str) -> None:
+        if not self.reported:
+            self._report_error(error if self.rank else f"rank 0 failed: {error}")
+
+    def _report_error(self, error: str) -> None:
         """Best effort: tell the other ranks this one failed, so that they stop waiting for it."""
-        if self.reported:
-            return
-        try:
-            if self.rank == 0:
-                self._report(self.committed, closed=True, error=f"rank 0 failed: {error}")
-            else:
-                self._report(self.durable_steps, closed=True, error=error)
-        except Exception:
-            pass
+        with suppress(Exception):
+            self._report(self.committed if self.rank == 0 else self.durable_steps, closed=True, error=error)
 
     def _failure_text(self) -> str:
         rank, error = self._rank_failure
@@ -194,8 +177,7 @@ class RankCommit:
         self.durable_steps = max(self.durable_steps, received)
         if failure is not None:  # leaving on an exception: commit what every rank has, do not wait
             if self.rank == 0:
-                progress, _ = self._progress()
-                self.marker.move(min(self.durable_steps, *progress.values()))
+                self._catch_up()
                 if self._rank_failure is not None:  # the error names the steps finally committed
                     self.failure = RecorderError(self._failure_text())
             self.report_failure(failure)
@@ -209,8 +191,7 @@ class RankCommit:
         """Rank 0: wait for every rank to reach the last step, commit it, write the verdict."""
         deadline = time.monotonic() + self.rank_timeout
         while True:
-            progress, failed = self._progress()
-            self.marker.move(min(self.durable_steps, *progress.values()))
+            progress, failed = self._catch_up()
             if failed:
                 self._rank_failure = min(failed.items())
                 self._fail(self._failure_text())
@@ -233,10 +214,7 @@ class RankCommit:
 
     def _fail(self, message: str) -> None:
         """Rank 0: the verdict says why the run stops here (the others raise it too), then raise."""
-        try:
-            self._report(self.committed, closed=True, error=message)
-        except Exception:
-            pass
+        self._report_error(message)
         raise RecorderError(message)
 
     def _finish_other(self, received: int) -> None:

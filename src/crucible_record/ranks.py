@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .codecs import Layout
 from .errors import CrucibleError, describe
@@ -18,18 +20,15 @@ from .fields import Field, Shard, as_shard_tensor, as_tensor, local_part
 from .format.planner import Partition, show_partition, tile
 
 
+@dataclass(frozen=True)
 class Ranks:
-    """This process's place in the torch.distributed job, and the two collectives used."""
+    """This process's place in the torch.distributed job."""
 
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
+    rank: int
+    size: int
 
     @staticmethod
     def initialised() -> bool:
-        try:
-            import torch.distributed as dist
-        except ImportError:
-            return False
         return dist.is_available() and dist.is_initialized()
 
     @staticmethod
@@ -37,37 +36,26 @@ class Ranks:
         """The default process group's rank and size; None without one or with a single rank."""
         if not Ranks.initialised():
             return None
-        import torch.distributed as dist
-
         size = dist.get_world_size()
         return Ranks(dist.get_rank(), size) if size > 1 else None
 
-    def all_gather(self, obj: Any) -> list:
-        import torch.distributed as dist
-
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def agree(self, error: str | None) -> None:
-        """Every rank raises the lowest rank's error, or none does (one all_gather)."""
-        message = first_error(self.all_gather(error))
-        if message is not None:
-            raise CrucibleError(message)
+    def gather(self, error: str | None, payload: Any = None) -> list:
+        """One all_gather of (error, payload): every rank raises the error of the lowest rank that
+        has one, named by its rank, or none does; else every rank's payload."""
+        gathered = [None] * self.size
+        dist.all_gather_object(gathered, (error, payload))
+        for rank, (message, _) in enumerate(gathered):
+            if message:
+                raise CrucibleError(message if rank == 0 else f"rank {rank}: {message}")
+        return [payload for _, payload in gathered]
 
 
-def first_error(errors: list) -> str | None:
-    """The error of the lowest rank that has one, named by its rank (every rank raises this one)."""
-    for rank, error in enumerate(errors):
-        if error:
-            return error if rank == 0 else f"rank {rank}: {error}"
+def _attempt(fn: Callable, *args) -> str | None:
+    """Run fn(*args); the error it raised, described (for a collective), or None."""
+    try:
+        fn(*args)
+    except Exception as e:
+        return describe(e)
     return None
 
 
@@ -84,18 +72,14 @@ def fingerprint(path: Any, fields: Any, steps: Any, resume: bool, layout: Any, d
 def agree_on_call(ranks: Ranks, error: str | None, call: dict, claimed: Any) -> Any:
     """cr.record on every rank: one all_gather of (error, fingerprint, rank 0's claim); every rank
     raises the same error or none. Returns rank 0's claim."""
-    gathered = ranks.all_gather((error, call, claimed))
-    message = first_error([g[0] for g in gathered])
-    if message is None:
-        for rank, (_, other, _) in enumerate(gathered):
-            if other != gathered[0][1]:
-                differ = [k for k in other if other[k] != gathered[0][1][k]]
-                message = (f"cr.record was called on rank {rank} with other {', '.join(differ)} than on rank 0; "
-                           f"call it on every rank with the same arguments")
-                break
-    if message is not None:
-        raise CrucibleError(message)
-    return gathered[0][2]
+    gathered = ranks.gather(error, (call, claimed))
+    first = gathered[0][0]
+    for rank, (other, _) in enumerate(gathered):
+        if other != first:
+            differ = [k for k in other if other[k] != first[k]]
+            raise CrucibleError(f"cr.record was called on rank {rank} with other {', '.join(differ)} than on rank 0; "
+                                f"call it on every rank with the same arguments")
+    return gathered[0][1]
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -162,26 +146,13 @@ def agree_on_first_step(ranks: Ranks, fields: Mapping[str, Field], step: int, du
                 layout[name] = None
     except Exception as e:
         error = describe(e)
-    gathered = ranks.all_gather((error, layout, digests))
-    message = first_error([e for e, _, _ in gathered])
-    if message is not None:
-        raise CrucibleError(message)
-    plan = _plan_of(fields, [g for _, g, _ in gathered], known, step)
-    _check_replicated_agree(step, [d for _, _, d in gathered])
+    gathered = ranks.gather(error, (layout, digests))
+    plan = _plan_of(fields, [given for given, _ in gathered], known, step)
+    _check_replicated_agree(step, [sums for _, sums in gathered])
     if create is not None:
-        created = None
-        if ranks.rank == 0:
-            try:
-                create(plan)
-            except Exception as e:
-                created = describe(e)
-        created = ranks.broadcast(created)
-        if created:
-            raise CrucibleError(created if ranks.rank == 0 else f"rank 0: {created}")
-    error = None
-    try:
-        open_run(plan)
-    except Exception as e:
-        error = describe(e)
-    ranks.agree(error)
+        box = [_attempt(create, plan) if ranks.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise CrucibleError(box[0] if ranks.rank == 0 else f"rank 0: {box[0]}")
+    ranks.gather(_attempt(open_run, plan))
     return plan
