@@ -163,16 +163,16 @@ def _record_ranks(ranks: Ranks, path, fields, steps, attributes, *, constants, r
     except CrucibleError:
         stack.close()
         raise
-    sized = claim["steps"] is not None
-    marker = LocalCommit(store, checked, sized, claim["committed"]) if ranks.rank == 0 else None
+    marker = LocalCommit(store, checked, claim["steps"] is not None, claim["committed"]) if ranks.rank == 0 else None
     commit = RankCommit(store, ranks.rank, ranks.size, claim["session"], claim["committed"], marker=marker,
                         commit_interval=float(commit_interval), rank_timeout=float(rank_timeout))
     state: dict[str, Any] = {}  # the run's group, once opened at the first step
+    mode = "r+" if ranks.rank == 0 else "r"
 
     def stored():
         if not resume:
             return None
-        state["group"], _ = open_group(store, mode="r+" if ranks.rank == 0 else "r")
+        state["group"], _ = open_group(store, mode=mode)
         return {name: read_partition(state["group"][name]) for name in checked}
 
     def create(plan):
@@ -181,7 +181,7 @@ def _record_ranks(ranks: Ranks, path, fields, steps, attributes, *, constants, r
                    world_size=ranks.size, claimed=True)
 
     def open_run(plan):
-        group = state.get("group") or open_group(store, mode="r+" if ranks.rank == 0 else "r")[0]
+        group = state.get("group") or open_group(store, mode=mode)[0]
         recorder.open(plan, group)
 
     def agree(step, tensors, due):

@@ -224,15 +224,14 @@ class RankCommit:
         deadline, seen = time.monotonic() + limit, self.committed
         while True:
             verdict = self.store.read_json(rank_key(0))
+            self._read_marker()  # (after the verdict: rank 0 moves the marker before it writes that)
             if isinstance(verdict, dict) and verdict.get("session") == self.session and verdict.get("closed"):
-                self._read_marker()
                 if verdict.get("error"):
                     raise RecorderError(f"rank 0 could not commit the run: {verdict['error']}")
                 if self.committed < received:
                     raise RecorderError(f"rank 0 closed the run at step {self.committed - 1}, but rank {self.rank} "
                                         f"recorded up to step {received - 1}: {committed_text(self.committed)}")
                 return
-            self._read_marker()
             if self.committed > seen:  # rank 0 is alive and committing: wait on
                 seen, deadline = self.committed, time.monotonic() + limit
             if time.monotonic() >= deadline:

@@ -43,7 +43,8 @@ class Field:
     every: int = 1
     rows: Any = None
     dims: tuple[str, ...] | None = None
-    _rows: np.ndarray | None = field(default=None, init=False, repr=False)
+    # the kept rows (int64, unique, in the order given), or None when every row is stored
+    row_indices: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -61,7 +62,7 @@ class Field:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise CrucibleError(f"Field every must be an integer >= 1, got {self.every!r}")
         if self.rows is not None:
-            object.__setattr__(self, "_rows", _check_rows(self.rows, shape))
+            object.__setattr__(self, "row_indices", _check_rows(self.rows, shape))
         if self.dims is not None:
             dims = tuple(self.dims)
             if len(dims) != len(shape) or not all(isinstance(d, str) and d for d in dims):
@@ -69,16 +70,9 @@ class Field:
             object.__setattr__(self, "dims", dims)
 
     @property
-    def row_indices(self) -> np.ndarray | None:
-        """The kept rows (int64, unique, in the order given), or None when every row is stored."""
-        return self._rows
-
-    @property
     def stored_shape(self) -> tuple[int, ...]:
         """Shape of one recorded step on disk (the kept rows only)."""
-        if self._rows is None:
-            return self.shape
-        return (len(self._rows),) + self.shape[1:]
+        return self.shape if self.row_indices is None else (len(self.row_indices),) + self.shape[1:]
 
     @property
     def storage_dtype(self) -> str:
@@ -97,15 +91,15 @@ class Field:
             "shape": list(self.shape),
             "dtype": dtypes.dtype_name(self.dtype),
             "every": self.every,
-            "rows": None if self._rows is None else len(self._rows),
+            "rows": None if self.row_indices is None else len(self.row_indices),
             "dims": list(self.dims) if self.dims else None,
         }
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Field) or (self._rows is None) != (other._rows is None):
+        if not isinstance(other, Field) or (self.row_indices is None) != (other.row_indices is None):
             return False
         return ((self.shape, self.dtype, self.every, self.dims) == (other.shape, other.dtype, other.every, other.dims)
-                and (self._rows is None or np.array_equal(self._rows, other._rows)))
+                and (self.row_indices is None or np.array_equal(self.row_indices, other.row_indices)))
 
     def __hash__(self) -> int:
         return hash((self.shape, self.dtype, self.every))

@@ -64,9 +64,8 @@ class Watch:
             raise CrucibleError("nothing to watch: name params=, grads= or keep loss=True")
         self.fields: dict[str, Field] = {}
         for name, param in self.params.items():
-            self.fields[name] = _field(name, param, every, rows, _dims(model, name, param))
-            for key in self.optim_state:
-                self.fields[f"{name}.{key}"] = _field(f"{name}.{key}", param, every, rows, _dims(model, name, param))
+            for field_name in [name, *(f"{name}.{key}" for key in self.optim_state)]:
+                self.fields[field_name] = _field(field_name, param, every, rows, _dims(model, name, param))
         for name, param in self.grads.items():
             self.fields[f"{name}.grad"] = _field(f"{name}.grad", param, every, rows, _dims(model, name, param))
         # recorded by several ranks (as cr.record decides, from the same `distributed`): each rank

@@ -13,7 +13,7 @@ staging slots and one block per field, never by the number of steps.
 
 from __future__ import annotations
 
-import concurrent.futures.thread  # noqa: F401  (its exit hook must be registered before ours)
+import importlib
 import logging
 import math
 import os
@@ -503,7 +503,8 @@ def _close_unclosed_at_exit() -> None:
             log.error("crucible-record: committing %s at exit failed: %s", rec.location, describe(e))
 
 
-# These hooks run last-registered first; concurrent.futures registered its own when imported above.
+# These hooks run last-registered first: concurrent.futures registers its own when imported.
+importlib.import_module("concurrent.futures.thread")
 threading._register_atexit(_close_unclosed_at_exit)
 
 

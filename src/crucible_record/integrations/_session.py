@@ -56,9 +56,7 @@ class RecordingSession:
             if not self._losses:
                 raise CrucibleError(f"step {self.step}: no training loss was seen for it (the model returned none); "
                                     f"record without it: loss=False")
-            loss = self._losses[0]
-            for part in self._losses[1:]:  # in order, as the framework adds them up
-                loss = loss + part
+            loss = sum(self._losses[1:], self._losses[0])  # in order, as the framework adds them up
             if not self._loss_is_sum and len(self._losses) > 1:
                 loss = loss / len(self._losses)
         self._losses = []
