@@ -24,7 +24,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from typing import Any
 
 import numpy as np
@@ -53,11 +53,9 @@ Plan = dict[str, Partition | None]
 def lower_this_threads_priority(nice: int) -> None:
     """Raise this thread's nice value by `nice` (Linux: per thread; elsewhere: nothing)."""
     if nice > 0 and sys.platform.startswith("linux"):
-        try:
-            tid = threading.get_native_id()
+        tid = threading.get_native_id()
+        with suppress(OSError):  # not permitted (a sandbox): the normal priority is still correct
             os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-        except OSError:  # not permitted (a sandbox): the normal priority is still correct
-            pass
 
 
 def default_writer_threads(on_gpu: bool, processes: int = 1) -> int:
@@ -387,10 +385,8 @@ class Recorder:
         return agreed, commit
 
     def _take_slot(self) -> int:
-        try:
+        with suppress(queue.Empty):
             return self._free.get_nowait()
-        except queue.Empty:
-            pass
         began = time.perf_counter()  # every slot is in use: the writer is behind, training waits
         self.stalls += 1
         try:
@@ -456,9 +452,7 @@ class Recorder:
     def _encode_threads(self) -> int:
         """writer_threads while training runs; after close() training waits, so its cores help too."""
         threads = self.writer_threads or 1
-        if self._closed:
-            return max(threads, default_threads() // self._processes)
-        return threads
+        return max(threads, default_threads() // self._processes) if self._closed else threads
 
     def _place(self, slot: Slot) -> None:
         for event in slot.events:
