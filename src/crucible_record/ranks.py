@@ -47,7 +47,7 @@ class Ranks:
         for rank, (message, _) in enumerate(gathered):
             if message:
                 raise CrucibleError(message if rank == 0 else f"rank {rank}: {message}")
-        return [payload for _, payload in gathered]
+        return [sent for _, sent in gathered]
 
 
 def _attempt(fn: Callable, *args) -> str | None:
