@@ -7,6 +7,7 @@ optimizer state) is turned into one by :func:`local_part`.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -293,9 +294,7 @@ def _python_number(name: str, value: int | float, dtype: torch.dtype) -> torch.T
         tensor = torch.tensor(value, dtype=dtype)
     except (RuntimeError, OverflowError):
         raise CrucibleError(f"field {name!r}: {value!r} does not fit in {dtype}") from None
-    exact = tensor.item() == value if isinstance(value, int) else (
-        tensor.double().item() == value or (value != value and tensor.isnan().item()))
-    if not exact:
+    if tensor.item() != value and not math.isnan(value):  # (a float dtype holds NaN as NaN)
         raise CrucibleError(f"field {name!r}: {value!r} is not exactly a {dtype} (it would be stored as "
                             f"{tensor.item()!r}); cast it yourself: torch.tensor(x, dtype={dtype})")
     return tensor
