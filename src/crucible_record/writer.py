@@ -118,15 +118,13 @@ class BlockBuffer:
         end = min(self.start + self.rows, self.array.shape[0]) if self.sized else stop
         if end > stop:  # a sized array's partial block: fill after the last row, never an old block's rows
             self.buf[stop - self.start: end - self.start] = self.fill
-        keys = []
-        for key, data in encode_block(self.array, self.start // self.rows, self.buf[: end - self.start], self.shard,
-                                      threads).items():
+        encoded = encode_block(self.array, self.start // self.rows, self.buf[: end - self.start], self.shard, threads)
+        for key, data in encoded.items():
             self.store.set(key, data)
-            keys.append(key)
         self.dirty = False
         if self.full:  # the next block's rows overwrite this one's (no refill: a 231 MB memset at GPT-2 size)
             self.start, self.filled = stop, 0
-        return keys
+        return list(encoded)
 
 
 class Slot:
