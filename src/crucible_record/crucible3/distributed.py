@@ -33,18 +33,6 @@ NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 # --- On the workers ---
 
 
-class _GroupSums:
-    """Stands in for scan_W's path-length tensor: ``path += x`` keeps each group's partial, so that
-    the client adds them in the same order as the single-process pass."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-
-    def __iadd__(self, value: torch.Tensor) -> "_GroupSums":
-        self.parts.append(value)
-        return self
-
-
 def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last: bool) -> dict[str, Any]:
     """One task: rows [start, stop) of W and the row before (for the transitions across the block
     boundary), read afresh from ``location``; numpy arrays only come back."""
@@ -52,9 +40,9 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
 
     bits = read_rows(location, "W", start - 1 if start else start, stop)
     rows = dtypes.from_stored(torch.from_numpy(bits), torch.bfloat16)
-    parts = ScanParts(torch.from_numpy(np.ascontiguousarray(dead, dtype=bool)), path=_GroupSums())
+    groups: list[torch.Tensor] = []
+    parts = ScanParts(torch.from_numpy(np.ascontiguousarray(dead, dtype=bool)), path_groups=groups)
     parts.block(rows[1:] if start else rows, rows[0] if start else None)
-    groups = parts.path.parts
     return {
         "start": start,
         "stop": stop,
