@@ -16,7 +16,7 @@ import click
 
 from .cli_common import RUN, default_out, size_text
 from .crucible3 import cli as crucible3_cli
-from .errors import CrucibleError, Interrupted
+from .errors import CrucibleError, Interrupted, describe
 from .steps_text import steps_committed
 
 if TYPE_CHECKING:  # reader imports torch and zarr (1-2 s): each command imports it when it runs
@@ -170,6 +170,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an environment fault: still one line, unless debugging
         if os.environ.get("CRUCIBLE_DEBUG"):
             raise
-        text = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"error: {type(e).__name__}: {text} (set CRUCIBLE_DEBUG=1 for a traceback)", err=True)
+        click.echo(f"error: {describe(e)} (set CRUCIBLE_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)
