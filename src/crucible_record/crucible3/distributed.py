@@ -133,8 +133,7 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None, *,
-                timeout: float | None = None, memory_limit: str | int | None = "auto") -> Iterator[Any]:
+def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
     """A ``distributed.Client`` of the scheduler at ``scheduler``, or of a LocalCluster of ``workers``
     processes started here. The workers are spawned: a calling script must guard its entry point."""
     if scheduler is not None and workers is not None:
@@ -152,7 +151,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         environ = dict(os.environ)
         try:
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=None, memory_limit=memory_limit,
+                                               dashboard_address=None, memory_limit="auto",
                                                scheduler_kwargs=NO_DASHBOARD)
         except Exception as e:
             raise CrucibleError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(e)}") from None
@@ -166,10 +165,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
             cluster.close()
         return
     address = str(scheduler).strip()
-    wait = CONNECT_TIMEOUT_S if timeout is None else timeout
     failure = None
     try:
-        client = distributed.Client(address, timeout=wait)
+        client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S)
     except Exception as e:
         failure = _one_line(e)
     if failure is not None:
@@ -179,10 +177,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         raise CrucibleError(f"cannot connect to the Dask scheduler at {address}: {failure}")
     try:
         try:  # a scheduler without workers would leave the graph waiting forever
-            client.wait_for_workers(1, timeout=wait)
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
         except Exception:
             raise CrucibleError(f"the Dask scheduler at {address} has no workers "
-                                f"(none joined within {wait:g} s)") from None
+                                f"(none joined within {CONNECT_TIMEOUT_S:g} s)") from None
         yield client
     finally:
         client.close()
