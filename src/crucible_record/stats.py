@@ -95,10 +95,8 @@ class FieldStats:
     def table(self) -> dict[str, np.ndarray]:
         """{"step": recorded steps, and each of STATS}: float64 arrays of one value per step."""
         parts = self._parts()
-        out = {"step": np.asarray(self._steps, dtype=np.int64)}
-        for name in STATS:
-            out[name] = np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)
-        return out
+        return {"step": np.asarray(self._steps, dtype=np.int64),
+                **{name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0) for name in STATS}}
 
     def row_norms(self) -> np.ndarray | None:
         """(steps, bins) float32: the mean row norm of each bin of rows (row_bin_edges); None for a
