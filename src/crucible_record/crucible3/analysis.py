@@ -213,7 +213,6 @@ def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int, scratch: dict[
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine in float64, NaN where either row is zero."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    a, b = torch.broadcast_tensors(a, b)
     denom = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
     out = (a * b).sum(dim=-1) / denom
     return torch.where(denom > 0, out, torch.full_like(out, float("nan")))

@@ -146,8 +146,7 @@ def format_table(result: dict[str, Any]) -> str:
     answer_width = max(len("Answer"), *(len(a) for _, a, _ in rows))
     lines = [head, "", f"{'Question':<{width}}  Answer", f"{'-' * width}  {'-' * answer_width}"]
     for question, answer, evidence in rows:
-        lines.append(f"{question:<{width}}  {answer}")
-        lines.append(f"     {evidence}")
+        lines += [f"{question:<{width}}  {answer}", f"     {evidence}"]
     return "\n".join(lines)
 
 
