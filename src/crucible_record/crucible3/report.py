@@ -79,12 +79,9 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
         raise
     finally:
         os.close(folder)
-    lines = [format_table(result), ""]
-    if written:
-        lines.append(f"Wrote {json_path} and {len(written)} plots in {out}: {', '.join(p.name for p in written)}")
-    else:
-        lines.append(f"Wrote {json_path}; {note}")
-    return "\n".join(lines)
+    wrote = (f"Wrote {json_path} and {len(written)} plots in {out}: {', '.join(p.name for p in written)}" if written
+             else f"Wrote {json_path}; {note}")
+    return f"{format_table(result)}\n\n{wrote}"
 
 
 # ----- analysis.json ------------------------------------------------------------------------
