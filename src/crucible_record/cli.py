@@ -16,7 +16,7 @@ import click
 
 from .cli_common import RUN, default_out, size_text
 from .crucible3 import cli as crucible3_cli
-from .errors import CrucibleError, Interrupted
+from .errors import CrucibleError, Interrupted, describe
 from .steps_text import steps_committed
 
 if TYPE_CHECKING:  # reader imports torch and zarr (1-2 s): each command imports it when it runs
@@ -46,16 +46,15 @@ def export(run_dir, fmt, out, force):
 
     run = Run(run_dir)
     experiment = experiment_of(run)
-    view = experiment.view(run) if experiment else None
     out = out or default_out(run_dir, "export")
     if experiment:
-        click.echo(experiment.export(view, out, force))
-    else:
-        from .export import export_run
+        click.echo(experiment.export(experiment.view(run), out, force))
+        return
+    from .export import export_run
 
-        target = export_run(run, out, force=force)
-        click.echo(f"Wrote {target} ({size_text(target.stat().st_size)}): "
-                   f"{steps_committed(run.committed_steps, of=run.info.steps)}, fields {', '.join(run.fields)}")
+    target = export_run(run, out, force=force)
+    click.echo(f"Wrote {target} ({size_text(target.stat().st_size)}): "
+               f"{steps_committed(run.committed_steps, of=run.info.steps)}, fields {', '.join(run.fields)}")
 
 
 @cli.command()
@@ -67,8 +66,7 @@ def info(run_dir):
     run = Run(run_dir)
     experiment = experiment_of(run)
     view = experiment.view(run) if experiment else None
-    on_disk, raw = run.bytes_on_disk(), run.raw_bytes()
-    layout = run.info.layout
+    on_disk, raw, layout = run.bytes_on_disk(), run.raw_bytes(), run.info.layout
     click.echo(f"Run: {run_dir} (format {run.version})")
     click.echo("Progress: " + steps_committed(run.committed_steps, of=run.info.steps, training=bool(experiment)))
     for name, spec in run.fields.items():
@@ -172,6 +170,5 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug or an environment fault: still one line, unless debugging
         if os.environ.get("CRUCIBLE_DEBUG"):
             raise
-        text = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"error: {type(e).__name__}: {text} (set CRUCIBLE_DEBUG=1 for a traceback)", err=True)
+        click.echo(f"error: {describe(e)} (set CRUCIBLE_DEBUG=1 for a traceback)", err=True)
         sys.exit(1)

@@ -6,9 +6,7 @@ but is absent or fails its checksum is a CrucibleError, never fill values.
 
 from __future__ import annotations
 
-import builtins
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +25,10 @@ class LazyField:
     torch (ints, slices, one mask or index list per call)."""
 
     def __init__(self, store: RunStore, array, name: str, spec: Field, n_rows: int, first_step: int = 0):
-        self._store, self._array, self.name, self.spec = store, array, name, spec
+        self._store, self.name, self.spec = store, name, spec
+        self.array = array  # the zarr array (sized past the committed rows while a run is written)
         self.shape = torch.Size((n_rows,) + spec.stored_shape)
-        self.dtype = spec.dtype
+        self.dtype, self.every = spec.dtype, spec.every
         self.steps = range(first_step, first_step + n_rows * spec.every, spec.every)
 
     @property
@@ -37,10 +36,6 @@ class LazyField:
         """The row indices kept of the recorded tensor's first axis (None: all rows)."""
         indices = self.spec.row_indices
         return None if indices is None else torch.from_numpy(indices.copy())
-
-    @property
-    def every(self) -> int:
-        return self.spec.every
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -59,34 +54,29 @@ class LazyField:
         selection, advanced = normalize_key(key, self.shape)
         data = None
         if wants_whole_blocks(selection, self.shape):  # whole shards, decoded straight into the result
-            data = read_blocks(self._store, self._array, selection, self.name)
+            data = read_blocks(self._store, self.array, selection, self.name)
         elif wants_one_row(selection, self.shape):  # per block the index and one inner chunk
-            data = read_one_row(self._store, self._array, selection, self.name)
+            data = read_one_row(self._store, self.array, selection, self.name)
         if data is None:  # any other selection: the inner chunks it touches
-            data = read_selection(self._store, self._array, selection, self.name)
+            data = read_selection(self._store, self.array, selection, self.name)
         if data is not None:
             return data
         # Only codecs shardio does not know (never the recorder's) come here. zarr reads a shard's
         # index and chunks in separate requests: beside a live writer, a spurious checksum error.
         self.check_present(_rows(selection[0]))
         try:
-            data = self._array.oindex[selection] if advanced else self._array[selection]
+            data = self.array.oindex[selection] if advanced else self.array[selection]
         except Exception as e:  # zarr raises codec errors for damaged chunks
             raise CrucibleError(f"cannot read {self.name}{_show(key)}: {describe(e)}") from e
         data = np.asarray(data)
         return data if data.flags.c_contiguous else data.copy()  # (ascontiguousarray makes 0-d 1-d)
 
     def check_present(self, rows: range) -> None:
-        missing = missing_blocks(self._store, self._array, self._array.path, rows)
+        missing = missing_blocks(self._store, self.array, self.array.path, rows)
         if missing:
-            unit = (self._array.shards or self._array.chunks)[0]
+            unit = (self.array.shards or self.array.chunks)[0]
             first = missing[0] * unit
             raise missing_chunk_error(self.name, first, first + unit - 1)
-
-    @property
-    def array(self):
-        """The underlying zarr array (sized past the committed rows while a run is written)."""
-        return self._array
 
     def __repr__(self) -> str:
         return f"LazyField({self.name!r}, shape={tuple(self.shape)}, dtype={self.dtype}, every={self.every})"
@@ -99,26 +89,15 @@ class Run:
         self.store = open_store(path)
         self.location = self.store.location  # a local path or a URL
         self.run_dir = self.store.run_dir  # a Path for a local run, None for a URL
-        self._group, self.info = open_group(self.store)
-        self.commit = read_commit(self.store, self._group, self.info)
+        self.group, self.info = open_group(self.store)
+        self.commit = read_commit(self.store, self.group, self.info)
         self.committed_steps = int(self.commit["steps"])  # steps 0 .. committed_steps-1 are readable
+        self.version, self.attributes = self.info.version, self.info.attributes
         self._fields: dict[str, LazyField] = {}
 
     @property
     def fields(self) -> dict[str, Field]:
         return dict(self.info.fields)
-
-    @property
-    def attributes(self) -> dict[str, Any]:
-        return self.info.attributes
-
-    @property
-    def group(self):
-        return self._group
-
-    @property
-    def version(self) -> int:
-        return self.info.version
 
     def __getitem__(self, name: str) -> LazyField | torch.Tensor:
         """A field (lazy) or a constant (a tensor, read whole)."""
@@ -127,7 +106,7 @@ class Run:
                 spec = self.info.fields[name]
                 first = self.info.first_step.get(name, 0)
                 rows = spec.rows_at(self.committed_steps - first)
-                self._fields[name] = LazyField(self.store, self._group[name], name, spec, rows, first)
+                self._fields[name] = LazyField(self.store, self.group[name], name, spec, rows, first)
             return self._fields[name]
         if name in self.info.constants:
             return self.constant(name)
@@ -138,7 +117,7 @@ class Run:
         return name in self.info.fields or name in self.info.constants
 
     def constant(self, name: str) -> torch.Tensor:
-        array = self._group[name]
+        array = self.group[name]
         if array.size and missing_blocks(self.store, array, name, range(array.shape[0] if array.ndim else 1)):
             raise CrucibleError(f"{name} is damaged: its chunk is missing (run `crucible-record verify`)")
         try:
@@ -226,4 +205,4 @@ def _show_range(r: range) -> str:
 
 
 def _show(key) -> str:
-    return f"[{key!r}]" if not isinstance(key, tuple) else "[" + ", ".join(builtins.map(repr, key)) + "]"
+    return f"[{key!r}]" if not isinstance(key, tuple) else "[" + ", ".join(map(repr, key)) + "]"

@@ -95,10 +95,8 @@ class FieldStats:
     def table(self) -> dict[str, np.ndarray]:
         """{"step": recorded steps, and each of STATS}: float64 arrays of one value per step."""
         parts = self._parts()
-        out = {"step": np.asarray(self._steps, dtype=np.int64)}
-        for name in STATS:
-            out[name] = np.concatenate([p[name] for p in parts]) if parts else np.zeros(0)
-        return out
+        return {"step": np.asarray(self._steps, dtype=np.int64),
+                **{name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0) for name in STATS}}
 
     def row_norms(self) -> np.ndarray | None:
         """(steps, bins) float32: the mean row norm of each bin of rows (row_bin_edges); None for a
@@ -159,18 +157,16 @@ def block_stats(flat: np.ndarray, before: np.ndarray, dtype: torch.dtype, shape:
         torch.sub(x[1:], x[:-1], out=update[1 - skip:])
         size = norm(update, scratch[:len(update)])
         out["update_norm"][a + skip:a + k] = size.numpy()
-        if last_update is not None:  # cos(update_t, update_(t-1)) = dot / (|update_t| |update_(t-1)|)
-            dots = torch.cat([dot(update[:1], last_update[None], scratch), dot(update[1:], update[:-1], scratch)])
-            before_size = torch.cat([norm(last_update[None], scratch[:1]), size[:-1]])
-            first_cos = a + skip
-        else:
-            dots, before_size, size = dot(update[1:], update[:-1], scratch), size[:-1], size[1:]
-            first_cos = a + skip + 1
+        # cos(update_t, update_(t-1)) = dot / (|update_t| |update_(t-1)|), for the last len(dots) rows
+        dots, before_size, after_size = dot(update[1:], update[:-1], scratch), size[:-1], size[1:]
+        if last_update is not None:  # the first update's predecessor ended the group before
+            dots = torch.cat([dot(update[:1], last_update[None], scratch), dots])
+            before_size, after_size = torch.cat([norm(last_update[None], scratch[:1]), before_size]), size
         if len(dots):
-            denom = (size * before_size).numpy()
+            denom = (after_size * before_size).numpy()
             with np.errstate(invalid="ignore", divide="ignore"):
                 cos = dots.numpy().astype(np.float64) / denom
-            out["update_cos"][first_cos:first_cos + len(dots)] = np.where(denom > 0, cos, np.nan)
+            out["update_cos"][a + k - len(dots):a + k] = np.where(denom > 0, cos, np.nan)
         last = x[-1].clone()
         last_update = update[-1].clone() if len(update) else last_update
     return out

@@ -64,8 +64,7 @@ def run_to_xarray(run):
         if field.rows is not None:
             coords[dims[1]] = field.rows.numpy()
     for name in run.info.constants:
-        array = run.group[name]
-        value = run.constant(name)
-        variables[name] = (tuple(array.metadata.dimension_names or ()), dtypes.numpy_values(value))
+        dims = tuple(run.group[name].metadata.dimension_names or ())
+        variables[name] = (dims, dtypes.numpy_values(run.constant(name)))
     return xr.Dataset(variables, coords=coords,  # the run's attributes (cr.record(attributes=...)), then these two
                       attrs={**run.info.attributes, "run": run.location, "committed_steps": run.committed_steps})

@@ -48,18 +48,18 @@ INDEXING = {
 }
 
 
-def iter_blocks(traj: Trajectory, block: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first step, W[first:first+block] as bf16) for consecutive blocks of whole stored chunks."""
+def iter_blocks(traj: Trajectory, block: int | None = None) -> Iterator[torch.Tensor]:
+    """W[first:first+block] as bf16 for consecutive blocks of whole stored chunks."""
     block = block or traj.W.array.chunks[0]
     for start in range(0, traj.steps + 1, block):
-        yield start, traj.W[start:min(start + block, traj.steps + 1)]
+        yield traj.W[start:min(start + block, traj.steps + 1)]
 
 
 def centroids(traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-step dead and live centroids (steps+1, hidden), float32 as the notebook computes them."""
     dead, live = traj.dead_mask, traj.live_mask
     dead_parts, live_parts = [], []
-    for _, W in iter_blocks(traj):
+    for W in iter_blocks(traj):
         dead_parts.append(W[:, dead, :].float().mean(dim=1))
         live_parts.append(W[:, live, :].float().mean(dim=1))
     return torch.cat(dead_parts), torch.cat(live_parts)
@@ -91,17 +91,11 @@ def format_quick_stats(traj: Trajectory, stats: dict[str, float]) -> str:
                   f"  Norm at t=0: {stats[f'{who}_centroid_norm_first']:.6f}",
                   f"  Norm at t={last}: {stats[f'{who}_centroid_norm_last']:.6f}",
                   f"  Total displacement: {stats[f'{who}_centroid_displacement']:.6f}"]
-    lines += [
-        "Live/Dead separation:",
-        f"  Distance at t=0: {stats['separation_first']:.6f}",
-        f"  Distance at t={last}: {stats['separation_last']:.6f}",
-    ]
+    lines += ["Live/Dead separation:", f"  Distance at t=0: {stats['separation_first']:.6f}",
+              f"  Distance at t={last}: {stats['separation_last']:.6f}"]
     if "h_mean_norm_min" in stats:
-        lines += [
-            "h_mean:",
-            f"  L2 norm range: [{stats['h_mean_norm_min']:.6f}, {stats['h_mean_norm_max']:.6f}]",
-            f"  Mean L2 norm: {stats['h_mean_norm_mean']:.6f}",
-        ]
+        lines += ["h_mean:", f"  L2 norm range: [{stats['h_mean_norm_min']:.6f}, {stats['h_mean_norm_max']:.6f}]",
+                  f"  Mean L2 norm: {stats['h_mean_norm_mean']:.6f}"]
     return "\n".join(lines)
 
 
@@ -124,14 +118,16 @@ class WScan:
 class ScanParts:
     """The per-block parts of a pass over W, in step order: gathered here by scan_W, or on Dask
     workers and merged in block order (distributed.py), to the same float64 sums either way.
-    ``path``: the per-token path-length sums (anything supporting ``+=``)."""
+    ``path_groups``: a list to keep each group's path lengths in, apart (a worker's, for the client
+    to add in the same order as the single-process pass), instead of adding them to ``path``."""
 
-    def __init__(self, dead: torch.Tensor, path=None):
+    def __init__(self, dead: torch.Tensor, path_groups: list[torch.Tensor] | None = None):
         self.dead = dead.bool()
         self.live = ~self.dead
         self.n_dead, self.n_live = int(self.dead.sum()), int(self.live.sum())
         self.c_dead, self.c_live, self.ch_dead, self.ch_live = [], [], [], []
-        self.path = torch.zeros(len(self.dead), dtype=torch.float64) if path is None else path
+        self.path = torch.zeros(len(self.dead), dtype=torch.float64)
+        self.path_groups = path_groups
         self.scratch: dict[str, torch.Tensor] = {}  # temporaries reused by every block (see _scratch)
 
     def block(self, W: torch.Tensor, prev: torch.Tensor | None) -> None:
@@ -159,7 +155,11 @@ class ScanParts:
                        torch.full((a.shape[0],), float("nan"), dtype=torch.float64))
         fb = _scratch(self.scratch, "fb", b.shape, torch.float32).copy_(b)  # b.float() - a.float(), reused buffers
         fa = _scratch(self.scratch, "fa", a.shape, torch.float32).copy_(a)
-        self.path += torch.norm(fb.sub_(fa), dim=2).double().sum(dim=0)
+        lengths = torch.norm(fb.sub_(fa), dim=2).double().sum(dim=0)
+        if self.path_groups is None:
+            self.path += lengths
+        else:
+            self.path_groups.append(lengths)
 
     def arrays(self) -> dict[str, torch.Tensor]:
         """The parts joined: centroid_dead/live, changed_dead/live (empty without a transition)."""
@@ -178,7 +178,7 @@ def scan_W(traj: Trajectory, block: int | None = None) -> WScan:
     """Stream once over W in blocks of whole stored chunks, carrying the last step across blocks."""
     parts = ScanParts(traj.dead_mask)
     first = prev = None
-    for _, W in iter_blocks(traj, block):
+    for W in iter_blocks(traj, block):
         if first is None:
             first = W[0].clone()
         parts.block(W, prev)
@@ -213,7 +213,6 @@ def _masked_mean(W: torch.Tensor, mask: torch.Tensor, count: int, scratch: dict[
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine in float64, NaN where either row is zero."""
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    a, b = torch.broadcast_tensors(a, b)
     denom = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
     out = (a * b).sum(dim=-1) / denom
     return torch.where(denom > 0, out, torch.full_like(out, float("nan")))
@@ -241,9 +240,8 @@ def h_mean_persistence(traj: Trajectory) -> dict[str, torch.Tensor]:
     return {"h_mean_cos_lag1": lag1, "h_mean_autocorr": autocorr, "h_mean_cos_to_first": to_first}
 
 
-def centroid_dynamics(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
+def centroid_dynamics(traj: Trajectory, scan: WScan) -> dict[str, torch.Tensor]:
     """Question 2, per step t = 0..n (float32 math on the bf16 values, as the notebook's Quick Stats)."""
-    scan = scan or scan_W(traj)
     cd, cl = scan.centroid_dead, scan.centroid_live
     return {
         "centroid_dead_norm": torch.norm(cd, dim=1),
@@ -254,31 +252,19 @@ def centroid_dynamics(traj: Trajectory, scan: WScan | None = None) -> dict[str, 
     }
 
 
-def path_straightness(traj: Trajectory, scan: WScan | None = None) -> torch.Tensor:
-    """Per token (vocab,) float64; NaN for tokens that never moved (their path length is 0)."""
-    scan = scan or scan_W(traj)
-    ratio = scan.net_displacement.double() / scan.path_length
-    return torch.where(scan.path_length > 0, ratio, torch.full_like(ratio, float("nan")))
-
-
 def straightness_summary(straightness: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     """median, p10, p90 of path straightness over the tokens of ``mask`` that moved."""
     values = straightness[mask.bool()].numpy()
     moved = values[np.isfinite(values)]
-    out: dict[str, Any] = {"tokens": int(values.size), "never_moved": int(values.size - moved.size)}
-    if moved.size:
-        p10, median, p90 = np.percentile(moved, [10, 50, 90])
-        out.update(median=float(median), p10=float(p10), p90=float(p90))
-    else:
-        out.update(median=None, p10=None, p90=None)
-    return out
+    percentiles = np.percentile(moved, [50, 10, 90]).tolist() if moved.size else [None] * 3
+    return {"tokens": int(values.size), "never_moved": int(values.size - moved.size),
+            **dict(zip(("median", "p10", "p90"), percentiles))}
 
 
-def alignment(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
+def alignment(traj: Trajectory, scan: WScan) -> dict[str, torch.Tensor]:
     """Question 3, per transition i = 0..n-1, float64. Under Adam a steady gradient moves each
     coordinate by about the learning rate, so the drift may follow sign(h_mean) more closely than
     h_mean: both are computed."""
-    scan = scan or scan_W(traj)
     h = traj.h_mean
     cd, cl = scan.centroid_dead, scan.centroid_live
     drift_dead = cd[1:] - cd[:-1]
@@ -291,12 +277,6 @@ def alignment(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Te
         "cos_live_drift_hmean": cosine(drift_live, h),
         "cos_live_drift_sign_hmean": cosine(drift_live, torch.sign(h)),
     }
-
-
-def frac_changed(traj: Trajectory, scan: WScan | None = None) -> dict[str, torch.Tensor]:
-    """Question 4, per transition: share of the dead (live) entries whose bf16 value changed."""
-    scan = scan or scan_W(traj)
-    return {"frac_changed_dead": scan.changed_dead, "frac_changed_live": scan.changed_live}
 
 
 def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = None) -> dict[str, Any]:
@@ -328,8 +308,11 @@ def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = Non
     result.update(h_mean_persistence(traj))
     result.update(centroid_dynamics(traj, scan))
     result.update(alignment(traj, scan))
-    result.update(frac_changed(traj, scan))
-    result["path_straightness"] = path_straightness(traj, scan)
+    # question 4, per transition: the share of the dead (live) entries whose bf16 value changed
+    result.update(frac_changed_dead=scan.changed_dead, frac_changed_live=scan.changed_live)
+    # per token; NaN for tokens that never moved (their path length is 0)
+    ratio = scan.net_displacement.double() / scan.path_length
+    result["path_straightness"] = torch.where(scan.path_length > 0, ratio, torch.full_like(ratio, float("nan")))
     result["dead_mask"] = dead
     result["summary"] = summarize(result, dead)
     return result
@@ -352,8 +335,7 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
     late = max(1, int(round(n * LATE_FRACTION)))
 
     # 1. h_mean persistence
-    lag1 = result["h_mean_cos_lag1"]
-    auto = result["h_mean_autocorr"]
+    lag1, auto = result["h_mean_cos_lag1"], result["h_mean_autocorr"]
     finite = torch.isfinite(lag1)
     lag1_min = float(lag1[finite].min()) if finite.any() else None
     lag1_min_at = int(torch.where(finite, lag1, torch.inf).argmin()) + 2 if finite.any() else None
@@ -361,8 +343,10 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
     # the first step from which lag-1 never drops below the threshold again (early steps often do)
     dips = torch.nonzero(~(lag1 >= LAG1_THRESHOLD)).flatten()
     settled_from = 2 if len(dips) == 0 else (int(dips[-1]) + 3 if int(dips[-1]) + 1 < len(lag1) else None)
-    below = [k for k in range(1, len(auto)) if torch.isfinite(auto[k]) and auto[k] < AUTOCORR_THRESHOLD]
-    first_below = below[0] if below else None
+    first_below = next((k for k in range(1, len(auto))
+                        if torch.isfinite(auto[k]) and auto[k] < AUTOCORR_THRESHOLD), None)
+    lag_text = (f"mean cos first < {AUTOCORR_THRESHOLD} at lag {first_below}" if first_below is not None
+                else f"mean cos never < {AUTOCORR_THRESHOLD} (lags 1..{n - 1})")
     q1 = {
         "question": "Does h_mean keep its direction?",
         "answer": "yes" if stays else (f"no (yes from step {settled_from} on)" if settled_from else "no"),
@@ -375,32 +359,20 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
         "autocorr_first_lag_below_0.5": first_below,
         "autocorr_at_max_lag": _num(auto[-1]) if len(auto) > 1 else None,
         "cos_to_first_at_last_step": _num(result["h_mean_cos_to_first"][-1]),
+        "evidence": f"lag-1 cos min {_fmt(lag1_min)} (step {lag1_min_at}), "
+                    f"{'>=' if stays else 'not always >='} {LAG1_THRESHOLD}; {lag_text}",
     }
-    lag_text = (f"mean cos first < {AUTOCORR_THRESHOLD} at lag {first_below}" if first_below is not None
-                else f"mean cos never < {AUTOCORR_THRESHOLD} (lags 1..{n - 1})")
-    q1["evidence"] = (
-        f"lag-1 cos min {_fmt(lag1_min)} (step {lag1_min_at}), "
-        f"{'>=' if stays else 'not always >='} {LAG1_THRESHOLD}; {lag_text}"
-    )
 
     # 2. centroid separation and path straightness
     sep = result["centroid_separation"]
     sep_first, sep_last = _num(sep[0]), _num(sep[-1])
     growth = sep_last / sep_first if sep_first and sep_last is not None else None
-    if growth is None:
-        answer2 = "unknown"
-    elif growth > SEPARATION_GROWTH:
-        answer2 = "yes"
-    elif growth >= 1 / SEPARATION_GROWTH:
-        answer2 = "no (about unchanged)"
-    else:
-        answer2 = "no (they come closer)"
-    straight = result["path_straightness"]
-    s_dead = straightness_summary(straight, dead_mask)
-    s_live = straightness_summary(straight, ~dead_mask.bool())
+    s_dead = straightness_summary(result["path_straightness"], dead_mask)
+    s_live = straightness_summary(result["path_straightness"], ~dead_mask.bool())
     q2 = {
         "question": "Do live and dead centroids separate?",
-        "answer": answer2,
+        "answer": ("unknown" if growth is None else "yes" if growth > SEPARATION_GROWTH
+                   else "no (about unchanged)" if growth >= 1 / SEPARATION_GROWTH else "no (they come closer)"),
         "separation_first": sep_first,
         "separation_last": sep_last,
         "separation_growth": growth,
@@ -408,68 +380,51 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
         "live_centroid_displacement": _num(result["centroid_live_displacement"][-1]),
         "path_straightness_dead": s_dead,
         "path_straightness_live": s_live,
+        "evidence": f"separation {_fmt(sep_first)} -> {_fmt(sep_last)} ({_fmt(growth, '.2f')}{'x' if growth else ''}); "
+                    f"path straightness median "
+                    f"dead {_fmt(s_dead['median'], '.2f')}, live {_fmt(s_live['median'], '.2f')} (1 = straight)",
     }
-    q2["evidence"] = (
-        f"separation {_fmt(sep_first)} -> {_fmt(sep_last)} ({_fmt(growth, '.2f')}{'x' if growth else ''}); "
-        f"path straightness median "
-        f"dead {_fmt(s_dead['median'], '.2f')}, live {_fmt(s_live['median'], '.2f')} (1 = straight)"
-    )
 
     # 3. alignment
     mean_live = _nanmean(result["cos_hmean_live_centroid"])
     mean_lmd = _nanmean(result["cos_hmean_live_minus_dead"])
-    answer3 = _align_answer(mean_live)
     drift = {name: _nanmean(result[name]) for name in (
         "cos_dead_drift_neg_hmean", "cos_dead_drift_neg_sign_hmean", "cos_live_drift_hmean", "cos_live_drift_sign_hmean")}
     dead_h, dead_s = drift["cos_dead_drift_neg_hmean"], drift["cos_dead_drift_neg_sign_hmean"]
-    if dead_h is None or dead_s is None:
-        follows = "unknown"
-    else:
-        follows = "-sign(h_mean)" if dead_s > dead_h else "-h_mean"
-    answer3_lmd = _align_answer(mean_lmd)
-    if answer3_lmd != answer3:
-        answer3 = f"{answer3} ({answer3_lmd} toward c_live - c_dead)"
+    answer3, answer3_lmd = _align_answer(mean_live), _align_answer(mean_lmd)
     q3 = {
         "question": "Does h_mean point toward the live centroid?",
-        "answer": answer3,
+        "answer": answer3 if answer3_lmd == answer3 else f"{answer3} ({answer3_lmd} toward c_live - c_dead)",
         "answer_live_minus_dead": answer3_lmd,
         "mean_cos_hmean_live_centroid": mean_live,
         "share_of_steps_positive": _num((result["cos_hmean_live_centroid"] > 0).double().mean()),
         "mean_cos_hmean_live_minus_dead": mean_lmd,
         **{f"mean_{k}": v for k, v in drift.items()},
-        "dead_drift_follows": follows,
+        "dead_drift_follows": ("unknown" if dead_h is None or dead_s is None
+                               else "-sign(h_mean)" if dead_s > dead_h else "-h_mean"),
+        "evidence": f"mean cos(h_mean, c_live) {_fmt(mean_live, '+.3f')}, "
+                    f"cos(h_mean, c_live - c_dead) {_fmt(mean_lmd, '+.3f')}; "
+                    f"dead drift vs -sign(h) {_fmt(dead_s, '+.2f')}, vs -h {_fmt(dead_h, '+.2f')}; "
+                    f"live drift vs sign(h) {_fmt(drift['cos_live_drift_sign_hmean'], '+.2f')}, "
+                    f"vs h {_fmt(drift['cos_live_drift_hmean'], '+.2f')}",
     }
-    q3["evidence"] = (
-        f"mean cos(h_mean, c_live) {_fmt(mean_live, '+.3f')}, cos(h_mean, c_live - c_dead) {_fmt(mean_lmd, '+.3f')}; "
-        f"dead drift vs -sign(h) {_fmt(dead_s, '+.2f')}, vs -h {_fmt(dead_h, '+.2f')}; "
-        f"live drift vs sign(h) {_fmt(drift['cos_live_drift_sign_hmean'], '+.2f')}, "
-        f"vs h {_fmt(drift['cos_live_drift_hmean'], '+.2f')}"
-    )
 
     # 4. bf16 stall
     fd, fl = result["frac_changed_dead"], result["frac_changed_live"]
     late_dead, late_live = _nanmean(fd[-late:]), _nanmean(fl[-late:])
-    if late_dead is None:
-        answer4 = "unknown"
-    elif late_dead < STALL_STRONG:
-        answer4 = "yes"
-    elif late_dead < STALL_PARTLY:
-        answer4 = "partly"
-    else:
-        answer4 = "no"
     q4 = {
         "question": "Does bf16 stall the drift?",
-        "answer": answer4,
+        "answer": ("unknown" if late_dead is None else "yes" if late_dead < STALL_STRONG
+                   else "partly" if late_dead < STALL_PARTLY else "no"),
         "late_steps": late,
         "late_mean_frac_changed_dead": late_dead,
         "late_mean_frac_changed_live": late_live,
         "first_frac_changed_dead": _num(fd[0]),
         "first_frac_changed_live": _num(fl[0]),
+        "evidence": f"last {late} step(s): {_fmt(late_dead, '.1%')} of dead and {_fmt(late_live, '.1%')} of live "
+                    f"entries change per step "
+                    f"(step 1: {_fmt(_num(fd[0]), '.1%')} dead, {_fmt(_num(fl[0]), '.1%')} live)",
     }
-    q4["evidence"] = (
-        f"last {late} step(s): {_fmt(late_dead, '.1%')} of dead and {_fmt(late_live, '.1%')} of live entries "
-        f"change per step (step 1: {_fmt(_num(fd[0]), '.1%')} dead, {_fmt(_num(fl[0]), '.1%')} live)"
-    )
     return {
         "h_mean_persistence": q1,
         "centroid_separation": q2,
@@ -488,11 +443,7 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
 
 
 def _align_answer(mean_cos: float | None) -> str:
-    if mean_cos is None:
-        return "unknown"
-    if mean_cos > ALIGN_STRONG:
-        return "yes"
-    return "weakly" if mean_cos > 0 else "no"
+    return "unknown" if mean_cos is None else "yes" if mean_cos > ALIGN_STRONG else "weakly" if mean_cos > 0 else "no"
 
 
 def _fmt(x, spec: str = ".4f") -> str:

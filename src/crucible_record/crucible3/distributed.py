@@ -33,18 +33,6 @@ NO_DASHBOARD = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
 # --- On the workers ---
 
 
-class _GroupSums:
-    """Stands in for scan_W's path-length tensor: ``path += x`` keeps each group's partial, so that
-    the client adds them in the same order as the single-process pass."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-
-    def __iadd__(self, value: torch.Tensor) -> "_GroupSums":
-        self.parts.append(value)
-        return self
-
-
 def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last: bool) -> dict[str, Any]:
     """One task: rows [start, stop) of W and the row before (for the transitions across the block
     boundary), read afresh from ``location``; numpy arrays only come back."""
@@ -52,9 +40,9 @@ def scan_block(location: str, start: int, stop: int, dead: np.ndarray, keep_last
 
     bits = read_rows(location, "W", start - 1 if start else start, stop)
     rows = dtypes.from_stored(torch.from_numpy(bits), torch.bfloat16)
-    parts = ScanParts(torch.from_numpy(np.ascontiguousarray(dead, dtype=bool)), path=_GroupSums())
+    groups: list[torch.Tensor] = []
+    parts = ScanParts(torch.from_numpy(np.ascontiguousarray(dead, dtype=bool)), path_groups=groups)
     parts.block(rows[1:] if start else rows, rows[0] if start else None)
-    groups = parts.path.parts
     return {
         "start": start,
         "stop": stop,
@@ -145,8 +133,7 @@ def scan_W_dask(traj: Trajectory, client, block: int | None = None) -> WScan:
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None = None, workers: int | None = None, *,
-                timeout: float | None = None, memory_limit: str | int | None = "auto") -> Iterator[Any]:
+def dask_client(scheduler: str | None = None, workers: int | None = None) -> Iterator[Any]:
     """A ``distributed.Client`` of the scheduler at ``scheduler``, or of a LocalCluster of ``workers``
     processes started here. The workers are spawned: a calling script must guard its entry point."""
     if scheduler is not None and workers is not None:
@@ -164,7 +151,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         environ = dict(os.environ)
         try:
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=None, memory_limit=memory_limit,
+                                               dashboard_address=None, memory_limit="auto",
                                                scheduler_kwargs=NO_DASHBOARD)
         except Exception as e:
             raise CrucibleError(f"cannot start a local Dask cluster of {workers} workers: {_one_line(e)}") from None
@@ -178,10 +165,9 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
             cluster.close()
         return
     address = str(scheduler).strip()
-    wait = CONNECT_TIMEOUT_S if timeout is None else timeout
     failure = None
     try:
-        client = distributed.Client(address, timeout=wait)
+        client = distributed.Client(address, timeout=CONNECT_TIMEOUT_S)
     except Exception as e:
         failure = _one_line(e)
     if failure is not None:
@@ -191,10 +177,10 @@ def dask_client(scheduler: str | None = None, workers: int | None = None, *,
         raise CrucibleError(f"cannot connect to the Dask scheduler at {address}: {failure}")
     try:
         try:  # a scheduler without workers would leave the graph waiting forever
-            client.wait_for_workers(1, timeout=wait)
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
         except Exception:
             raise CrucibleError(f"the Dask scheduler at {address} has no workers "
-                                f"(none joined within {wait:g} s)") from None
+                                f"(none joined within {CONNECT_TIMEOUT_S:g} s)") from None
         yield client
     finally:
         client.close()

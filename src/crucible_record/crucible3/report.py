@@ -53,7 +53,10 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
         raise CrucibleError(f"{run_dir} is at a URL: give the analysis a local --out folder")
     out = Path(out_dir) if out_dir is not None else traj.run_dir / "analysis"
     created = not os.path.lexists(out)
-    folder = _open_out_dir(out, force, traj.run_dir)
+    folder = open_output_dir(out, traj.run_dir)
+    if os.listdir(folder) and not force:
+        os.close(folder)
+        raise CrucibleError(f"output folder {out} already exists and is not empty; pass --force to overwrite it")
     try:
         scan = None
         if scheduler is not None or workers is not None:
@@ -76,21 +79,9 @@ def analyze_run(run_dir: str | Path, out_dir: str | Path | None = None, force: b
         raise
     finally:
         os.close(folder)
-    lines = [format_table(result), ""]
-    if written:
-        lines.append(f"Wrote {json_path} and {len(written)} plots in {out}: {', '.join(p.name for p in written)}")
-    else:
-        lines.append(f"Wrote {json_path}; {note}")
-    return "\n".join(lines)
-
-
-def _open_out_dir(out: Path, force: bool, run_dir: Path | None) -> int:
-    """The output folder's descriptor (open_output_dir), refused if it holds files and not ``force``."""
-    folder = open_output_dir(out, run_dir)
-    if os.listdir(folder) and not force:
-        os.close(folder)
-        raise CrucibleError(f"output folder {out} already exists and is not empty; pass --force to overwrite it")
-    return folder
+    wrote = (f"Wrote {json_path} and {len(written)} plots in {out}: {', '.join(p.name for p in written)}" if written
+             else f"Wrote {json_path}; {note}")
+    return f"{format_table(result)}\n\n{wrote}"
 
 
 # ----- analysis.json ------------------------------------------------------------------------
@@ -100,18 +91,13 @@ def to_jsonable(value: Any) -> Any:
     """Tensors/arrays to lists, NaN and infinities to None, so the file is strict JSON."""
     if isinstance(value, torch.Tensor):
         value = dtypes.numpy_values(value.detach().cpu())
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
+    if isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()  # Python bools, ints and floats
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
+    if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Path):
         return str(value)
@@ -122,13 +108,10 @@ def analysis_document(result: dict[str, Any]) -> dict[str, Any]:
     """What analysis.json holds: metadata, summary, indexing, then the per-step arrays."""
     doc: dict[str, Any] = {"format": "crucible-record analysis", "format_version": 1,
                            "generated_by": f"crucible-record {__version__}"}
-    order = ["run_dir", "committed_steps", "configured_steps", "vocab_size", "hidden_dim", "n_dead", "n_live",
-             "summary", "indexing"]
-    for key in order:
+    for key in ("run_dir", "committed_steps", "configured_steps", "vocab_size", "hidden_dim", "n_dead", "n_live",
+                "summary", "indexing"):
         doc[key] = result[key]
-    for key, value in result.items():
-        if key not in doc and key not in PER_TOKEN_KEYS:
-            doc[key] = value
+    doc.update({key: value for key, value in result.items() if key not in doc and key not in PER_TOKEN_KEYS})
     return to_jsonable(doc)
 
 
@@ -160,8 +143,7 @@ def format_table(result: dict[str, Any]) -> str:
     answer_width = max(len("Answer"), *(len(a) for _, a, _ in rows))
     lines = [head, "", f"{'Question':<{width}}  Answer", f"{'-' * width}  {'-' * answer_width}"]
     for question, answer, evidence in rows:
-        lines.append(f"{question:<{width}}  {answer}")
-        lines.append(f"     {evidence}")
+        lines += [f"{question:<{width}}  {answer}", f"     {evidence}"]
     return "\n".join(lines)
 
 

@@ -64,7 +64,7 @@ def check_run_arguments(fields: Mapping[str, Field], steps: int | None, layout: 
     """What create_run refuses before writing anything: the fields, steps, layout and constants."""
     fields = check_fields(fields)
     layout.validate()
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if steps is not None and not _is_count(steps, 1):
         raise CrucibleError(f"steps must be a positive integer or None (open-ended), got {steps!r}")
     return fields, _check_constants(constants or {}, fields)
 
@@ -91,8 +91,7 @@ def create_run(store: RunStore, fields: Mapping[str, Field], *, steps: int | Non
     for name, spec in fields.items():
         step_bytes = int(np.prod(spec.stored_shape, dtype=np.int64)) * np.dtype(spec.storage_dtype).itemsize
         time_chunk = time_chunk_for(layout, step_bytes)
-        meta = {**spec.describe(), "time_chunk": time_chunk}
-        meta.update(dtypes.encoding_attribute(spec.dtype))
+        meta = {**spec.describe(), "time_chunk": time_chunk, **dtypes.encoding_attribute(spec.dtype)}
         partition = partitions.get(name)
         if partition is not None:
             meta["partition"] = partition.to_dict()
@@ -181,7 +180,7 @@ def open_group(store: RunStore, mode: str = "r"):
     if attrs.get("format") != FORMAT_NAME:
         raise CrucibleError(f"{store.location} is not a crucible-record run (no format marker)")
     version = attrs.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if not _is_count(version, 1):
         raise CrucibleError(f"{store.location}: unreadable format version {version!r}")
     if version > FORMAT_VERSION:
         raise CrucibleError(
@@ -325,7 +324,7 @@ def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
         except CrucibleError as e:
             raise CrucibleError(f"{where}: field {name!r}: {e}") from None
     world_size = attrs.get("world_size", 1)
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if not _is_count(world_size, 1):
         raise CrucibleError(f"{store.location} is damaged: world_size {world_size!r}")
     constants = attrs.get("constants", [])
     if not isinstance(constants, list) or not all(isinstance(c, str) for c in constants):
@@ -336,7 +335,7 @@ def _info_v2(group, attrs: dict, store: RunStore) -> RunInfo:
         except CrucibleError as e:
             raise CrucibleError(f"{where}: {e}") from None
     steps = attrs.get("steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+    if steps is not None and not _is_count(steps, 1):
         raise CrucibleError(f"{where}: steps {steps!r} is not a positive integer or null")
     user = attrs.get("attributes") or {}
     if not isinstance(user, dict):
@@ -394,7 +393,7 @@ def extend_run(store: RunStore, group, info: RunInfo, steps: int | None,
     if steps is not None:
         if info.steps is None:
             raise CrucibleError(f"{store.location} is open-ended: it has no step count to extend (record past it instead)")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < info.steps:
+        if not _is_count(steps, info.steps):
             raise CrucibleError(f"{store.location} is sized for {info.steps} steps; it can be extended to more, "
                                 f"not to {steps!r}")
     steps = info.steps if steps is None else steps

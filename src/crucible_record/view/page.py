@@ -73,13 +73,10 @@ class FieldPanel:
                      line_figure(f"{name}: update ||x_t - x_(t-1)||", self.source, {"update": "update_norm"}),
                      line_figure(f"{name}: cos between successive updates", self.source, {"cos": "update_cos"},
                                  y_range=Range1d(-1.05, 1.05))]
-        parts = [Div(text=f"<b>{escape(name)}</b> {tuple(self.spec.shape)} {str(self.spec.dtype).replace('torch.', '')}"
-                          f", every {self.spec.every}"), row(*plots)]
-        self.plane = None
-        if len(self.spec.stored_shape) >= 2:
-            self.plane = PlanePanel(name, run)
-            parts.append(self.plane.layout)
-        self.layout = column(*parts)
+        self.plane = PlanePanel(name, run) if len(self.spec.stored_shape) >= 2 else None
+        self.layout = column(Div(text=f"<b>{escape(name)}</b> {tuple(self.spec.shape)} "
+                                      f"{str(self.spec.dtype).replace('torch.', '')}, every {self.spec.every}"),
+                             row(*plots), *([self.plane.layout] if self.plane else []))
 
     def update(self, snap: Snapshot) -> None:
         table = snap.tables[self.name]
