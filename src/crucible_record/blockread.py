@@ -25,7 +25,7 @@ import numpy as np
 from .errors import CrucibleError, describe, missing_chunk_error
 from .format.blocks import log_fallback, missing_blocks
 from .shardio import (ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, index_spans,
-                      shard_layout, shard_spans)
+                      index_start, shard_layout, shard_spans)
 from .storage import open_file_beneath, open_store, read_fd
 
 
@@ -48,13 +48,6 @@ def block_layout(array) -> tuple[ShardLayout | None, str]:
         return shard_layout(array), ""
     except NotImplementedError as e:
         return None, str(e)
-
-
-def _layout_or_log(array) -> ShardLayout | None:
-    layout, why = block_layout(array)
-    if layout is None:
-        log_fallback(array.path, "read", why)
-    return layout
 
 
 def whole_rows(array, start: int, stop: int) -> tuple:
@@ -83,8 +76,9 @@ def wants_whole_blocks(selection: tuple, shape) -> bool:
 def read_blocks(store, array, selection: tuple, name: str, threads: int | None = None) -> np.ndarray | None:
     """``array[selection]`` (see wants_whole_blocks) decoded shard by shard, or None if shardio cannot
     decode this array; an absent or damaged shard is a CrucibleError naming the field and rows."""
-    layout = _layout_or_log(array)
+    layout, why = block_layout(array)
     if layout is None:
+        log_fallback(array.path, "read", why)
         return None
     threads = default_threads() if threads is None else threads
     rows, rest = selection[0], selection[1:]
@@ -306,14 +300,10 @@ def _local_chunks(inner, key: str, layout: ShardLayout, wanted, extent):
         return None
     fd, size = opened
     try:
-        n = layout.index_nbytes
-        if size < n:
-            return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")
-        try:
-            spans = index_spans(layout, _pread(fd, n, 0 if layout.index_at_start else size - n), size, extent)
-        except ShardError as e:
-            return e
+        spans = index_spans(layout, _pread(fd, layout.index_nbytes, index_start(layout, size)), size, extent)
         return {c: _pread(fd, spans[c][1], spans[c][0]) for c in wanted}
+    except ShardError as e:
+        return e
     finally:
         os.close(fd)
 
@@ -328,18 +318,14 @@ async def _object_chunks(objects, key: str, layout: ShardLayout, wanted, extent)
     import obstore
     from obstore.exceptions import NotFoundError, PreconditionError
 
-    n = layout.index_nbytes
     try:
-        first = await obstore.get_async(objects, key, options={"range": (0, n) if layout.index_at_start
-                                                               else {"suffix": n}})
+        first = await obstore.get_async(objects, key, options={"range": {"suffix": layout.index_nbytes}})
         raw = np.frombuffer(await first.bytes_async(), dtype=np.uint8)
     except (FileNotFoundError, NotFoundError):
         return None
     etag, size = first.meta.get("e_tag"), int(first.meta["size"])
     if etag is None:  # a store without ETags: one whole GET instead
         return _CHANGED
-    if size < n:
-        return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")
     try:
         spans = index_spans(layout, raw, size, extent)
     except ShardError as e:
