@@ -50,11 +50,6 @@ def block_layout(array) -> tuple[ShardLayout | None, str]:
         return None, str(e)
 
 
-def whole_rows(array, start: int, stop: int) -> tuple:
-    """The normalized selection of rows [start, stop) with every other axis whole."""
-    return (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
-
-
 def _is_step_range(key) -> bool:
     return isinstance(key, slice) and key.step == 1 and key.stop > key.start
 
@@ -99,29 +94,24 @@ def read_blocks(store, array, selection: tuple, name: str, threads: int | None =
     return out
 
 
-def _shard_key(array, block: int) -> str:
-    """The store key of the one shard file holding time block `block`."""
-    return f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
-
-
 def _missing(name: str, first: int, last: int) -> DamagedBlock:
     return DamagedBlock(str(missing_chunk_error(name, first, last)), "chunk file missing")
 
 
-def _undecodable(name: str, rows: str, error: ShardError) -> DamagedBlock:
-    return DamagedBlock(f"cannot read {name} rows {rows}: {error}", f"ShardError: {error}")
+def _undecodable(name: str, first: int, last: int, error: ShardError) -> DamagedBlock:
+    return DamagedBlock(f"cannot read {name} rows {first}-{last}: {error}", f"ShardError: {error}")
 
 
 def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray, name: str, threads: int) -> None:
     first = block * layout.shard_shape[0]
-    rows = f"{first}-{first + len(out) - 1}"
-    data = store.get_buffer(_shard_key(array, block))
+    last = first + len(out) - 1
+    data = store.get_buffer(f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}")
     if data is None:
-        raise _missing(name, first, first + len(out) - 1)
+        raise _missing(name, first, last)
     try:
         decode_shard_with(layout, data, out, threads, complete=True)
     except ShardError as e:
-        raise _undecodable(name, rows, e) from None
+        raise _undecodable(name, first, last, e) from None
 
 
 def wants_one_row(selection: tuple, shape) -> bool:
@@ -176,7 +166,7 @@ def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | No
                 chunk = stored.transpose(layout.inverse) if layout.perm else stored  # the array's axis order
                 out[out_sel] = chunk[chunk_sel]
         except ShardError as e:
-            raise _undecodable(name, f"{first}-{last}", e) from None
+            raise _undecodable(name, first, last, e) from None
     return out.reshape(final)
 
 
@@ -186,7 +176,7 @@ read_one_row = read_selection  # ``array[rows, k]`` (wants_one_row): per block t
 def read_whole_rows(store, array, name: str, start: int, stop: int) -> np.ndarray | None:
     """Rows [start, stop) by shardio: whole blocks, else per file (a block split among ranks' files);
     None where shardio cannot decode the array (zarr then)."""
-    selection = whole_rows(array, start, stop)
+    selection = (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
     data = read_blocks(store, array, selection, name)
     return read_selection(store, array, selection, name) if data is None else data
 
@@ -205,10 +195,8 @@ def _by_chunk(indices: np.ndarray, chunk: int) -> list[tuple[int, Any, Any]]:
     positions in the chunk), positions as slices where they are evenly spaced."""
     q = indices // chunk
     order = np.argsort(q, kind="stable")
-    q_sorted = q[order]
-    cuts = np.flatnonzero(np.diff(q_sorted)) + 1
     groups = []
-    for pos in np.split(order, cuts):
+    for pos in np.split(order, np.flatnonzero(np.diff(q[order])) + 1):
         number = int(q[pos[0]])
         groups.append((number, _as_slice(pos), _as_slice(indices[pos] - number * chunk)))
     return groups
@@ -216,9 +204,7 @@ def _by_chunk(indices: np.ndarray, chunk: int) -> list[tuple[int, Any, Any]]:
 
 def _as_slice(a: np.ndarray):
     """Evenly spaced increasing indices as a slice (a view, not a gather); else the array."""
-    if len(a) == 1:
-        return slice(int(a[0]), int(a[0]) + 1)
-    step = int(a[1] - a[0])
+    step = int(a[1] - a[0]) if len(a) > 1 else 1
     if step > 0 and np.all(np.diff(a) == step):
         return slice(int(a[0]), int(a[-1]) + 1, step)
     return a
