@@ -7,9 +7,9 @@ thread pool; the read side decodes a whole shard into a preallocated buffer, che
 
 Matched from the array's metadata: the layouts the codec presets write; anything else raises
 NotImplementedError and the caller uses zarr. That is ``sharding_indexed`` (Morton order, index
-``bytes`` + ``crc32c`` at the end) or none; inner codecs ``transpose``, numcodecs ``delta``,
-native-endian ``bytes``, ``zstd`` or ``blosc``, ``crc32c`` (each but ``bytes`` optional, in this
-order). Edge shards behave as zarr's; encoding needs ``write_empty_chunks`` on (WRITE_ALL).
+``bytes`` + ``crc32c`` at the end) or none; inner codecs, in this order: the step-last
+``transpose``, numcodecs ``delta``, native-endian ``bytes``, ``zstd`` or ``blosc``, ``crc32c``
+(each but ``bytes`` optional). Edge shards and ``write_empty_chunks`` off behave as zarr's.
 
 Refused on purpose: numcodecs' Delta after a transpose that leaves the chunk Fortran-contiguous
 (zarr flattens it in Fortran order and decodes in C order: it cannot read back what it wrote).
@@ -64,7 +64,7 @@ class ShardLayout:
     chunk_shape: tuple[int, ...]
     grid: tuple[int, ...]  # inner chunks per shard, per axis
     data_order: tuple[tuple[int, ...], ...]  # inner chunks in the order their bytes are laid out
-    perm: tuple[int, ...] | None  # the transpose (None: identity)
+    perm: tuple[int, ...] | None  # the step-last transpose, a 2-D (T, X) one (None: none)
     delta: bool
     compressor: Any  # the numcodecs Zstd or Blosc, or None
     crc: bool  # a crc32c after each inner chunk
@@ -90,11 +90,6 @@ class ShardLayout:
     def index_nbytes(self) -> int:
         return 16 * int(np.prod(self.grid, dtype=np.int64)) + 4
 
-    @property
-    def step_last(self) -> bool:
-        """The transpose moves axis 0 last and keeps the others in order: a 2-D (T, X) transpose."""
-        n = len(self.chunk_shape)
-        return self.perm is not None and n >= 2 and self.perm == tuple(range(1, n)) + (0,)
 
 
 def shard_layout(array) -> ShardLayout:
@@ -153,6 +148,8 @@ def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill
     perm = tuple(int(i) for i in transpose["order"]) if transpose is not None else None
     if perm == tuple(range(len(chunk_shape))):
         perm = None
+    if perm not in (None, tuple(range(1, len(chunk_shape))) + (0,)):
+        raise NotImplementedError(f"transpose order {perm}, not the step-last one")
     if delta is not None and {np.dtype(delta["dtype"]), np.dtype(delta.get("astype", delta["dtype"]))} != {dtype}:
         raise NotImplementedError(f"delta {delta} on {dtype}")
     endian = serializer.get("endian")
@@ -251,7 +248,7 @@ def _rows_2d(a: np.ndarray) -> np.ndarray | None:
 
 
 def _use_torch(layout: ShardLayout, size: int, encode: bool) -> bool:
-    if STAGING == "numpy" or not layout.step_last or size < _TORCH_MIN or layout.dtype.itemsize not in _INT_OF_SIZE:
+    if STAGING == "numpy" or layout.perm is None or size < _TORCH_MIN or layout.dtype.itemsize not in _INT_OF_SIZE:
         return False
     return STAGING == "torch" or (encode and layout.chunk_shape[0] >= _BLOCKED_MIN_STEPS)
 
@@ -279,7 +276,7 @@ def _to_step_last(chunk: np.ndarray, layout: ShardLayout) -> np.ndarray:
 def _from_step_last(stored: np.ndarray, dest: np.ndarray, layout: ShardLayout) -> None:
     """Copy a decoded (stored-order, C-contiguous) chunk into `dest` (a region of the output)."""
     full = dest.shape == layout.chunk_shape
-    rows = _rows_2d(dest) if full and layout.step_last else None
+    rows = _rows_2d(dest) if full and layout.perm is not None else None
     if rows is not None and _use_torch(layout, stored.size, False):
         target = rows if rows.flags.c_contiguous else _scratch("rows", rows.shape, layout.dtype)
         _as_torch(target).copy_(_as_torch(stored.reshape(rows.shape[1], rows.shape[0])).t())
