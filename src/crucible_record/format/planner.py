@@ -4,6 +4,7 @@ shard file has exactly one writer (FORMAT.md, "Several ranks").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,13 +102,8 @@ def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partit
 
 def inner_rows(shard_rows: int, row_chunk: int) -> int:
     """The largest divisor of `shard_rows` <= row_chunk: a shard must be whole inner chunks."""
-    best = 1
-    for d in range(1, int(shard_rows ** 0.5) + 1):
-        if shard_rows % d == 0:
-            for c in (d, shard_rows // d):
-                if best < c <= row_chunk:
-                    best = c
-    return best
+    divisors = (c for d in range(1, math.isqrt(shard_rows) + 1) if shard_rows % d == 0 for c in (d, shard_rows // d))
+    return max(c for c in divisors if c <= row_chunk)
 
 
 def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk: int,
