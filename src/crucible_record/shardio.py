@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "encode_shard_with", "decode_shard_with",
+__all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "decode_shard_with",
            "shard_layout", "default_threads", "index_start", "index_spans", "shard_spans", "decode_chunk"]
 
 MAX_U64 = np.uint64(2**64 - 1)
@@ -322,17 +322,8 @@ def encode_shard(array, block: np.ndarray, threads: int = 1) -> bytes | None:
     writes it into an empty store. A block staged step-last is compressed without a staging copy.
     NotImplementedError for a layout this module does not reproduce (use zarr then).
     """
-    layout = shard_layout(array)
     block = np.asarray(block)
-    if block.dtype != layout.dtype:
-        raise ValueError(f"block dtype {block.dtype} is not the array's {layout.dtype}")
-    if block.ndim != len(layout.shard_shape) or any(b > s for b, s in zip(block.shape, layout.shard_shape)):
-        raise ValueError(f"block of shape {block.shape} does not fit the shard shape {layout.shard_shape}")
-    return encode_shard_with(layout, block, threads)
-
-
-def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) -> bytes | None:
-    """encode_shard with a layout already parsed (see shard_layout)."""
+    layout = _fitting_layout(array, block, "block")
     cs = layout.chunk_shape
 
     def chunk_of(coords) -> np.ndarray | None:
@@ -413,12 +404,17 @@ def _encode_fixed(layout: ShardLayout, chunk_of, threads: int) -> bytes | None:
 def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
     """Decode one shard's bytes into `out` (the shard shape or its leading part) and return it;
     checksums verified (ShardError); absent inner chunks read as the fill value, as in zarr."""
+    return decode_shard_with(_fitting_layout(array, out, "out"), data, out, threads)
+
+
+def _fitting_layout(array, a: np.ndarray, what: str) -> ShardLayout:
+    """The array's layout, after checking that `a` (a block or an output) fits one of its shards."""
     layout = shard_layout(array)
-    if out.dtype != layout.dtype:
-        raise ValueError(f"out dtype {out.dtype} is not the array's {layout.dtype}")
-    if out.ndim != len(layout.shard_shape) or any(o > s for o, s in zip(out.shape, layout.shard_shape)):
-        raise ValueError(f"out of shape {out.shape} does not fit the shard shape {layout.shard_shape}")
-    return decode_shard_with(layout, data, out, threads)
+    if a.dtype != layout.dtype:
+        raise ValueError(f"{what} dtype {a.dtype} is not the array's {layout.dtype}")
+    if a.ndim != len(layout.shard_shape) or any(n > s for n, s in zip(a.shape, layout.shard_shape)):
+        raise ValueError(f"{what} of shape {a.shape} does not fit the shard shape {layout.shard_shape}")
+    return layout
 
 
 def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1,
