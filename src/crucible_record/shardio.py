@@ -200,18 +200,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _map(fn, items: list, threads: int) -> list:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
     with _pools_lock:
         pool = _pools.get(threads)
         if pool is None:
             pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="crucible-shardio")
-        return pool
-
-
-def _map(fn, items: list, threads: int) -> list:
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    return list(_pool(threads).map(fn, items))
+    return list(pool.map(fn, items))
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -100,12 +100,6 @@ def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partit
     return Partition(shard_rows, tuple((o, n, tuple(held[(o, n)])) for o, n in ordered))
 
 
-def inner_rows(shard_rows: int, row_chunk: int) -> int:
-    """The largest divisor of `shard_rows` <= row_chunk: a shard must be whole inner chunks."""
-    divisors = (c for d in range(1, math.isqrt(shard_rows) + 1) if shard_rows % d == 0 for c in (d, shard_rows // d))
-    return max(c for c in divisors if c <= row_chunk)
-
-
 def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk: int,
                        partition: Partition | None) -> dict[str, Any]:
     """chunks/shards of a field: for a field split among ranks, one shard per block and rank shard."""
@@ -113,7 +107,10 @@ def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk
         return chunking(stored_shape, time_chunk, row_chunk)
     rest = tuple(max(1, s) for s in stored_shape[1:])
     n = partition.shard_rows
-    return {"chunks": (time_chunk, inner_rows(n, row_chunk)) + rest, "shards": (time_chunk, n) + rest}
+    # inner chunk rows: the largest divisor of n <= row_chunk (a shard must be whole inner chunks)
+    divisors = (c for d in range(1, math.isqrt(n) + 1) if n % d == 0 for c in (d, n // d))
+    inner = max(c for c in divisors if c <= row_chunk)
+    return {"chunks": (time_chunk, inner) + rest, "shards": (time_chunk, n) + rest}
 
 
 def read_partition(array) -> "Partition | None":
