@@ -88,15 +88,13 @@ def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partit
         raise CrucibleError(f"field {name!r}: no rank gives {_show_rows(end, n_rows)} of its {n_rows} "
                             f"(the last Shard ends at row {end - 1}); the ranks' Shards must tile rows 0..{n_rows - 1}")
     shard_rows = ordered[0][1]
+    equal = "Shards must have equal lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))"
     for key in ordered[:-1]:
         if key[1] != shard_rows:
-            raise CrucibleError(
-                f"field {name!r}: {who(ordered[0])} and {who(key)} differ in length; Shards must have equal "
-                f"lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))")
+            raise CrucibleError(f"field {name!r}: {who(ordered[0])} and {who(key)} differ in length; {equal}")
     if ordered[-1][1] > shard_rows:
-        raise CrucibleError(
-            f"field {name!r}: the last Shard, {who(ordered[-1])}, is longer than the others ({shard_rows} rows); "
-            f"Shards must have equal lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))")
+        raise CrucibleError(f"field {name!r}: the last Shard, {who(ordered[-1])}, is longer than the others "
+                            f"({shard_rows} rows); {equal}")
     return Partition(shard_rows, tuple((o, n, tuple(held[(o, n)])) for o, n in ordered))
 
 
