@@ -74,7 +74,6 @@ class ShardLayout:
 
     @functools.cached_property
     def inverse(self) -> tuple[int, ...] | None:
-        """The permutation that undoes `perm`."""
         return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
 
     @functools.cached_property
@@ -89,7 +88,6 @@ class ShardLayout:
     @property
     def index_nbytes(self) -> int:
         return 16 * int(np.prod(self.grid, dtype=np.int64)) + 4
-
 
 
 def shard_layout(array) -> ShardLayout:
