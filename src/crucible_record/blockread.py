@@ -138,23 +138,19 @@ def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | No
     final = tuple(n for n, (_, dropped) in zip(shape, axes) if not dropped)
     if out.size == 0:
         return out.reshape(final)
-    grid = layout.grid
     shards: dict[tuple[int, ...], list] = {}  # shard coords -> [(inner coords, out selection, chunk selection)]
     for parts in itertools.product(*(_by_chunk(ix, n) for (ix, _), n in zip(axes, layout.chunk_shape))):
-        q = tuple(p[0] for p in parts)
-        shard = tuple(qi // g for qi, g in zip(q, grid))
-        inner = tuple(qi % g for qi, g in zip(q, grid))
+        shard, inner = zip(*(divmod(p[0], g) for p, g in zip(parts, layout.grid)))
         shards.setdefault(shard, []).append((inner, _orthogonal([p[1] for p in parts]),
                                              _orthogonal([p[2] for p in parts])))
-    unit = layout.shard_shape[0]
     jobs = []
     for shard, pieces in shards.items():
         extent = tuple(min(s, n - c * s) for c, s, n in zip(shard, layout.shard_shape, array.shape))
-        wanted = None if len(pieces) == int(np.prod(grid)) or not layout.sharded else [p[0] for p in pieces]
+        wanted = None if len(pieces) == int(np.prod(layout.grid)) or not layout.sharded else [p[0] for p in pieces]
         jobs.append((f"{array.path}/{array.metadata.encode_chunk_key(shard)}", wanted, extent))
     results = fetch_shards(store, layout, jobs)
     for (shard, pieces), (_, _, extent), result in zip(shards.items(), jobs, results):
-        first = shard[0] * unit
+        first = shard[0] * layout.shard_shape[0]
         last = first + extent[0] - 1
         if result is None:
             raise _missing(name, first, last)
