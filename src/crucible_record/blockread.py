@@ -25,7 +25,7 @@ import numpy as np
 from .errors import CrucibleError, describe, missing_chunk_error
 from .format.blocks import log_fallback, missing_blocks
 from .shardio import (ShardError, ShardLayout, decode_chunk, decode_shard_with, default_threads, index_spans,
-                      shard_layout, shard_spans)
+                      index_start, shard_layout, shard_spans)
 from .storage import open_file_beneath, open_store, read_fd
 
 
@@ -50,18 +50,6 @@ def block_layout(array) -> tuple[ShardLayout | None, str]:
         return None, str(e)
 
 
-def _layout_or_log(array) -> ShardLayout | None:
-    layout, why = block_layout(array)
-    if layout is None:
-        log_fallback(array.path, "read", why)
-    return layout
-
-
-def whole_rows(array, start: int, stop: int) -> tuple:
-    """The normalized selection of rows [start, stop) with every other axis whole."""
-    return (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
-
-
 def _is_step_range(key) -> bool:
     return isinstance(key, slice) and key.step == 1 and key.stop > key.start
 
@@ -83,8 +71,9 @@ def wants_whole_blocks(selection: tuple, shape) -> bool:
 def read_blocks(store, array, selection: tuple, name: str, threads: int | None = None) -> np.ndarray | None:
     """``array[selection]`` (see wants_whole_blocks) decoded shard by shard, or None if shardio cannot
     decode this array; an absent or damaged shard is a CrucibleError naming the field and rows."""
-    layout = _layout_or_log(array)
+    layout, why = block_layout(array)
     if layout is None:
+        log_fallback(array.path, "read", why)
         return None
     threads = default_threads() if threads is None else threads
     rows, rest = selection[0], selection[1:]
@@ -105,29 +94,24 @@ def read_blocks(store, array, selection: tuple, name: str, threads: int | None =
     return out
 
 
-def _shard_key(array, block: int) -> str:
-    """The store key of the one shard file holding time block `block`."""
-    return f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
-
-
 def _missing(name: str, first: int, last: int) -> DamagedBlock:
     return DamagedBlock(str(missing_chunk_error(name, first, last)), "chunk file missing")
 
 
-def _undecodable(name: str, rows: str, error: ShardError) -> DamagedBlock:
-    return DamagedBlock(f"cannot read {name} rows {rows}: {error}", f"ShardError: {error}")
+def _undecodable(name: str, first: int, last: int, error: ShardError) -> DamagedBlock:
+    return DamagedBlock(f"cannot read {name} rows {first}-{last}: {error}", f"ShardError: {error}")
 
 
 def _decode_block(store, array, layout: ShardLayout, block: int, out: np.ndarray, name: str, threads: int) -> None:
     first = block * layout.shard_shape[0]
-    rows = f"{first}-{first + len(out) - 1}"
-    data = store.get_buffer(_shard_key(array, block))
+    last = first + len(out) - 1
+    data = store.get_buffer(f"{array.path}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}")
     if data is None:
-        raise _missing(name, first, first + len(out) - 1)
+        raise _missing(name, first, last)
     try:
         decode_shard_with(layout, data, out, threads, complete=True)
     except ShardError as e:
-        raise _undecodable(name, rows, e) from None
+        raise _undecodable(name, first, last, e) from None
 
 
 def wants_one_row(selection: tuple, shape) -> bool:
@@ -154,23 +138,19 @@ def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | No
     final = tuple(n for n, (_, dropped) in zip(shape, axes) if not dropped)
     if out.size == 0:
         return out.reshape(final)
-    grid = layout.grid
     shards: dict[tuple[int, ...], list] = {}  # shard coords -> [(inner coords, out selection, chunk selection)]
     for parts in itertools.product(*(_by_chunk(ix, n) for (ix, _), n in zip(axes, layout.chunk_shape))):
-        q = tuple(p[0] for p in parts)
-        shard = tuple(qi // g for qi, g in zip(q, grid))
-        inner = tuple(qi % g for qi, g in zip(q, grid))
+        shard, inner = zip(*(divmod(p[0], g) for p, g in zip(parts, layout.grid)))
         shards.setdefault(shard, []).append((inner, _orthogonal([p[1] for p in parts]),
                                              _orthogonal([p[2] for p in parts])))
-    unit = layout.shard_shape[0]
     jobs = []
     for shard, pieces in shards.items():
         extent = tuple(min(s, n - c * s) for c, s, n in zip(shard, layout.shard_shape, array.shape))
-        wanted = None if len(pieces) == int(np.prod(grid)) or not layout.sharded else [p[0] for p in pieces]
+        wanted = None if len(pieces) == int(np.prod(layout.grid)) or not layout.sharded else [p[0] for p in pieces]
         jobs.append((f"{array.path}/{array.metadata.encode_chunk_key(shard)}", wanted, extent))
     results = fetch_shards(store, layout, jobs)
     for (shard, pieces), (_, _, extent), result in zip(shards.items(), jobs, results):
-        first = shard[0] * unit
+        first = shard[0] * layout.shard_shape[0]
         last = first + extent[0] - 1
         if result is None:
             raise _missing(name, first, last)
@@ -182,7 +162,7 @@ def read_selection(store, array, selection: tuple, name: str) -> np.ndarray | No
                 chunk = stored.transpose(layout.inverse) if layout.perm else stored  # the array's axis order
                 out[out_sel] = chunk[chunk_sel]
         except ShardError as e:
-            raise _undecodable(name, f"{first}-{last}", e) from None
+            raise _undecodable(name, first, last, e) from None
     return out.reshape(final)
 
 
@@ -192,7 +172,7 @@ read_one_row = read_selection  # ``array[rows, k]`` (wants_one_row): per block t
 def read_whole_rows(store, array, name: str, start: int, stop: int) -> np.ndarray | None:
     """Rows [start, stop) by shardio: whole blocks, else per file (a block split among ranks' files);
     None where shardio cannot decode the array (zarr then)."""
-    selection = whole_rows(array, start, stop)
+    selection = (slice(start, stop, 1),) + tuple(slice(0, n, 1) for n in array.shape[1:])
     data = read_blocks(store, array, selection, name)
     return read_selection(store, array, selection, name) if data is None else data
 
@@ -211,10 +191,8 @@ def _by_chunk(indices: np.ndarray, chunk: int) -> list[tuple[int, Any, Any]]:
     positions in the chunk), positions as slices where they are evenly spaced."""
     q = indices // chunk
     order = np.argsort(q, kind="stable")
-    q_sorted = q[order]
-    cuts = np.flatnonzero(np.diff(q_sorted)) + 1
     groups = []
-    for pos in np.split(order, cuts):
+    for pos in np.split(order, np.flatnonzero(np.diff(q[order])) + 1):
         number = int(q[pos[0]])
         groups.append((number, _as_slice(pos), _as_slice(indices[pos] - number * chunk)))
     return groups
@@ -222,9 +200,7 @@ def _by_chunk(indices: np.ndarray, chunk: int) -> list[tuple[int, Any, Any]]:
 
 def _as_slice(a: np.ndarray):
     """Evenly spaced increasing indices as a slice (a view, not a gather); else the array."""
-    if len(a) == 1:
-        return slice(int(a[0]), int(a[0]) + 1)
-    step = int(a[1] - a[0])
+    step = int(a[1] - a[0]) if len(a) > 1 else 1
     if step > 0 and np.all(np.diff(a) == step):
         return slice(int(a[0]), int(a[-1]) + 1, step)
     return a
@@ -306,14 +282,10 @@ def _local_chunks(inner, key: str, layout: ShardLayout, wanted, extent):
         return None
     fd, size = opened
     try:
-        n = layout.index_nbytes
-        if size < n:
-            return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")
-        try:
-            spans = index_spans(layout, _pread(fd, n, 0 if layout.index_at_start else size - n), size, extent)
-        except ShardError as e:
-            return e
+        spans = index_spans(layout, _pread(fd, layout.index_nbytes, index_start(layout, size)), size, extent)
         return {c: _pread(fd, spans[c][1], spans[c][0]) for c in wanted}
+    except ShardError as e:
+        return e
     finally:
         os.close(fd)
 
@@ -328,18 +300,14 @@ async def _object_chunks(objects, key: str, layout: ShardLayout, wanted, extent)
     import obstore
     from obstore.exceptions import NotFoundError, PreconditionError
 
-    n = layout.index_nbytes
     try:
-        first = await obstore.get_async(objects, key, options={"range": (0, n) if layout.index_at_start
-                                                               else {"suffix": n}})
+        first = await obstore.get_async(objects, key, options={"range": {"suffix": layout.index_nbytes}})
         raw = np.frombuffer(await first.bytes_async(), dtype=np.uint8)
     except (FileNotFoundError, NotFoundError):
         return None
     etag, size = first.meta.get("e_tag"), int(first.meta["size"])
     if etag is None:  # a store without ETags: one whole GET instead
         return _CHANGED
-    if size < n:
-        return ShardError(f"shard of {size} bytes is shorter than its index ({n} bytes)")
     try:
         spans = index_spans(layout, raw, size, extent)
     except ShardError as e:

@@ -5,10 +5,11 @@ write, a whole shard, this module produces the same bytes with one staging copy 
 (the transpose), numcodecs' compressor straight from it, a crc32c and one join, inner chunks in a
 thread pool; the read side decodes a whole shard into a preallocated buffer, checksums verified.
 
-Matched from the array's metadata (anything else raises NotImplementedError: the caller uses zarr):
-``sharding_indexed`` (Morton order, ``<u8`` index with ``bytes`` [+ ``crc32c``], at either end) or
-none; ``transpose``s and a last numcodecs ``delta``; ``bytes`` (either endianness); ``zstd``,
-``blosc`` and ``crc32c`` in any order. Edge shards and ``write_empty_chunks`` off behave as zarr's.
+Matched from the array's metadata: the layouts the codec presets write; anything else raises
+NotImplementedError and the caller uses zarr. That is ``sharding_indexed`` (Morton order, index
+``bytes`` + ``crc32c`` at the end) or none; inner codecs, in this order: the step-last
+``transpose``, numcodecs ``delta``, native-endian ``bytes``, ``zstd`` or ``blosc``, ``crc32c``
+(each but ``bytes`` optional). Edge shards and ``write_empty_chunks`` off behave as zarr's.
 
 Refused on purpose: numcodecs' Delta after a transpose that leaves the chunk Fortran-contiguous
 (zarr flattens it in Fortran order and decodes in C order: it cannot read back what it wrote).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "encode_shard_with", "decode_shard_with",
-           "shard_layout", "default_threads", "parse_index", "index_spans", "shard_spans", "decode_chunk"]
+__all__ = ["ShardError", "ShardLayout", "encode_shard", "decode_shard", "decode_shard_with",
+           "shard_layout", "default_threads", "index_start", "index_spans", "shard_spans", "decode_chunk"]
 
 MAX_U64 = np.uint64(2**64 - 1)
 _TORCH_MIN = 60 * 60  # torch's blocked transpose copy needs at least this many elements
@@ -62,24 +64,21 @@ class ShardLayout:
     chunk_shape: tuple[int, ...]
     grid: tuple[int, ...]  # inner chunks per shard, per axis
     data_order: tuple[tuple[int, ...], ...]  # inner chunks in the order their bytes are laid out
-    perm: tuple[int, ...] | None  # composed transpose (None: identity)
+    perm: tuple[int, ...] | None  # the step-last transpose, a 2-D (T, X) one (None: none)
     delta: bool
-    swap: bool  # bytes codec endianness differs from the native one
-    bytes_codecs: tuple[tuple[str, Any], ...]  # ("zstd"|"blosc", numcodecs codec) or ("crc32c", None)
-    index_crc: bool
-    index_at_start: bool
+    compressor: Any  # the numcodecs Zstd or Blosc, or None
+    crc: bool  # a crc32c after each inner chunk
     dtype: np.dtype
     fill: Any
     write_empty: bool
 
     @functools.cached_property
     def inverse(self) -> tuple[int, ...] | None:
-        """The permutation that undoes `perm`."""
         return None if self.perm is None else tuple(int(i) for i in np.argsort(self.perm))
 
     @functools.cached_property
     def stored_shape(self) -> tuple[int, ...]:
-        """Shape of an inner chunk after the transposes (what the bytes hold, in C order)."""
+        """Shape of an inner chunk after the transpose (what the bytes hold, in C order)."""
         return tuple(self.chunk_shape[i] for i in self.perm) if self.perm else self.chunk_shape
 
     @property
@@ -87,19 +86,8 @@ class ShardLayout:
         return int(np.prod(self.chunk_shape, dtype=np.int64)) * self.dtype.itemsize
 
     @property
-    def fixed_size(self) -> bool:
-        """No compressor: every chunk's encoded size is known in advance."""
-        return all(name == "crc32c" for name, _ in self.bytes_codecs)
-
-    @property
     def index_nbytes(self) -> int:
-        return 16 * int(np.prod(self.grid, dtype=np.int64)) + (4 if self.index_crc else 0)
-
-    @property
-    def step_last(self) -> bool:
-        """The transpose moves axis 0 last and keeps the others in order: a 2-D (T, X) transpose."""
-        n = len(self.chunk_shape)
-        return self.perm is not None and n >= 2 and self.perm == tuple(range(1, n)) + (0,)
+        return 16 * int(np.prod(self.grid, dtype=np.int64)) + 4
 
 
 def shard_layout(array) -> ShardLayout:
@@ -121,73 +109,65 @@ def shard_layout(array) -> ShardLayout:
 @functools.lru_cache(maxsize=256)
 def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill_bytes: bytes,
             write_empty: bool, order: str) -> ShardLayout:
+    from zarr.core.indexing import morton_order_iter
+
     codecs = json.loads(codecs_json)
     dtype = np.dtype(dtype_str)
     fill = np.frombuffer(fill_bytes, dtype=dtype)[0]
     sharded = len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed"
-    index_crc, index_at_start = False, False
+    chunk_shape, inner = shard_shape, codecs
     if sharded:
         conf = codecs[0]["configuration"]
         chunk_shape = tuple(int(s) for s in conf["chunk_shape"])
         inner = conf["codecs"]
-        index = [c["name"] for c in conf["index_codecs"]]
-        index_endian = (conf["index_codecs"][0].get("configuration") or {}).get("endian", "little")
-        if index not in (["bytes"], ["bytes", "crc32c"]) or index_endian != "little":
-            raise NotImplementedError(f"shard index codecs {conf['index_codecs']}")
-        index_crc = index == ["bytes", "crc32c"]
-        index_at_start = conf.get("index_location", "end") == "start"
+        index = conf["index_codecs"]
+        index_endian = (index[0].get("configuration") or {}).get("endian", "little")
+        if [c["name"] for c in index] != ["bytes", "crc32c"] or index_endian != "little" \
+                or conf.get("index_location", "end") != "end":
+            raise NotImplementedError(f"shard index codecs {index} at the {conf.get('index_location')}")
         if len(chunk_shape) != len(shard_shape) or any(s % c for s, c in zip(shard_shape, chunk_shape)):
             raise NotImplementedError("inner chunks do not tile the shard")
-    elif any(c["name"] == "sharding_indexed" for c in codecs):
-        raise NotImplementedError("nested or non-leading sharding")
-    else:
-        chunk_shape, inner = shard_shape, codecs
     grid = tuple(s // c for s, c in zip(shard_shape, chunk_shape))
 
-    perm: tuple[int, ...] | None = None
-    delta, swap, seen_bytes = False, False, False
-    bytes_codecs: list[tuple[str, Any]] = []
-    for codec in inner:
-        name, conf = codec["name"], codec.get("configuration") or {}
-        if not seen_bytes:
-            if name == "transpose" and not delta:
-                order_ = tuple(int(i) for i in conf["order"])
-                perm = order_ if perm is None else tuple(perm[i] for i in order_)
-            elif name == "numcodecs.delta" and not delta:
-                if np.dtype(conf["dtype"]) != dtype or np.dtype(conf.get("astype", conf["dtype"])) != dtype:
-                    raise NotImplementedError(f"delta {conf} on {dtype}")
-                delta = True
-            elif name == "bytes":
-                endian = conf.get("endian")
-                if endian not in (None, "little", "big"):
-                    raise NotImplementedError(f"bytes endian {endian!r}")
-                native = "little" if np.little_endian else "big"
-                swap = endian is not None and endian != native and dtype.itemsize > 1
-                seen_bytes = True
-            else:
-                raise NotImplementedError(f"codec {name!r} before the bytes codec")
-        elif name == "zstd":
-            from numcodecs import Zstd
+    rest = list(inner)
 
-            bytes_codecs.append(("zstd", Zstd(level=int(conf.get("level", 0)), checksum=bool(conf.get("checksum", False)))))
-        elif name == "blosc":
-            import numcodecs.blosc
-            from numcodecs import Blosc
+    def take(*names: str) -> dict | None:
+        """The next codec's configuration (consumed) if it is one of `names`, else None."""
+        if rest and rest[0]["name"] in names:
+            return rest.pop(0).get("configuration") or {}
+        return None
 
-            numcodecs.blosc.use_threads = False  # as zarr sets it; threads come from our pool
-            shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[conf["shuffle"]]
-            bytes_codecs.append(("blosc", Blosc(cname=conf["cname"], clevel=int(conf["clevel"]), shuffle=shuffle,
-                                                blocksize=int(conf.get("blocksize", 0)),
-                                                typesize=int(conf.get("typesize", dtype.itemsize)))))
-        elif name == "crc32c":
-            bytes_codecs.append(("crc32c", None))
-        else:
-            raise NotImplementedError(f"codec {name!r}")
-    if not seen_bytes:
-        raise NotImplementedError("no bytes codec")
-    if perm is not None and perm == tuple(range(len(perm))):
+    transpose, delta, serializer = take("transpose"), take("numcodecs.delta"), take("bytes")
+    zstd = take("zstd")
+    blosc = take("blosc") if zstd is None else None
+    crc = take("crc32c") is not None
+    if serializer is None or rest:
+        raise NotImplementedError(f"codecs {[c['name'] for c in inner]}")
+    perm = tuple(int(i) for i in transpose["order"]) if transpose is not None else None
+    if perm == tuple(range(len(chunk_shape))):
         perm = None
-    if delta:
+    if perm not in (None, tuple(range(1, len(chunk_shape))) + (0,)):
+        raise NotImplementedError(f"transpose order {perm}, not the step-last one")
+    if delta is not None and {np.dtype(delta["dtype"]), np.dtype(delta.get("astype", delta["dtype"]))} != {dtype}:
+        raise NotImplementedError(f"delta {delta} on {dtype}")
+    endian = serializer.get("endian")
+    if endian not in (None, sys.byteorder) and dtype.itemsize > 1:
+        raise NotImplementedError(f"bytes endian {endian!r}")
+    compressor = None
+    if zstd is not None:
+        from numcodecs import Zstd
+
+        compressor = Zstd(level=int(zstd.get("level", 0)), checksum=bool(zstd.get("checksum", False)))
+    elif blosc is not None:
+        import numcodecs.blosc
+        from numcodecs import Blosc
+
+        numcodecs.blosc.use_threads = False  # as zarr sets it; threads come from our pool
+        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[blosc["shuffle"]]
+        compressor = Blosc(cname=blosc["cname"], clevel=int(blosc["clevel"]), shuffle=shuffle,
+                           blocksize=int(blosc.get("blocksize", 0)),
+                           typesize=int(blosc.get("typesize", dtype.itemsize)))
+    if delta is not None:
         # zarr hands Delta the transposed view of a chunk laid out in `order`; numcodecs flattens
         # it with order='A' and zarr decodes in C order: refuse when those differ.
         probe = np.empty(chunk_shape, dtype=dtype, order="F" if order == "F" else "C")
@@ -196,16 +176,10 @@ def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill
             raise NotImplementedError(
                 "numcodecs Delta after a transpose that leaves the chunk Fortran-ordered: zarr-python "
                 "flattens it in Fortran order and decodes in C order (it does not read back what it wrote)")
-    data_order = _morton(grid) if sharded else ((0,) * len(grid),)
-    return ShardLayout(sharded, shard_shape, chunk_shape, grid, data_order, perm, delta, swap, tuple(bytes_codecs),
-                       index_crc, index_at_start, dtype, fill, write_empty)
-
-
-def _morton(grid: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
-    """The order zarr lays inner chunks out in a shard (zarr's own Morton order iterator)."""
-    from zarr.core.indexing import morton_order_iter
-
-    return tuple(tuple(int(i) for i in c) for c in morton_order_iter(grid))
+    # zarr lays a shard's inner chunks out in its Morton order (C order for the presets' shards)
+    data_order = tuple(tuple(int(i) for i in c) for c in morton_order_iter(grid))
+    return ShardLayout(sharded, shard_shape, chunk_shape, grid, data_order, perm, delta is not None, compressor,
+                       crc, dtype, fill, write_empty)
 
 
 # ----- threads and scratch buffers ------------------------------------------------------------
@@ -224,18 +198,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pools)
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _map(fn, items: list, threads: int) -> list:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
     with _pools_lock:
         pool = _pools.get(threads)
         if pool is None:
             pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="crucible-shardio")
-        return pool
-
-
-def _map(fn, items: list, threads: int) -> list:
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    return list(_pool(threads).map(fn, items))
+    return list(pool.map(fn, items))
 
 
 def _scratch(name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -272,21 +242,16 @@ def _rows_2d(a: np.ndarray) -> np.ndarray | None:
 
 
 def _use_torch(layout: ShardLayout, size: int, encode: bool) -> bool:
-    if STAGING == "numpy" or not layout.step_last or size < _TORCH_MIN or layout.dtype.itemsize not in _INT_OF_SIZE:
+    if STAGING == "numpy" or layout.perm is None or size < _TORCH_MIN or layout.dtype.itemsize not in _INT_OF_SIZE:
         return False
     return STAGING == "torch" or (encode and layout.chunk_shape[0] >= _BLOCKED_MIN_STEPS)
 
 
 def _to_step_last(chunk: np.ndarray, layout: ShardLayout) -> np.ndarray:
-    """The chunk laid out as its stored (transposed) C-ordered array; a view when it already is."""
-    if layout.perm is None:
-        if chunk.flags.c_contiguous:
-            return chunk
-        out = _scratch("stage", layout.chunk_shape, layout.dtype)
-        np.copyto(out, chunk)
-        return out
-    moved = chunk.transpose(layout.perm)
-    if moved.flags.c_contiguous:  # staged step-last by the caller: nothing to do
+    """The chunk laid out as its stored (transposed) C-ordered array; a view when it already is
+    (a chunk staged step-last by the caller)."""
+    moved = chunk if layout.perm is None else chunk.transpose(layout.perm)
+    if moved.flags.c_contiguous:
         return moved
     out = _scratch("stage", layout.stored_shape, layout.dtype)
     rows = _rows_2d(chunk) if _use_torch(layout, chunk.size, True) else None
@@ -305,47 +270,42 @@ def _to_step_last(chunk: np.ndarray, layout: ShardLayout) -> np.ndarray:
 def _from_step_last(stored: np.ndarray, dest: np.ndarray, layout: ShardLayout) -> None:
     """Copy a decoded (stored-order, C-contiguous) chunk into `dest` (a region of the output)."""
     full = dest.shape == layout.chunk_shape
-    if layout.perm is None:
-        dest[...] = stored[tuple(slice(0, n) for n in dest.shape)] if not full else stored
+    rows = _rows_2d(dest) if full and layout.perm is not None else None
+    if rows is not None and _use_torch(layout, stored.size, False):
+        target = rows if rows.flags.c_contiguous else _scratch("rows", rows.shape, layout.dtype)
+        _as_torch(target).copy_(_as_torch(stored.reshape(rows.shape[1], rows.shape[0])).t())
+        if target is not rows:
+            np.copyto(rows, target)
         return
-    chunk = stored.transpose(layout.inverse)
-    if full and _use_torch(layout, stored.size, False):
-        rows = _rows_2d(dest)
-        if rows is not None:
-            target = rows if rows.flags.c_contiguous else _scratch("rows", rows.shape, layout.dtype)
-            _as_torch(target).copy_(_as_torch(stored.reshape(rows.shape[1], rows.shape[0])).t())
-            if target is not rows:
-                np.copyto(rows, target)
-            return
-    if full and STAGING == "auto" and layout.step_last and layout.chunk_shape[0] >= _BLOCKED_MIN_STEPS:
-        rows = _rows_2d(dest)
-        if rows is not None:  # tiles of the (T, X) transpose small enough to stay in L1
-            flat = stored.reshape(rows.shape[1], rows.shape[0])
-            for c in range(0, flat.shape[0], _DECODE_TILE):
-                np.copyto(rows[:, c:c + _DECODE_TILE], flat[c:c + _DECODE_TILE].T)
-            return
+    if rows is not None and STAGING == "auto" and layout.chunk_shape[0] >= _BLOCKED_MIN_STEPS:
+        flat = stored.reshape(rows.shape[1], rows.shape[0])  # tiles of the (T, X) transpose that stay in L1
+        for c in range(0, flat.shape[0], _DECODE_TILE):
+            np.copyto(rows[:, c:c + _DECODE_TILE], flat[c:c + _DECODE_TILE].T)
+        return
+    chunk = stored if layout.perm is None else stored.transpose(layout.inverse)
     dest[...] = chunk if full else chunk[tuple(slice(0, n) for n in dest.shape)]
 
 
-# ----- checksums -----------------------------------------------------------------------------
-def _crc32c(*parts) -> bytes:
-    """crc32c of the parts' bytes, one after the other."""
+def _crc32c(data) -> bytes:
     import google_crc32c
 
-    crc = 0
-    for part in parts:
-        crc = google_crc32c.extend(crc, part)
-    return int(crc).to_bytes(4, "little")
+    return int(google_crc32c.value(data)).to_bytes(4, "little")
 
 
 def _is_fill(chunk: np.ndarray, fill) -> bool:
     """zarr's NDBuffer.all_equal: NaN equals NaN; a float 0.0 fill is compared bit for bit."""
-    if chunk.dtype.kind in "fc":
-        if fill == 0:
-            return bool(np.array_equal(chunk.view(f"V{chunk.dtype.itemsize}"),
-                                       np.broadcast_to(np.asarray(fill, chunk.dtype).view(f"V{chunk.dtype.itemsize}"), chunk.shape)))
-        return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape), equal_nan=True))
-    return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape)))
+    if chunk.dtype.kind in "fc" and fill == 0:
+        void = f"V{chunk.dtype.itemsize}"
+        bits = np.asarray(fill, chunk.dtype).view(void)
+        return bool(np.array_equal(chunk.view(void), np.broadcast_to(bits, chunk.shape)))
+    return bool(np.array_equal(chunk, np.broadcast_to(fill, chunk.shape), equal_nan=chunk.dtype.kind in "fc"))
+
+
+def _delta(flat: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """numcodecs' Delta encoding of `flat` into `out`."""
+    out[:1] = flat[:1]
+    np.subtract(flat[1:], flat[:-1], out=out[1:])
+    return out
 
 
 # ----- encode --------------------------------------------------------------------------------
@@ -356,17 +316,8 @@ def encode_shard(array, block: np.ndarray, threads: int = 1) -> bytes | None:
     writes it into an empty store. A block staged step-last is compressed without a staging copy.
     NotImplementedError for a layout this module does not reproduce (use zarr then).
     """
-    layout = shard_layout(array)
     block = np.asarray(block)
-    if block.dtype != layout.dtype:
-        raise ValueError(f"block dtype {block.dtype} is not the array's {layout.dtype}")
-    if block.ndim != len(layout.shard_shape) or any(b > s for b, s in zip(block.shape, layout.shard_shape)):
-        raise ValueError(f"block of shape {block.shape} does not fit the shard shape {layout.shard_shape}")
-    return encode_shard_with(layout, block, threads)
-
-
-def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) -> bytes | None:
-    """encode_shard with a layout already parsed (see shard_layout)."""
+    layout = _fitting_layout(array, block, "block")
     cs = layout.chunk_shape
 
     def chunk_of(coords) -> np.ndarray | None:
@@ -374,7 +325,7 @@ def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) 
         if r is None:
             return None
         view = block[r]
-        if view.shape != cs:
+        if view.shape != cs:  # an edge chunk: the rest is fill
             padded = np.full(cs, layout.fill, dtype=layout.dtype)
             padded[tuple(slice(0, n) for n in view.shape)] = view
             view = padded
@@ -382,39 +333,30 @@ def encode_shard_with(layout: ShardLayout, block: np.ndarray, threads: int = 1) 
             return None
         return view
 
-    if layout.fixed_size:
+    if layout.compressor is None:
         return _encode_fixed(layout, chunk_of, threads)
 
     def encode_one(coords) -> list | None:
         chunk = chunk_of(coords)
-        return None if chunk is None else _encode_chunk(chunk, layout)
+        if chunk is None:
+            return None
+        data = _to_step_last(chunk, layout).reshape(-1)
+        if layout.delta:
+            data = _delta(data, _scratch("delta", data.shape, layout.dtype))
+        payload = layout.compressor.encode(data.view(np.uint8))
+        return [payload, _crc32c(payload)] if layout.crc else [payload]
 
     parts = _map(encode_one, list(layout.data_order), threads)
-    return _assemble(layout, parts)
-
-
-def _encode_chunk(chunk: np.ndarray, layout: ShardLayout) -> list:
-    data = _to_step_last(chunk, layout)
-    if layout.delta:
-        flat = data.reshape(-1)
-        diff = _scratch("delta", flat.shape, layout.dtype)
-        diff[:1] = flat[:1]
-        np.subtract(flat[1:], flat[:-1], out=diff[1:])
-        data = diff
-    if layout.swap:
-        data = data.byteswap()
-    payload: Any = data.reshape(-1).view(np.uint8)
-    parts: list = []
-    for name, codec in layout.bytes_codecs:
-        if name == "crc32c":
-            parts.append(_crc32c(payload, *parts))
-        else:
-            if parts:
-                payload, parts = b"".join([payload, *parts]), []
-            payload = codec.encode(payload)
-    if isinstance(payload, np.ndarray):  # no compressor: the staged buffer is reused, copy it now
-        payload = payload.tobytes()
-    return [payload, *parts]
+    if not layout.sharded:
+        return None if parts[0] is None else b"".join(parts[0])
+    spans, offset, pieces = {}, 0, []
+    for coords, chunk_parts in zip(layout.data_order, parts):
+        if chunk_parts is not None:
+            n = sum(len(p) for p in chunk_parts)
+            spans[coords] = (offset, n)
+            offset += n
+            pieces.extend(chunk_parts)
+    return b"".join([*pieces, _index_bytes(layout, spans)]) if pieces else None
 
 
 def _index_bytes(layout: ShardLayout, spans: dict) -> bytes:
@@ -422,64 +364,33 @@ def _index_bytes(layout: ShardLayout, spans: dict) -> bytes:
     index = np.full(layout.grid + (2,), MAX_U64, dtype="<u8")
     for coords, span in spans.items():
         index[coords] = span
-    return index.tobytes() + (_crc32c(index.tobytes()) if layout.index_crc else b"")
-
-
-def _assemble(layout: ShardLayout, parts: list) -> bytes | None:
-    if not layout.sharded:
-        return None if parts[0] is None else b"".join(parts[0])
-    spans, offset = {}, layout.index_nbytes if layout.index_at_start else 0
-    pieces: list = []
-    for coords, chunk_parts in zip(layout.data_order, parts):
-        n = 0 if chunk_parts is None else sum(len(p) for p in chunk_parts)
-        if n:
-            spans[coords] = (offset, n)
-            offset += n
-            pieces.extend(chunk_parts)
-    if not pieces:
-        return None
-    index_bytes = _index_bytes(layout, spans)
-    return b"".join([index_bytes, *pieces] if layout.index_at_start else [*pieces, index_bytes])
+    return index.tobytes() + _crc32c(index.tobytes())
 
 
 def _encode_fixed(layout: ShardLayout, chunk_of, threads: int) -> bytes | None:
     """No compressor: every chunk is staged straight into its place in the output buffer."""
-    n_crc = sum(1 for name, _ in layout.bytes_codecs if name == "crc32c")
-    size = layout.chunk_nbytes + 4 * n_crc
+    size = layout.chunk_nbytes + (4 if layout.crc else 0)
     chunks = [chunk_of(coords) for coords in layout.data_order]
     present = [i for i, c in enumerate(chunks) if c is not None]
     if not present:
         return None
-    head = layout.index_nbytes if (layout.sharded and layout.index_at_start) else 0
-    total = head + size * len(present) + (layout.index_nbytes if layout.sharded and not layout.index_at_start else 0)
-    out = np.empty(total, dtype=np.uint8)
-    slots = {i: head + k * size for k, i in enumerate(present)}
+    out = np.empty(size * len(present) + (layout.index_nbytes if layout.sharded else 0), dtype=np.uint8)
 
-    def place(i: int) -> None:
-        start = slots[i]
-        target = out[start:start + layout.chunk_nbytes].view(layout.dtype).reshape(layout.stored_shape)
-        chunk = chunks[i]
-        staged = _to_step_last(chunk, layout)
+    def place(k: int) -> None:
+        start, end = k * size, k * size + layout.chunk_nbytes
+        target = out[start:end].view(layout.dtype).reshape(layout.stored_shape)
+        staged = _to_step_last(chunks[present[k]], layout)
         if layout.delta:
-            flat, dst = staged.reshape(-1), target.reshape(-1)
-            dst[:1] = flat[:1]
-            np.subtract(flat[1:], flat[:-1], out=dst[1:])
+            _delta(staged.reshape(-1), target.reshape(-1))
         else:
             np.copyto(target, staged)
-        if layout.swap:
-            target.byteswap(inplace=True)
-        end = start + layout.chunk_nbytes
-        for _ in range(n_crc):
+        if layout.crc:
             out[end:end + 4] = np.frombuffer(_crc32c(out[start:end]), dtype=np.uint8)
-            end += 4
 
-    _map(place, present, threads)
-    if not layout.sharded:
-        return out.tobytes()
-    index_bytes = np.frombuffer(_index_bytes(layout, {layout.data_order[i]: (slots[i], size) for i in present}),
-                                dtype=np.uint8)
-    start = 0 if layout.index_at_start else total - len(index_bytes)
-    out[start:start + len(index_bytes)] = index_bytes
+    _map(place, list(range(len(present))), threads)
+    if layout.sharded:
+        spans = {layout.data_order[i]: (k * size, size) for k, i in enumerate(present)}
+        out[size * len(present):] = np.frombuffer(_index_bytes(layout, spans), dtype=np.uint8)
     return out.tobytes()
 
 
@@ -487,15 +398,21 @@ def _encode_fixed(layout: ShardLayout, chunk_of, threads: int) -> bytes | None:
 def decode_shard(array, data, out: np.ndarray, threads: int = 1) -> np.ndarray:
     """Decode one shard's bytes into `out` (the shard shape or its leading part) and return it;
     checksums verified (ShardError); absent inner chunks read as the fill value, as in zarr."""
+    return decode_shard_with(_fitting_layout(array, out, "out"), data, out, threads)
+
+
+def _fitting_layout(array, a: np.ndarray, what: str) -> ShardLayout:
+    """The array's layout, after checking that `a` (a block or an output) fits one of its shards."""
     layout = shard_layout(array)
-    if out.dtype != layout.dtype:
-        raise ValueError(f"out dtype {out.dtype} is not the array's {layout.dtype}")
-    if out.ndim != len(layout.shard_shape) or any(o > s for o, s in zip(out.shape, layout.shard_shape)):
-        raise ValueError(f"out of shape {out.shape} does not fit the shard shape {layout.shard_shape}")
-    return decode_shard_with(layout, data, out, threads)
+    if a.dtype != layout.dtype:
+        raise ValueError(f"{what} dtype {a.dtype} is not the array's {layout.dtype}")
+    if a.ndim != len(layout.shard_shape) or any(n > s for n, s in zip(a.shape, layout.shard_shape)):
+        raise ValueError(f"{what} of shape {a.shape} does not fit the shard shape {layout.shard_shape}")
+    return layout
 
 
-def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1, complete: bool = False) -> np.ndarray:
+def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int = 1,
+                      complete: bool = False) -> np.ndarray:
     """decode_shard with a parsed layout; complete: the shard holds every inner chunk, each its own
     bytes (as the recorder writes them), else ShardError (see index_spans)."""
     if hasattr(data, "as_numpy_array"):  # a zarr Buffer, as store.get returns it
@@ -507,13 +424,11 @@ def decode_shard_with(layout: ShardLayout, data, out: np.ndarray, threads: int =
         r = _region(coords, layout.chunk_shape, out.shape)
         if r is None:
             return
-        dest = out[r]
         span = spans.get(coords)
         if span is None:
-            dest[...] = layout.fill
-            return
-        stored = decode_chunk(buf[span[0]:span[0] + span[1]], layout, coords)
-        _from_step_last(stored, dest, layout)
+            out[r] = layout.fill
+        else:
+            _from_step_last(decode_chunk(buf[span[0]:span[0] + span[1]], layout, coords), out[r], layout)
 
     _map(decode_one, list(np.ndindex(*layout.grid)), threads)
     return out
@@ -525,27 +440,19 @@ def _region(coords, chunk_shape, extent) -> tuple[slice, ...] | None:
     return None if any(s.start >= s.stop for s in r) else r
 
 
-def parse_index(layout: ShardLayout, raw: np.ndarray) -> np.ndarray:
-    """A shard index's bytes (checksum verified) -> its (offset, nbytes) ``<u8`` pairs, shaped
-    ``grid + (2,)``; absent inner chunks hold MAX_U64 twice."""
-    if len(raw) != layout.index_nbytes:
-        raise ShardError(f"shard index of {len(raw)} bytes, not {layout.index_nbytes}")
-    if layout.index_crc:
-        if _crc32c(raw[:-4]) != raw[-4:].tobytes():
-            raise ShardError("shard index checksum mismatch")
-        raw = raw[:-4]
-    return raw.view("<u8").reshape(layout.grid + (2,))
-
-
 def index_spans(layout: ShardLayout, raw: np.ndarray, size: int,
                 extent: tuple[int, ...] | None = None) -> dict[tuple[int, ...], tuple[int, int]]:
     """The (offset, nbytes) of each inner chunk present in a shard of `size` bytes whose index is
     `raw`: checksum verified, every span inside the shard's data (ShardError otherwise).
     extent (the shard's part inside its array): every inner chunk was written (WRITE_ALL), so one
     absent within `extent`, or two overlapping, is damage zarr would read silently: ShardError."""
-    index = parse_index(layout, np.asarray(raw, dtype=np.uint8)).reshape(-1, 2)
-    n = layout.index_nbytes
-    lo, hi = (n, size) if layout.index_at_start else (0, size - n)
+    hi = index_start(layout, size)
+    raw = np.asarray(raw, dtype=np.uint8)
+    if len(raw) != layout.index_nbytes:
+        raise ShardError(f"shard index of {len(raw)} bytes, not {layout.index_nbytes}")
+    if _crc32c(raw[:-4]) != raw[-4:].tobytes():
+        raise ShardError("shard index checksum mismatch")
+    index = raw[:-4].view("<u8").reshape(-1, 2)  # (offset, nbytes) per inner chunk; absent: MAX_U64 twice
     coords = _grid_coords(layout.grid)  # (numpy, whole arrays: a token read parses one index a block)
     offsets, sizes = index[:, 0], index[:, 1]
     absent = (offsets == MAX_U64) & (sizes == MAX_U64)
@@ -556,7 +463,7 @@ def index_spans(layout: ShardLayout, raw: np.ndarray, size: int,
             raise ShardError(f"inner chunk {first} is absent from the shard index (every inner chunk is written)")
     present = np.flatnonzero(~absent)
     offsets, sizes = offsets[present].astype(np.int64), sizes[present].astype(np.int64)
-    outside = np.flatnonzero((offsets < lo) | (offsets > hi) | (sizes < 0) | (sizes > hi) | (offsets + sizes > hi))
+    outside = np.flatnonzero((offsets < 0) | (offsets > hi) | (sizes < 0) | (sizes > hi) | (offsets + sizes > hi))
     if len(outside):
         i = outside[0]
         raise ShardError(f"shard index entry {tuple(int(c) for c in coords[present[i]])} "
@@ -579,48 +486,38 @@ def _grid_coords(grid: tuple[int, ...]) -> np.ndarray:
     return np.array(list(np.ndindex(*grid)), dtype=np.int64).reshape(-1, len(grid))
 
 
+def index_start(layout: ShardLayout, size: int) -> int:
+    """Where the index of a shard of `size` bytes starts (ShardError if the shard is shorter)."""
+    if size < layout.index_nbytes:
+        raise ShardError(f"shard of {size} bytes is shorter than its index ({layout.index_nbytes} bytes)")
+    return size - layout.index_nbytes
+
+
 def shard_spans(layout: ShardLayout, buf: np.ndarray, extent: tuple[int, ...] | None = None) -> dict:
     """index_spans of a whole shard's bytes (an unsharded array's "shard" is its one chunk)."""
     if not layout.sharded:
         return {layout.data_order[0]: (0, len(buf))}
-    n = layout.index_nbytes
-    if len(buf) < n:
-        raise ShardError(f"shard of {len(buf)} bytes is shorter than its index ({n} bytes)")
-    return index_spans(layout, buf[:n] if layout.index_at_start else buf[len(buf) - n:], len(buf), extent)
+    return index_spans(layout, buf[index_start(layout, len(buf)):], len(buf), extent)
 
 
 def decode_chunk(payload: np.ndarray, layout: ShardLayout, coords) -> np.ndarray:
     """One inner chunk's bytes -> its stored (transposed) array, C-contiguous (a scratch buffer or a view)."""
     nbytes = layout.chunk_nbytes
-    codecs = layout.bytes_codecs
-    first_compressor = next((i for i, (name, _) in enumerate(codecs) if name != "crc32c"), None)
-    raw: np.ndarray | None = None
-    for i in range(len(codecs) - 1, -1, -1):
-        name, codec = codecs[i]
-        if name == "crc32c":
-            if len(payload) < 4 or _crc32c(payload[:-4]) != payload[-4:].tobytes():
-                raise ShardError(f"checksum mismatch in inner chunk {coords}")
-            payload = payload[:-4]
-        elif i == first_compressor:
-            raw = _scratch("decoded", (nbytes,), np.dtype(np.uint8))
-            try:
-                codec.decode(payload, out=raw)
-            except Exception as e:
-                raise ShardError(f"inner chunk {coords} does not decompress to {nbytes} bytes: {e}") from e
-        else:
-            try:
-                payload = np.frombuffer(codec.decode(payload), dtype=np.uint8)
-            except Exception as e:
-                raise ShardError(f"inner chunk {coords}: {name}: {e}") from e
-    if raw is None:
-        if len(payload) != nbytes:
-            raise ShardError(f"inner chunk {coords} holds {len(payload)} bytes, not {nbytes}")
+    if layout.crc:
+        if len(payload) < 4 or _crc32c(payload[:-4]) != payload[-4:].tobytes():
+            raise ShardError(f"checksum mismatch in inner chunk {coords}")
+        payload = payload[:-4]
+    if layout.compressor is not None:
+        raw = _scratch("decoded", (nbytes,), np.dtype(np.uint8))
+        try:
+            layout.compressor.decode(payload, out=raw)
+        except Exception as e:
+            raise ShardError(f"inner chunk {coords} does not decompress to {nbytes} bytes: {e}") from e
+    elif len(payload) != nbytes:
+        raise ShardError(f"inner chunk {coords} holds {len(payload)} bytes, not {nbytes}")
+    else:
         raw = payload
     values = raw.view(layout.dtype)
-    if layout.swap:
-        values = values.byteswap()
     if layout.delta:
-        summed = _scratch("delta", values.shape, layout.dtype)
-        np.cumsum(values, dtype=layout.dtype, out=summed)
-        values = summed
+        values = np.cumsum(values, dtype=layout.dtype, out=_scratch("delta", values.shape, layout.dtype))
     return values.reshape(layout.stored_shape)

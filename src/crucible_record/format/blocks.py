@@ -64,17 +64,12 @@ def encode_block(array, block: int, rows: np.ndarray, row_shard: int = 0, thread
     return files
 
 
-def block_keys(array, array_key: str, block: int) -> list[str]:
-    """Store keys of every chunk (or shard) file holding rows of time block `block`."""
-    unit = array.shards or array.chunks
-    grid = [range(-(-size // u)) for size, u in zip(array.shape[1:], unit[1:])]
-    return [f"{array_key}/{array.metadata.encode_chunk_key((block, *rest))}" for rest in itertools.product(*grid)]
-
-
 def missing_blocks(store: RunStore, array, array_key: str, rows: range) -> list[int]:
-    """Time blocks covering `rows` with an absent chunk file."""
+    """Time blocks covering `rows` with an absent chunk (or shard) file."""
     if len(rows) == 0 or array.size == 0:
         return []
-    unit = (array.shards or array.chunks)[0]
-    return [block for block in range(rows.start // unit, (rows.stop - 1) // unit + 1)
-            if not all(store.exists(key) for key in block_keys(array, array_key, block))]
+    unit = array.shards or array.chunks
+    files = list(itertools.product(*(range(-(-size // u)) for size, u in zip(array.shape[1:], unit[1:]))))
+    key = array.metadata.encode_chunk_key
+    return [block for block in range(rows.start // unit[0], (rows.stop - 1) // unit[0] + 1)
+            if not all(store.exists(f"{array_key}/{key((block, *rest))}") for rest in files)]

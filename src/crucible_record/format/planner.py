@@ -4,6 +4,7 @@ shard file has exactly one writer (FORMAT.md, "Several ranks").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -87,27 +88,14 @@ def tile(name: str, n_rows: int, given: Mapping[int, tuple[int, int]]) -> Partit
         raise CrucibleError(f"field {name!r}: no rank gives {_show_rows(end, n_rows)} of its {n_rows} "
                             f"(the last Shard ends at row {end - 1}); the ranks' Shards must tile rows 0..{n_rows - 1}")
     shard_rows = ordered[0][1]
+    equal = "Shards must have equal lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))"
     for key in ordered[:-1]:
         if key[1] != shard_rows:
-            raise CrucibleError(
-                f"field {name!r}: {who(ordered[0])} and {who(key)} differ in length; Shards must have equal "
-                f"lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))")
+            raise CrucibleError(f"field {name!r}: {who(ordered[0])} and {who(key)} differ in length; {equal}")
     if ordered[-1][1] > shard_rows:
-        raise CrucibleError(
-            f"field {name!r}: the last Shard, {who(ordered[-1])}, is longer than the others ({shard_rows} rows); "
-            f"Shards must have equal lengths except a shorter last one (the split of torch.chunk / DTensor Shard(0))")
+        raise CrucibleError(f"field {name!r}: the last Shard, {who(ordered[-1])}, is longer than the others "
+                            f"({shard_rows} rows); {equal}")
     return Partition(shard_rows, tuple((o, n, tuple(held[(o, n)])) for o, n in ordered))
-
-
-def inner_rows(shard_rows: int, row_chunk: int) -> int:
-    """The largest divisor of `shard_rows` <= row_chunk: a shard must be whole inner chunks."""
-    best = 1
-    for d in range(1, int(shard_rows ** 0.5) + 1):
-        if shard_rows % d == 0:
-            for c in (d, shard_rows // d):
-                if best < c <= row_chunk:
-                    best = c
-    return best
 
 
 def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk: int,
@@ -117,7 +105,10 @@ def partition_chunking(stored_shape: tuple[int, ...], time_chunk: int, row_chunk
         return chunking(stored_shape, time_chunk, row_chunk)
     rest = tuple(max(1, s) for s in stored_shape[1:])
     n = partition.shard_rows
-    return {"chunks": (time_chunk, inner_rows(n, row_chunk)) + rest, "shards": (time_chunk, n) + rest}
+    # inner chunk rows: the largest divisor of n <= row_chunk (a shard must be whole inner chunks)
+    divisors = (c for d in range(1, math.isqrt(n) + 1) if n % d == 0 for c in (d, n // d))
+    inner = max(c for c in divisors if c <= row_chunk)
+    return {"chunks": (time_chunk, inner) + rest, "shards": (time_chunk, n) + rest}
 
 
 def read_partition(array) -> "Partition | None":
