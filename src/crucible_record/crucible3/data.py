@@ -74,10 +74,6 @@ class TokenMasks:
     dead_mask: torch.Tensor  # (vocab,) bool
     dead_indices: torch.Tensor  # (n_dead,) int64
 
-    @property
-    def live_mask(self) -> torch.Tensor:
-        return ~self.dead_mask
-
 
 def derive_dead_mask(tokens: list[int], vocab_size: int) -> TokenMasks:
     """Dead tokens are those that never occur in the tokenized corpus."""
