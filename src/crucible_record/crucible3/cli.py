@@ -110,32 +110,24 @@ def view_panels(run: Run) -> dict[str, dict[str, tuple]]:
 # -- the experiment's own commands --------------------------------------------------------------
 
 
-# (flag, RunConfig field, type, help)
-_EXPERIMENT_OPTIONS = [
-    ("--steps", "steps", int, "training steps"),
-    ("--batch-size", "batch_size", int, "sequences per batch"),
-    ("--seq-len", "seq_len", int, "tokens per sequence"),
-    ("--lr", "lr", float, "AdamW learning rate"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    ("--beta1", "beta1", float, "AdamW beta1"),
-    ("--beta2", "beta2", float, "AdamW beta2"),
-    ("--eps", "eps", float, "AdamW epsilon"),
-    ("--vocab-size", "vocab_size", int, "tokenizer vocabulary size"),
-    ("--hidden-dim", "hidden_dim", int, "model width"),
-    ("--num-layers", "num_layers", int, "transformer layers"),
-    ("--num-heads", "num_heads", int, "attention heads"),
-    ("--seed", "seed", int, "random seed"),
-    ("--corpus", "corpus", str, "corpus text file [default: the shipped corpus]"),
-    ("--tokenizer", "tokenizer", str, "tokenizers JSON file [default: the shipped tokenizer]"),
-    ("--dead-mask", "dead_mask", str, "safetensors mask file [default: tokens absent from the corpus]"),
-]
+# RunConfig field -> the help of its flag (--field-name; the type and default are the field's)
+_EXPERIMENT_OPTIONS = {
+    "steps": "training steps", "batch_size": "sequences per batch", "seq_len": "tokens per sequence",
+    "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon", "vocab_size": "tokenizer vocabulary size", "hidden_dim": "model width",
+    "num_layers": "transformer layers", "num_heads": "attention heads", "seed": "random seed",
+    "corpus": "corpus text file [default: the shipped corpus]",
+    "tokenizer": "tokenizers JSON file [default: the shipped tokenizer]",
+    "dead_mask": "safetensors mask file [default: tokens absent from the corpus]",
+}
 
 
 def _experiment_options(func):
     defaults = RunConfig()
-    for flag, field, kind, text in reversed(_EXPERIMENT_OPTIONS):
+    for field, text in reversed(_EXPERIMENT_OPTIONS.items()):
         default = getattr(defaults, field)
-        func = click.option(flag, field, type=kind, default=default, show_default=default is not None, help=text)(func)
+        func = click.option(f"--{field.replace('_', '-')}", field, type=str if default is None else type(default),
+                            default=default, show_default=default is not None, help=text)(func)
     return func
 
 
@@ -197,7 +189,7 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
     else:
         settings = dict(PRESETS[preset]) if preset else {}
         settings.update(load_config_file(config_file) if config_file else {})
-        settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
+        settings.update({k: v for k, v in values.items() if k in given})
         if "record" in given:
             settings["record"] = parse_record(values["record"])
         config = RunConfig.from_dict(settings)

@@ -75,10 +75,8 @@ class RunConfig:
         return tuple(RECORDABLE[name] for name in self.record)
 
     def validate(self) -> None:
-        for f in fields(self):
+        for f in fields(self):  # (record and record_rows: checked below)
             value = getattr(self, f.name)
-            if f.name in ("record", "record_rows"):
-                continue  # checked below
             if f.name in ("corpus", "tokenizer", "dead_mask"):
                 if value is not None and not isinstance(value, str):
                     raise CrucibleError(f"{f.name} must be a path, got {value!r}")

@@ -133,23 +133,18 @@ def train(config: RunConfig, inputs: Inputs, recorder=None, *, progress: bool = 
 
     def emit(step: int, epoch: int, h_mean: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | None) -> bool:
         """Hand one step to the recorder (or to the replay check); True at a commit point."""
-        tensors = {"W": W.detach(), "h_mean": h_mean, "loss": loss,
-                   "epoch": torch.tensor(epoch, dtype=torch.int64), **crucible2(grad)}
+        tensors = {"W": W.detach(), "h_mean": h_mean, "loss": loss, "epoch": torch.tensor(epoch, dtype=torch.int64)}
+        if config.record and grad is None:  # --record at step 0: no gradient or optimizer state yet
+            tensors.update((name, torch.full_like(W, float("nan")).detach()) for name in config.recorded_fields)
+        elif config.record:  # W's gradient and AdamW state, passed as they are (the recorder copies them at once)
+            state = optimizer.state[W]
+            values = {"grad": grad, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+            tensors.update((RECORDABLE[name], values[name]) for name in config.record)
         if step < recorded_from:
             if replay is not None:
                 replay(step, tensors)
             return False
         return recorder is not None and recorder.record(step, **tensors)
-
-    def crucible2(grad: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """--record: W's gradient and AdamW state, passed as they are (the recorder copies them at once)."""
-        if not config.record:
-            return {}
-        if grad is None:  # step 0: no gradient or optimizer state yet
-            return {name: torch.full_like(W, float("nan")).detach() for name in config.recorded_fields}
-        state = optimizer.state[W]
-        values = {"grad": grad, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
-        return {RECORDABLE[name]: values[name] for name in config.record}
 
     step, epoch, skip = 0, 0, 0
     if resume_from is not None:

@@ -41,6 +41,7 @@ from ..safetensors_io import header as safetensors_header
 from ..safetensors_io import parse_header
 from ..storage import MAX_METADATA_BYTES, fsync_path, is_url, open_regular, open_store, read_fd
 from .config import NOTEBOOK_KEYS, RunConfig
+from .data import TokenMasks
 from .engine import fields
 from .trajectory import EXPERIMENT
 
@@ -96,12 +97,6 @@ class NotebookFile:
         out = np.frombuffer(data, dtype=np_dtype).reshape(count, *shape[1:])
         return out.astype(np_dtype.newbyteorder("="), copy=False)
 
-    @property
-    def canonical(self) -> bool:
-        """Is the header what safetensors' save_file (and so `export`) writes for these tensors?"""
-        tensors = {name: (dtype, shape, end - begin) for name, (dtype, shape, begin, end) in self.entries.items()}
-        return safetensors_header(tensors)[0] == self.header
-
 
 @dataclass
 class ImportSummary:
@@ -129,7 +124,7 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
         raise CrucibleError(f"--out {out} already exists and is not empty; choose a new directory")
     nb = read_notebook_file(file)
     with _open_input(file) as f:
-        dead_mask, dead_indices = check_tensors(nb, f)
+        masks = check_tensors(nb, f)
         meta = load_metadata(Path(metadata)) if metadata is not None else None
         if meta is not None:
             config = check_metadata(meta, nb, Path(metadata), f)
@@ -149,7 +144,8 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
         except OSError as e:
             raise CrucibleError(f"cannot read {file}: {e.strerror or e}") from None
     epochs = EpochBounds(nb.steps, meta["total_epochs"] if meta is not None else None)
-    canonical = nb.canonical
+    tensors = {name: (dtype, shape, end - begin) for name, (dtype, shape, begin, end) in nb.entries.items()}
+    canonical = safetensors_header(tensors)[0] == nb.header  # what safetensors' save_file (and `export`) writes?
     attributes = {
         "experiment": EXPERIMENT,
         "config": config.to_dict(),
@@ -171,7 +167,7 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
     if meta is not None:
         attributes["date"] = meta["date"]
         attributes["notebook_metadata"] = meta
-    _write_run(nb, out, config, attributes, dead_mask, dead_indices, epochs, layout, durability)
+    _write_run(nb, out, config, attributes, masks, epochs, layout, durability)
     return ImportSummary(out, nb.steps, nb.vocab, nb.hidden, config_from, canonical, epochs.known_steps(),
                          open_store(out).bytes_on_disk())
 
@@ -226,7 +222,7 @@ def read_notebook_file(path: Path) -> NotebookFile:
     return NotebookFile(path, size, parsed.raw, parsed.data_start, entries)
 
 
-def check_tensors(nb: NotebookFile, f) -> tuple[torch.Tensor, torch.Tensor]:
+def check_tensors(nb: NotebookFile, f) -> TokenMasks:
     """The values the steps' rows do not stream: masks consistent, loss[0] NaN. Returns the masks."""
     mask = nb.read(f, "dead_mask")
     if (mask > 1).any():
@@ -238,7 +234,7 @@ def check_tensors(nb: NotebookFile, f) -> tuple[torch.Tensor, torch.Tensor]:
     first = nb.read(f, "loss", 0, 1)[0]
     if not np.isnan(first):
         raise CrucibleError(f"{nb.path}: loss[0] is {float(first)}, the notebook writes NaN (no step yet)")
-    return torch.from_numpy(mask.astype(bool)), torch.from_numpy(indices.astype(np.int64))
+    return TokenMasks(torch.from_numpy(mask.astype(bool)), torch.from_numpy(indices.astype(np.int64)))
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
@@ -333,8 +329,8 @@ class EpochBounds:
 
 
 # ----- writing the run -----------------------------------------------------------------------
-def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict, dead_mask: torch.Tensor,
-               dead_indices: torch.Tensor, epochs: EpochBounds, layout: Layout, durability: str) -> None:
+def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict, masks: TokenMasks,
+               epochs: EpochBounds, layout: Layout, durability: str) -> None:
     """Record every step into a hidden sibling of `out`, then rename it to `out`. The file is read
     one block of W's stored steps at a time."""
     created = list(itertools.takewhile(lambda p: not p.exists(), out.parents))  # removed again on failure
@@ -346,8 +342,7 @@ def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict,
     block = time_chunk_for(layout, nb.vocab * nb.hidden * 2)
     nan_h = torch.full((nb.hidden,), float("nan"), dtype=torch.float32)
     try:
-        recorder = record(tmp, fields(config), steps=nb.steps + 1, attributes=attributes,
-                          constants={"dead_mask": (dead_mask, ("token",)), "dead_indices": (dead_indices, ("dead_token",))},
+        recorder = record(tmp, fields(config), steps=nb.steps + 1, attributes=attributes, constants=masks.constants(),
                           layout=layout, commit_interval=1e9, durability=durability)
         try:
             with _open_input(nb.path) as f:

@@ -36,6 +36,7 @@ from .config import RunConfig, training_line
 from .engine import Inputs, StepHook, build_model, fields, load_inputs, resolve_device, train
 from .trajectory import EXPERIMENT
 
+
 @dataclass
 class RunSummary:
     run_dir: Path
@@ -47,19 +48,10 @@ class RunSummary:
     seconds: float
 
 
-def start_run(
-    config: RunConfig,
-    run_dir: str | Path,
-    *,
-    layout: Layout = Layout(),
-    checkpoints: bool = True,
-    commit_interval: float = DEFAULT_COMMIT_INTERVAL,
-    durability: str = "fsync",
-    progress: bool = True,
-    writer_threads: int | None = None,
-    announce: Callable[[str], None] = lambda line: None,
-    say: Callable[[str], None] = lambda line: None,
-) -> RunSummary:
+def start_run(config: RunConfig, run_dir: str | Path, *, layout: Layout = Layout(), checkpoints: bool = True,
+              commit_interval: float = DEFAULT_COMMIT_INTERVAL, durability: str = "fsync", progress: bool = True,
+              writer_threads: int | None = None, announce: Callable[[str], None] = lambda line: None,
+              say: Callable[[str], None] = lambda line: None) -> RunSummary:
     """Train a new run into RUN_DIR (which must not exist, or be empty).
 
     ``announce`` gets the first line at once, before the inputs are read: the run, the device, the
@@ -72,26 +64,12 @@ def start_run(
     device = resolve_device(config.device)
     announce(training_line(run_dir, device, config))
     inputs = load_inputs(config)  # every input is checked before anything is written
-    recorder = record(
-        run_dir,
-        fields(config, inputs.masks),
-        steps=config.steps + 1,  # W[0] is the initial embedding, W[s] the one after step s
-        attributes={
-            "experiment": EXPERIMENT,
-            "config": config.to_dict(),
-            "provenance": provenance(device),
-            "inputs": _input_hashes(inputs),
-            "date": dt.date.today().isoformat(),
-            "checkpoints": checkpoints,
-        },
-        constants={"dead_mask": (inputs.masks.dead_mask, ("token",)),
-                   "dead_indices": (inputs.masks.dead_indices, ("dead_token",))},
-        layout=layout,
-        commit_interval=commit_interval,
-        durability=durability,
-        writer_threads=writer_threads,
-    )
-    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say=say)
+    attributes = {"experiment": EXPERIMENT, "config": config.to_dict(), "provenance": provenance(device),
+                  "inputs": _input_hashes(inputs), "date": dt.date.today().isoformat(), "checkpoints": checkpoints}
+    recorder = record(run_dir, fields(config, inputs.masks), steps=config.steps + 1,  # W[0]: the initial state
+                      attributes=attributes, constants=inputs.masks.constants(), layout=layout,
+                      commit_interval=commit_interval, durability=durability, writer_threads=writer_threads)
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say)
 
 
 def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
@@ -149,11 +127,11 @@ def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval
     say(f"resuming {run_dir} at training step {recorder.next_step}"
         + (f": recomputing and checking steps {first}-{last} against the run first" if first <= last else ""))
     checkpoints = bool(info.attributes.get("checkpoints", True))
-    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt, say=say)
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say, ckpt)
 
 
-def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpoints: bool,
-                    progress: bool, ckpt: dict | None = None, say: Callable[[str], None] = lambda line: None) -> RunSummary:
+def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpoints: bool, progress: bool,
+                    say: Callable[[str], None], ckpt: dict | None = None) -> RunSummary:
     started = time.perf_counter()
     try:
         with _signals_stop(say) as stop_requested:
@@ -208,15 +186,9 @@ def _replay_check(run_dir) -> StepHook:
 
 
 def provenance(device: str) -> dict[str, str]:
-    return {
-        "package": f"crucible-record {__version__}",
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "torch_threads": str(torch.get_num_threads()),
-    }
+    return {"package": f"crucible-record {__version__}", "torch": torch.__version__, "zarr": zarr.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "device": device,
+            "torch_threads": str(torch.get_num_threads())}
 
 
 @contextmanager
@@ -271,11 +243,8 @@ def _signals_stop(say: Callable[[str], None]):
 
 
 def _input_hashes(inputs: Inputs) -> dict[str, str]:
-    return {
-        "corpus_sha256": _sha256(inputs.corpus_path),
-        "tokenizer_sha256": _sha256(inputs.tokenizer_path),
-        "dead_mask_sha256": hashlib.sha256(inputs.masks.dead_mask.numpy().tobytes()).hexdigest(),
-    }
+    return {"corpus_sha256": _sha256(inputs.corpus_path), "tokenizer_sha256": _sha256(inputs.tokenizer_path),
+            "dead_mask_sha256": hashlib.sha256(inputs.masks.dead_mask.numpy().tobytes()).hexdigest()}
 
 
 def _sha256(path: Path) -> str:
