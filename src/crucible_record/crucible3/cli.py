@@ -18,7 +18,7 @@ from ..errors import CrucibleError
 from ..steps_text import steps_committed
 from ..storage import DEFAULT_COMMIT_INTERVAL, DURABILITY
 from .config import (DEVICES, PRESETS, RECORD_ROWS, RECORDABLE, RunConfig, device_without_torch, load_config_file,
-                     parse_record, training_line)
+                     training_line)
 
 if TYPE_CHECKING:  # what imports torch and zarr (1-2 s) is imported where a command needs it
     from ..reader import Run
@@ -189,9 +189,7 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
     else:
         settings = dict(PRESETS[preset]) if preset else {}
         settings.update(load_config_file(config_file) if config_file else {})
-        settings.update({k: v for k, v in values.items() if k in given})
-        if "record" in given:
-            settings["record"] = parse_record(values["record"])
+        settings.update({k: v for k, v in values.items() if k in given})  # (RunConfig splits --record's names)
         config = RunConfig.from_dict(settings)
         if "record_rows" in given and not config.record:
             raise CrucibleError("--record-rows needs --record (it selects the rows of the recorded fields)")

@@ -63,8 +63,8 @@ class RunConfig:
     record_rows: str = "all"
 
     def __post_init__(self) -> None:
-        if isinstance(self.record, str):  # a config file's "grad,exp_avg"
-            object.__setattr__(self, "record", parse_record(self.record))
+        if isinstance(self.record, str):  # --record's or a config file's "grad,exp_avg"
+            object.__setattr__(self, "record", tuple(part.strip() for part in self.record.split(",")))
         elif isinstance(self.record, list):  # JSON has no tuples
             object.__setattr__(self, "record", tuple(self.record))
         self.validate()
@@ -107,7 +107,12 @@ class RunConfig:
             raise CrucibleError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not isinstance(self.record, tuple) or not all(isinstance(name, str) for name in self.record):
             raise CrucibleError(f"record must be a list of names ({', '.join(RECORDABLE)}), got {self.record!r}")
-        check_record(self.record)
+        for i, name in enumerate(self.record):
+            if name not in RECORDABLE:
+                what = "an empty name" if not name else f"unknown name {name!r}"
+                raise CrucibleError(f"--record: {what}; choose from {', '.join(RECORDABLE)} (comma-separated)")
+            if name in self.record[:i]:
+                raise CrucibleError(f"--record: {name!r} is given twice")
         if self.record_rows not in RECORD_ROWS:
             raise CrucibleError(f"--record-rows must be one of {', '.join(RECORD_ROWS)}, got {self.record_rows!r}")
         if self.record_rows != "all" and not self.record:
@@ -167,22 +172,6 @@ def device_without_torch(name: str) -> str | None:
                  for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
                  if isinstance(target, ast.Name)}
     return "cpu" if "cuda" in built_for and all(built_for.get(k) is None for k in ("cuda", "hip", "rocm")) else None
-
-
-def parse_record(text: str) -> tuple[str, ...]:
-    """--record grad,exp_avg -> ("grad", "exp_avg"), checked: known names, each once."""
-    return check_record(tuple(part.strip() for part in text.split(",")))
-
-
-def check_record(names: tuple[str, ...]) -> tuple[str, ...]:
-    known = ", ".join(RECORDABLE)
-    for i, name in enumerate(names):
-        if name not in RECORDABLE:
-            what = "an empty name" if not name else f"unknown name {name!r}"
-            raise CrucibleError(f"--record: {what}; choose from {known} (comma-separated)")
-        if name in names[:i]:
-            raise CrucibleError(f"--record: {name!r} is given twice")
-    return names
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
