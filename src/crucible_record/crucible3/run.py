@@ -64,7 +64,10 @@ def start_run(config: RunConfig, run_dir: str | Path, *, layout: Layout = Layout
     device = resolve_device(config.device)
     announce(training_line(run_dir, device, config))
     inputs = load_inputs(config)  # every input is checked before anything is written
-    attributes = {"experiment": EXPERIMENT, "config": config.to_dict(), "provenance": provenance(device),
+    provenance = {"package": f"crucible-record {__version__}", "torch": torch.__version__, "zarr": zarr.__version__,
+                  "numpy": np.__version__, "python": platform.python_version(), "device": device,
+                  "torch_threads": str(torch.get_num_threads())}  # (a resume on other threads would diverge)
+    attributes = {"experiment": EXPERIMENT, "config": config.to_dict(), "provenance": provenance,
                   "inputs": _input_hashes(inputs), "date": dt.date.today().isoformat(), "checkpoints": checkpoints}
     recorder = record(run_dir, fields(config, inputs.masks), steps=config.steps + 1,  # W[0]: the initial state
                       attributes=attributes, constants=inputs.masks.constants(), layout=layout,
@@ -185,12 +188,6 @@ def _replay_check(run_dir) -> StepHook:
     return check
 
 
-def provenance(device: str) -> dict[str, str]:
-    return {"package": f"crucible-record {__version__}", "torch": torch.__version__, "zarr": zarr.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "device": device,
-            "torch_threads": str(torch.get_num_threads())}
-
-
 @contextmanager
 def _signals_stop(say: Callable[[str], None]):
     """Ctrl-C: say at once that training stops after the current step, and stop there (the step is
@@ -202,22 +199,19 @@ def _signals_stop(say: Callable[[str], None]):
     signal.set_wakeup_fd prints the line."""
     requested = threading.Event()
 
-    def on_term(signum, frame):
-        raise Interrupted(f"received signal {signum}")
-
-    def on_int(signum, frame):
-        if requested.is_set():
+    def on_signal(signum, frame):
+        if signum == signal.SIGTERM or requested.is_set():
             raise Interrupted(f"received signal {signum}")
         requested.set()
 
     try:
-        previous_term = signal.signal(signal.SIGTERM, on_term)
+        previous_term = signal.signal(signal.SIGTERM, on_signal)
     except ValueError:  # not the main thread: leave signals alone
         yield requested.is_set
         return
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is not signal.SIG_IGN:  # a shell that started us in the background keeps Ctrl-C away
-        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGINT, on_signal)
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
