@@ -174,18 +174,16 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
         raise CrucibleError(f"--commit-interval must be a positive number of seconds, got {commit_interval}")
     if writer_threads is not None and writer_threads < 1:
         raise CrucibleError(f"--writer-threads must be at least 1, got {writer_threads}")
+    common = {"commit_interval": commit_interval, "durability": durability, "progress": progress,
+              "writer_threads": writer_threads, "say": lambda line: click.echo(line, err=True)}
     if resume is not None:
         extra = sorted(given - {"resume", "steps", "progress", "commit_interval", "durability", "writer_threads"})
         if extra:
-            raise CrucibleError(
-                f"--resume continues a run with its own settings (only --steps may extend it); "
-                f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
-            )
+            raise CrucibleError(f"--resume continues a run with its own settings (only --steps may extend it); "
+                                f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}")
         from .run import resume_run
 
-        summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, commit_interval=commit_interval, durability=durability, progress=progress,
-                             writer_threads=writer_threads, announce=click.echo,
-                             say=lambda line: click.echo(line, err=True))
+        summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, announce=click.echo, **common)
     else:
         settings = dict(PRESETS[preset]) if preset else {}
         settings.update(load_config_file(config_file) if config_file else {})
@@ -202,10 +200,8 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
             click.echo(training_line(out, device, config))
         from .run import start_run
 
-        summary = start_run(config, out, layout=layout, checkpoints=checkpoints, commit_interval=commit_interval,
-                            durability=durability, progress=progress, writer_threads=writer_threads,
-                            announce=click.echo if device is None else lambda line: None,
-                            say=lambda line: click.echo(line, err=True))
+        summary = start_run(config, out, layout=layout, checkpoints=checkpoints,
+                            announce=click.echo if device is None else lambda line: None, **common)
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
         f"{steps_committed(summary.steps + 1, of=summary.planned + 1, training=True)}, time: {summary.seconds:.1f} s"
