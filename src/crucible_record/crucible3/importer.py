@@ -68,18 +68,9 @@ class NotebookFile:
     header: bytes  # length prefix + JSON, as in the file
     data_start: int
     entries: dict[str, tuple[str, list[int], int, int]]  # name -> (dtype, shape, begin, end) in the data
-
-    @property
-    def steps(self) -> int:
-        return self.entries["W"][1][0] - 1
-
-    @property
-    def vocab(self) -> int:
-        return self.entries["W"][1][1]
-
-    @property
-    def hidden(self) -> int:
-        return self.entries["W"][1][2]
+    steps: int  # W's shape: (steps + 1, vocab, hidden)
+    vocab: int
+    hidden: int
 
     def read(self, f, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
         """Rows [first, first+count) of a tensor, by plain reads (never memory-mapped)."""
@@ -219,7 +210,7 @@ def read_notebook_file(path: Path) -> NotebookFile:
         raise CrucibleError(f"{path}: dead_mask has shape {dead_mask}, W's vocabulary is {W[1]}")
     if dead_indices[0] > W[1]:
         raise CrucibleError(f"{path}: dead_indices has {dead_indices[0]} entries for a vocabulary of {W[1]}")
-    return NotebookFile(path, size, parsed.raw, parsed.data_start, entries)
+    return NotebookFile(path, size, parsed.raw, parsed.data_start, entries, steps, W[1], W[2])
 
 
 def check_tensors(nb: NotebookFile, f) -> TokenMasks:
