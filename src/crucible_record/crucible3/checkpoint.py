@@ -25,9 +25,8 @@ _VERSION = 1
 def snapshot(step: int, epoch: int, batches_done: int, epoch_rng_state: torch.Tensor,
              model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Everything needed to continue after `step` exactly as if never stopped (copied now)."""
-    tensors: dict[str, torch.Tensor] = {"rng.torch_epoch": epoch_rng_state.clone()}
-    for key, value in model.state_dict().items():
-        tensors[f"model.{key}"] = value.detach().clone()
+    tensors = {"rng.torch_epoch": epoch_rng_state.clone(),
+               **{f"model.{key}": value.detach().clone() for key, value in model.state_dict().items()}}
     optim = optimizer.state_dict()
     state_scalars: dict[str, dict[str, Any]] = {}
     for param_id, state in optim["state"].items():
@@ -42,16 +41,10 @@ def snapshot(step: int, epoch: int, batches_done: int, epoch_rng_state: torch.Te
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state.clone()
     python_state = random.getstate()
-    meta = {
-        "version": _VERSION,
-        "step": step,
-        "epoch": epoch,
-        "batches_done": batches_done,
-        "param_groups": optim["param_groups"],
-        "optimizer_state_scalars": state_scalars,
-        "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
-        "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
+    meta = {"version": _VERSION, "step": step, "epoch": epoch, "batches_done": batches_done,
+            "param_groups": optim["param_groups"], "optimizer_state_scalars": state_scalars,
+            "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
+            "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     return {"tensors": tensors, "meta": meta}
 
 
@@ -71,13 +64,13 @@ def size_limit(model: torch.nn.Module) -> int:
     return 3 * nbytes + (64 << 20)
 
 
-def load(store: RunStore, limit: int | None = None) -> dict[str, Any] | None:
+def load(store: RunStore, limit: int) -> dict[str, Any] | None:
     """The checkpoint, or None; a malformed file, or one over `limit` bytes (never read), is refused."""
     from safetensors.torch import load
 
     path = f"{store.location}/{CHECKPOINT_FILE}"
     try:
-        data = store.get_file(CHECKPOINT_FILE) if limit is None else store.get_file(CHECKPOINT_FILE, limit)
+        data = store.get_file(CHECKPOINT_FILE, limit)
     except CrucibleError as e:
         raise CrucibleError(f"checkpoint {e}; delete it to resume from step 0") from None
     if data is None:

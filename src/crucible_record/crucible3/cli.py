@@ -18,7 +18,7 @@ from ..errors import CrucibleError
 from ..steps_text import steps_committed
 from ..storage import DEFAULT_COMMIT_INTERVAL, DURABILITY
 from .config import (DEVICES, PRESETS, RECORD_ROWS, RECORDABLE, RunConfig, device_without_torch, load_config_file,
-                     parse_record, training_line)
+                     training_line)
 
 if TYPE_CHECKING:  # what imports torch and zarr (1-2 s) is imported where a command needs it
     from ..reader import Run
@@ -110,32 +110,24 @@ def view_panels(run: Run) -> dict[str, dict[str, tuple]]:
 # -- the experiment's own commands --------------------------------------------------------------
 
 
-# (flag, RunConfig field, type, help)
-_EXPERIMENT_OPTIONS = [
-    ("--steps", "steps", int, "training steps"),
-    ("--batch-size", "batch_size", int, "sequences per batch"),
-    ("--seq-len", "seq_len", int, "tokens per sequence"),
-    ("--lr", "lr", float, "AdamW learning rate"),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay"),
-    ("--beta1", "beta1", float, "AdamW beta1"),
-    ("--beta2", "beta2", float, "AdamW beta2"),
-    ("--eps", "eps", float, "AdamW epsilon"),
-    ("--vocab-size", "vocab_size", int, "tokenizer vocabulary size"),
-    ("--hidden-dim", "hidden_dim", int, "model width"),
-    ("--num-layers", "num_layers", int, "transformer layers"),
-    ("--num-heads", "num_heads", int, "attention heads"),
-    ("--seed", "seed", int, "random seed"),
-    ("--corpus", "corpus", str, "corpus text file [default: the shipped corpus]"),
-    ("--tokenizer", "tokenizer", str, "tokenizers JSON file [default: the shipped tokenizer]"),
-    ("--dead-mask", "dead_mask", str, "safetensors mask file [default: tokens absent from the corpus]"),
-]
+# RunConfig field -> the help of its flag (--field-name; the type and default are the field's)
+_EXPERIMENT_OPTIONS = {
+    "steps": "training steps", "batch_size": "sequences per batch", "seq_len": "tokens per sequence",
+    "lr": "AdamW learning rate", "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "eps": "AdamW epsilon", "vocab_size": "tokenizer vocabulary size", "hidden_dim": "model width",
+    "num_layers": "transformer layers", "num_heads": "attention heads", "seed": "random seed",
+    "corpus": "corpus text file [default: the shipped corpus]",
+    "tokenizer": "tokenizers JSON file [default: the shipped tokenizer]",
+    "dead_mask": "safetensors mask file [default: tokens absent from the corpus]",
+}
 
 
 def _experiment_options(func):
     defaults = RunConfig()
-    for flag, field, kind, text in reversed(_EXPERIMENT_OPTIONS):
+    for field, text in reversed(_EXPERIMENT_OPTIONS.items()):
         default = getattr(defaults, field)
-        func = click.option(flag, field, type=kind, default=default, show_default=default is not None, help=text)(func)
+        func = click.option(f"--{field.replace('_', '-')}", field, type=str if default is None else type(default),
+                            default=default, show_default=default is not None, help=text)(func)
     return func
 
 
@@ -182,24 +174,20 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
         raise CrucibleError(f"--commit-interval must be a positive number of seconds, got {commit_interval}")
     if writer_threads is not None and writer_threads < 1:
         raise CrucibleError(f"--writer-threads must be at least 1, got {writer_threads}")
+    common = {"commit_interval": commit_interval, "durability": durability, "progress": progress,
+              "writer_threads": writer_threads, "say": lambda line: click.echo(line, err=True)}
     if resume is not None:
         extra = sorted(given - {"resume", "steps", "progress", "commit_interval", "durability", "writer_threads"})
         if extra:
-            raise CrucibleError(
-                f"--resume continues a run with its own settings (only --steps may extend it); "
-                f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}"
-            )
+            raise CrucibleError(f"--resume continues a run with its own settings (only --steps may extend it); "
+                                f"drop {', '.join('--' + e.replace('_', '-') for e in extra)}")
         from .run import resume_run
 
-        summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, commit_interval=commit_interval, durability=durability, progress=progress,
-                             writer_threads=writer_threads, announce=click.echo,
-                             say=lambda line: click.echo(line, err=True))
+        summary = resume_run(resume, steps=values["steps"] if "steps" in given else None, announce=click.echo, **common)
     else:
         settings = dict(PRESETS[preset]) if preset else {}
         settings.update(load_config_file(config_file) if config_file else {})
-        settings.update({k: v for k, v in values.items() if k in given or k == "device" and "device" in given})
-        if "record" in given:
-            settings["record"] = parse_record(values["record"])
+        settings.update({k: v for k, v in values.items() if k in given})  # (RunConfig splits --record's names)
         config = RunConfig.from_dict(settings)
         if "record_rows" in given and not config.record:
             raise CrucibleError("--record-rows needs --record (it selects the rows of the recorded fields)")
@@ -212,10 +200,8 @@ def train(ctx, out, preset, config_file, resume, commit_interval, durability, wr
             click.echo(training_line(out, device, config))
         from .run import start_run
 
-        summary = start_run(config, out, layout=layout, checkpoints=checkpoints, commit_interval=commit_interval,
-                            durability=durability, progress=progress, writer_threads=writer_threads,
-                            announce=click.echo if device is None else lambda line: None,
-                            say=lambda line: click.echo(line, err=True))
+        summary = start_run(config, out, layout=layout, checkpoints=checkpoints,
+                            announce=click.echo if device is None else lambda line: None, **common)
     click.echo(
         f"Training complete. Final loss: {summary.final_loss:.4f}, epochs: {summary.epochs}, "
         f"{steps_committed(summary.steps + 1, of=summary.planned + 1, training=True)}, time: {summary.seconds:.1f} s"

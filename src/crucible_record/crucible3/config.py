@@ -26,15 +26,14 @@ RECORD_ROWS = ("all", "dead", "live")  # --record-rows: which tokens' rows of th
 PRESETS = {"quick": {"batch_size": 16, "seq_len": 64}}
 
 # Sizes above these are refused as typos rather than attempted.
-_LIMITS = {
-    "steps": 10_000_000,
-    "batch_size": 1_000_000,
-    "seq_len": 1_000_000,
-    "vocab_size": 10_000_000,
-    "hidden_dim": 65_536,
-    "num_layers": 1_000,
-    "num_heads": 65_536,
-}
+_LIMITS = {"steps": 10_000_000, "batch_size": 1_000_000, "seq_len": 1_000_000, "vocab_size": 10_000_000,
+           "hidden_dim": 65_536, "num_layers": 1_000, "num_heads": 65_536}
+
+# The notebook's metadata.json key of each RunConfig constant, in the file's order (import, export).
+NOTEBOOK_KEYS = {"total_steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "learning_rate": "lr",
+                 "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2", "epsilon": "eps",
+                 "vocab_size": "vocab_size", "hidden_dim": "hidden_dim", "num_layers": "num_layers",
+                 "num_heads": "num_heads", "random_seed": "seed"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,8 @@ class RunConfig:
     record_rows: str = "all"
 
     def __post_init__(self) -> None:
-        if isinstance(self.record, str):  # a config file's "grad,exp_avg"
-            object.__setattr__(self, "record", parse_record(self.record))
+        if isinstance(self.record, str):  # --record's or a config file's "grad,exp_avg"
+            object.__setattr__(self, "record", tuple(part.strip() for part in self.record.split(",")))
         elif isinstance(self.record, list):  # JSON has no tuples
             object.__setattr__(self, "record", tuple(self.record))
         self.validate()
@@ -76,10 +75,8 @@ class RunConfig:
         return tuple(RECORDABLE[name] for name in self.record)
 
     def validate(self) -> None:
-        for f in fields(self):
+        for f in fields(self):  # (record and record_rows: checked below)
             value = getattr(self, f.name)
-            if f.name in ("record", "record_rows"):
-                continue  # checked below
             if f.name in ("corpus", "tokenizer", "dead_mask"):
                 if value is not None and not isinstance(value, str):
                     raise CrucibleError(f"{f.name} must be a path, got {value!r}")
@@ -90,28 +87,32 @@ class RunConfig:
         for name, limit in _LIMITS.items():
             value = getattr(self, name)
             if value <= 0:
-                raise CrucibleError(f"--{_flag(name)} must be positive, got {value}")
+                raise CrucibleError(f"--{name.replace('_', '-')} must be positive, got {value}")
             if value > limit:
-                raise CrucibleError(f"--{_flag(name)} {value} is larger than the limit {limit}")
+                raise CrucibleError(f"--{name.replace('_', '-')} {value} is larger than the limit {limit}")
         if self.hidden_dim % self.num_heads:
             raise CrucibleError(f"--num-heads {self.num_heads} does not divide --hidden-dim {self.hidden_dim}")
-        if not (self.lr > 0 and self.lr < float("inf")):
-            raise CrucibleError(f"--lr must be a positive finite number, got {self.lr}")
+        for name in ("lr", "eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise CrucibleError(f"--{name} must be a positive finite number, got {getattr(self, name)}")
         if not (0 <= self.weight_decay < float("inf")):
             raise CrucibleError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise CrucibleError(f"--{name} must be in [0, 1), got {value}")
-        if not (self.eps > 0 and self.eps < float("inf")):
-            raise CrucibleError(f"--eps must be a positive finite number, got {self.eps}")
         if not 0 <= self.seed < 2**63:
             raise CrucibleError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.device not in DEVICES:
             raise CrucibleError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not isinstance(self.record, tuple) or not all(isinstance(name, str) for name in self.record):
             raise CrucibleError(f"record must be a list of names ({', '.join(RECORDABLE)}), got {self.record!r}")
-        check_record(self.record)
+        for i, name in enumerate(self.record):
+            if name not in RECORDABLE:
+                what = "an empty name" if not name else f"unknown name {name!r}"
+                raise CrucibleError(f"--record: {what}; choose from {', '.join(RECORDABLE)} (comma-separated)")
+            if name in self.record[:i]:
+                raise CrucibleError(f"--record: {name!r} is given twice")
         if self.record_rows not in RECORD_ROWS:
             raise CrucibleError(f"--record-rows must be one of {', '.join(RECORD_ROWS)}, got {self.record_rows!r}")
         if self.record_rows != "all" and not self.record:
@@ -128,16 +129,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise CrucibleError(f"unknown config key(s): {', '.join(unknown)}")
-        values = dict(values)
-        for f in fields(cls):  # JSON has no int/float distinction: 1 means 1.0 for a float
-            value = values.get(f.name)
-            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
-                values[f.name] = float(value)
-        return cls(**values)
+        floats = {f.name for f in fields(cls) if f.type == "float"}  # JSON has no int/float distinction: 1 is 1.0
+        return cls(**{k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
+                      for k, v in values.items()})
 
     def replace(self, **changes: Any) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -161,10 +158,8 @@ def device_without_torch(name: str) -> str | None:
     'cpu' is itself; 'auto' is 'cpu' when the installed torch was built with neither CUDA nor ROCm (its
     torch/version.py, read as text, says so) off macOS; 'cuda' and 'mps' wait for torch to check them.
     """
-    if name == "cpu":
-        return name
     if name != "auto":  # cuda, mps: said once torch has checked that it is there
-        return None
+        return name if name == "cpu" else None
     spec = importlib.util.find_spec("torch")  # finds the package without importing it
     if platform.system() == "Darwin" or spec is None or spec.origin is None:
         return None
@@ -172,35 +167,11 @@ def device_without_torch(name: str) -> str | None:
         tree = ast.parse((Path(spec.origin).parent / "version.py").read_text())
     except (OSError, SyntaxError, ValueError):
         return None
-    built_for = {}
-    for node in tree.body:
-        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
-            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(target, ast.Name):
-                    built_for[target.id] = node.value.value
-    if "cuda" in built_for and built_for["cuda"] is None and built_for.get("hip") is None and built_for.get("rocm") is None:
-        return "cpu"
-    return None
-
-
-def parse_record(text: str) -> tuple[str, ...]:
-    """--record grad,exp_avg -> ("grad", "exp_avg"), checked: known names, each once."""
-    return check_record(tuple(part.strip() for part in text.split(",")))
-
-
-def check_record(names: tuple[str, ...]) -> tuple[str, ...]:
-    known = ", ".join(RECORDABLE)
-    for i, name in enumerate(names):
-        if name not in RECORDABLE:
-            what = "an empty name" if not name else f"unknown name {name!r}"
-            raise CrucibleError(f"--record: {what}; choose from {known} (comma-separated)")
-        if name in names[:i]:
-            raise CrucibleError(f"--record: {name!r} is given twice")
-    return names
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
+    built_for = {target.id: node.value.value for node in tree.body
+                 if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant)
+                 for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                 if isinstance(target, ast.Name)}
+    return "cpu" if "cuda" in built_for and all(built_for.get(k) is None for k in ("cuda", "hip", "rocm")) else None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -211,10 +182,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise CrucibleError(f"cannot read config file {path}: {e.strerror or e}") from None
     try:
-        if path.suffix.lower() == ".toml":
-            values = tomllib.loads(text.decode("utf-8"))
-        else:
-            values = json.loads(text.decode("utf-8"))
+        values = (tomllib.loads if path.suffix.lower() == ".toml" else json.loads)(text.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise CrucibleError(f"config file {path} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
     if not isinstance(values, dict):

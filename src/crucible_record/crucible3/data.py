@@ -11,8 +11,6 @@ from torch.utils.data import Dataset
 
 from ..errors import CrucibleError
 
-MASK_KEYS = ("dead_mask", "dead_indices")
-
 
 def default_corpus_path() -> Path:
     return Path(str(resources.files("crucible_record.crucible3") / "data" / "corpus.txt"))
@@ -39,18 +37,14 @@ def load_tokenizer(path: str | Path, vocab_size: int):
     return tokenizer
 
 
-def read_corpus(path: str | Path) -> str:
-    path = Path(path)
-    _check_readable(path, "corpus")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CrucibleError(f"corpus {path} is not UTF-8 text (byte {e.start})") from None
-
-
 def tokenize_corpus(corpus_path: str | Path, tokenizer) -> list[int]:
     """Token ids of the whole corpus, encoded in one call as the notebook does."""
-    return tokenizer.encode(read_corpus(corpus_path)).ids
+    path = Path(corpus_path)
+    _check_readable(path, "corpus")
+    try:
+        return tokenizer.encode(path.read_text(encoding="utf-8")).ids
+    except UnicodeDecodeError as e:
+        raise CrucibleError(f"corpus {path} is not UTF-8 text (byte {e.start})") from None
 
 
 class TextDataset(Dataset):
@@ -74,9 +68,9 @@ class TokenMasks:
     dead_mask: torch.Tensor  # (vocab,) bool
     dead_indices: torch.Tensor  # (n_dead,) int64
 
-    @property
-    def live_mask(self) -> torch.Tensor:
-        return ~self.dead_mask
+    def constants(self) -> dict[str, tuple[torch.Tensor, tuple[str]]]:
+        """The masks as a run's constants (cr.record's `constants`), with their dimension names."""
+        return {"dead_mask": (self.dead_mask, ("token",)), "dead_indices": (self.dead_indices, ("dead_token",))}
 
 
 def derive_dead_mask(tokens: list[int], vocab_size: int) -> TokenMasks:
@@ -97,7 +91,7 @@ def load_dead_mask(path: str | Path, vocab_size: int) -> TokenMasks:
         masks = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CrucibleError(f"dead mask {path} is not a safetensors file: {e}") from None
-    missing = [key for key in MASK_KEYS if key not in masks]
+    missing = [key for key in ("dead_mask", "dead_indices") if key not in masks]
     if missing:
         raise CrucibleError(f"dead mask {path} has no tensor named {', '.join(missing)}")
     mask, indices = masks["dead_mask"], masks["dead_indices"]

@@ -15,18 +15,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .config import RECORDABLE, RunConfig
-from .data import (
-    TextDataset,
-    TokenMasks,
-    default_corpus_path,
-    default_tokenizer_path,
-    derive_dead_mask,
-    load_dead_mask,
-    load_tokenizer,
-    tokenize_corpus,
-)
+from .data import (TextDataset, TokenMasks, default_corpus_path, default_tokenizer_path, derive_dead_mask,
+                   load_dead_mask, load_tokenizer, tokenize_corpus)
 from ..errors import CrucibleError, Interrupted
 from ..fields import Field
 from . import checkpoint
@@ -63,14 +56,10 @@ def load_inputs(config: RunConfig) -> Inputs:
         raise CrucibleError("--seq-len must be at least 2 (the loss predicts the next token)")
     n_sequences = len(tokens) // config.seq_len
     if n_sequences < config.batch_size:
-        raise CrucibleError(
-            f"corpus {corpus} is too short: {len(tokens)} tokens make {n_sequences} sequences of "
-            f"{config.seq_len}, fewer than one batch of {config.batch_size}"
-        )
-    if config.dead_mask:
-        masks = load_dead_mask(config.dead_mask, config.vocab_size)
-    else:
-        masks = derive_dead_mask(tokens, config.vocab_size)
+        raise CrucibleError(f"corpus {corpus} is too short: {len(tokens)} tokens make {n_sequences} sequences of "
+                            f"{config.seq_len}, fewer than one batch of {config.batch_size}")
+    masks = (load_dead_mask(config.dead_mask, config.vocab_size) if config.dead_mask
+             else derive_dead_mask(tokens, config.vocab_size))
     return Inputs(tokens, masks, corpus, tokenizer_path)
 
 
@@ -78,7 +67,6 @@ def load_inputs(config: RunConfig) -> Inputs:
 class TrainResult:
     last_loss: torch.Tensor | None  # a device tensor: reading it is the caller's (one) sync
     epochs: int
-    steps: int
 
     @property
     def final_loss(self) -> float:
@@ -94,24 +82,18 @@ def fields(config: RunConfig, masks: TokenMasks | None = None) -> dict[str, Fiel
         "loss": Field((), torch.float32),
         "epoch": Field((), torch.int64),
     }
-    rows = _recorded_rows(config, masks)
+    rows = None  # the token rows kept of the --record fields: None for all of them
+    if config.record and config.record_rows != "all":
+        if masks is None:
+            raise CrucibleError("--record-rows dead/live needs the run's dead mask")
+        rows = masks.dead_indices if config.record_rows == "dead" else torch.nonzero(~masks.dead_mask).flatten()
+        if rows.numel() == 0:
+            raise CrucibleError(f"--record-rows {config.record_rows}: this corpus and vocabulary leave no "
+                                f"{config.record_rows} token")
     for name in config.recorded_fields:
         recorded[name] = Field((config.vocab_size, config.hidden_dim), torch.bfloat16, rows=rows,
                                dims=("token", "hidden"))
     return recorded
-
-
-def _recorded_rows(config: RunConfig, masks: TokenMasks | None) -> torch.Tensor | None:
-    """The token rows kept of the --record fields: None for all of them."""
-    if not config.record or config.record_rows == "all":
-        return None
-    if masks is None:
-        raise CrucibleError("--record-rows dead/live needs the run's dead mask")
-    rows = masks.dead_indices if config.record_rows == "dead" else torch.nonzero(masks.live_mask).flatten()
-    if rows.numel() == 0:
-        raise CrucibleError(f"--record-rows {config.record_rows}: this corpus and vocabulary leave no "
-                            f"{config.record_rows} token")
-    return rows
 
 
 LOG_EVERY = 10  # on a GPU the progress bar's loss is read (a host sync) every LOG_EVERY steps
@@ -125,17 +107,9 @@ def build_model(config: RunConfig) -> TinyLM:
     return TinyLM(config.vocab_size, config.hidden_dim, config.num_layers, config.num_heads, config.seq_len)
 
 
-def train(
-    config: RunConfig,
-    inputs: Inputs,
-    recorder=None,
-    *,
-    progress: bool = True,
-    checkpoints_to=None,
-    resume_from: dict | None = None,
-    replay: StepHook | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
-) -> TrainResult:
+def train(config: RunConfig, inputs: Inputs, recorder=None, *, progress: bool = True, checkpoints_to=None,
+          resume_from: dict | None = None, replay: StepHook | None = None,
+          stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
     """Run the notebook's experiment, handing every step to `recorder` (None: train unrecorded).
     Checkpoints are saved only once their step is committed (never ahead of the data); steps already
     recorded are recomputed and passed to `replay` to be checked instead of being recorded again;
@@ -149,13 +123,8 @@ def train(
 
     dataset = TextDataset(inputs.tokens, config.seq_len)
     model = build_model(config).to(device).to(torch.bfloat16)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                                  eps=config.eps, weight_decay=config.weight_decay)
     dataloader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True)
     loss_fn = nn.CrossEntropyLoss()
     autocast_device = device if device != "mps" else "cpu"
@@ -164,23 +133,18 @@ def train(
 
     def emit(step: int, epoch: int, h_mean: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor | None) -> bool:
         """Hand one step to the recorder (or to the replay check); True at a commit point."""
-        tensors = {"W": W.detach(), "h_mean": h_mean, "loss": loss,
-                   "epoch": torch.tensor(epoch, dtype=torch.int64), **crucible2(grad)}
+        tensors = {"W": W.detach(), "h_mean": h_mean, "loss": loss, "epoch": torch.tensor(epoch, dtype=torch.int64)}
+        if config.record and grad is None:  # --record at step 0: no gradient or optimizer state yet
+            tensors.update((name, torch.full_like(W, float("nan")).detach()) for name in config.recorded_fields)
+        elif config.record:  # W's gradient and AdamW state, passed as they are (the recorder copies them at once)
+            state = optimizer.state[W]
+            values = {"grad": grad, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+            tensors.update((RECORDABLE[name], values[name]) for name in config.record)
         if step < recorded_from:
             if replay is not None:
                 replay(step, tensors)
             return False
         return recorder is not None and recorder.record(step, **tensors)
-
-    def crucible2(grad: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """--record: W's gradient and AdamW state, passed as they are (the recorder copies them at once)."""
-        if not config.record:
-            return {}
-        if grad is None:  # step 0: no gradient or optimizer state yet
-            return {name: torch.full_like(W, float("nan")).detach() for name in config.recorded_fields}
-        state = optimizer.state[W]
-        values = {"grad": grad, "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
-        return {RECORDABLE[name]: values[name] for name in config.record}
 
     step, epoch, skip = 0, 0, 0
     if resume_from is not None:
@@ -190,7 +154,7 @@ def train(
         nan = torch.full((), float("nan"), device=device)
         emit(0, 0, nan.expand(config.hidden_dim).clone(), nan, None)  # the initial embedding: no forward pass yet
 
-    bar = _progress_bar(config.steps, step, progress)
+    bar = tqdm(total=config.steps, initial=step, desc="Training") if progress else None
     model.train()
     loss, shown = None, "..."
     try:
@@ -238,12 +202,4 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    return TrainResult(last_loss=loss.detach() if loss is not None else None, epochs=epoch, steps=step)
-
-
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="Training")
+    return TrainResult(last_loss=loss.detach() if loss is not None else None, epochs=epoch)

@@ -14,7 +14,7 @@ from .. import dtypes
 from ..errors import CrucibleError
 from ..export import check_targets, field_blocks, tensor_spec, write_safetensors
 from ..storage import write_json
-from .config import RECORDABLE
+from .config import NOTEBOOK_KEYS, RECORDABLE
 from .trajectory import Trajectory
 
 TRAJECTORY_FILE = "crucible_3_trajectory.safetensors"
@@ -25,26 +25,22 @@ def export_safetensors(traj: Trajectory, out_dir: str | Path, *, force: bool = F
     """Write the notebook's two files for the committed steps of a run."""
     folder, (target, meta_path) = check_targets(Path(out_dir), [TRAJECTORY_FILE, METADATA_FILE], force, traj.run_dir)
     try:
-        _export(traj, target, meta_path, folder)
+        tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
+        for name in ["W", *recorded_extras(traj)]:  # the notebook saves W's bf16 bits (U16); --record fields alike
+            field = traj[name]
+            bits = dtypes.stored_torch_dtype(field.dtype)
+            tensors[name] = (dtypes.safetensors_name(bits), list(field.shape), field.shape.numel() * bits.itemsize,
+                             field_blocks(field))
+            if field.rows is not None:
+                tensors[f"{name}.rows"] = tensor_spec(field.rows)
+        write_safetensors(target, tensors, dir_fd=folder)
+        try:
+            write_json(meta_path, notebook_metadata(traj), dir_fd=folder)
+        except OSError as e:
+            raise CrucibleError(f"cannot write {meta_path}: {e.strerror or e}") from None
     finally:
         os.close(folder)
     return target, meta_path
-
-
-def _export(traj: Trajectory, target: Path, meta_path: Path, folder: int) -> None:
-    tensors = {name: tensor_spec(getattr(traj, name)) for name in ("h_mean", "loss", "dead_mask", "dead_indices")}
-    for name in ["W", *recorded_extras(traj)]:  # the notebook saves W's bf16 bits (U16); --record fields alike
-        field = traj[name]
-        bits = dtypes.stored_torch_dtype(field.dtype)
-        tensors[name] = (dtypes.safetensors_name(bits), list(field.shape), field.shape.numel() * bits.itemsize,
-                         field_blocks(field))
-        if field.rows is not None:
-            tensors[f"{name}.rows"] = tensor_spec(field.rows)
-    write_safetensors(target, tensors, dir_fd=folder)
-    try:
-        write_json(meta_path, notebook_metadata(traj), dir_fd=folder)
-    except OSError as e:
-        raise CrucibleError(f"cannot write {meta_path}: {e.strerror or e}") from None
 
 
 def recorded_extras(traj: Trajectory) -> list[str]:
@@ -61,19 +57,8 @@ def notebook_metadata(traj: Trajectory) -> dict:
         "experiment": "Crucible 3",
         "series": "Crucible",
         "date": traj.attrs.get("date", ""),
-        "total_steps": traj.steps,
-        "batch_size": c.batch_size,
-        "seq_len": c.seq_len,
-        "learning_rate": c.lr,
-        "weight_decay": c.weight_decay,
-        "beta1": c.beta1,
-        "beta2": c.beta2,
-        "epsilon": c.eps,
-        "vocab_size": c.vocab_size,
-        "hidden_dim": c.hidden_dim,
-        "num_layers": c.num_layers,
-        "num_heads": c.num_heads,
-        "random_seed": c.seed,
+        **{key: getattr(c, name) for key, name in NOTEBOOK_KEYS.items()},
+        "total_steps": traj.steps,  # the committed steps (keeps its place, the first of NOTEBOOK_KEYS)
         "n_dead_tokens": n_dead,
         "n_live_tokens": c.vocab_size - n_dead,
         "final_loss": final_loss,

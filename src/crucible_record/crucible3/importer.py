@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,8 @@ from ..api import record
 from ..safetensors_io import header as safetensors_header
 from ..safetensors_io import parse_header
 from ..storage import MAX_METADATA_BYTES, fsync_path, is_url, open_regular, open_store, read_fd
-from .config import RunConfig
+from .config import NOTEBOOK_KEYS, RunConfig
+from .data import TokenMasks
 from .engine import fields
 from .trajectory import EXPERIMENT
 
@@ -51,15 +53,9 @@ NOTEBOOK_TENSORS = {
     "dead_mask": ("BOOL", "|u1", 1),
     "dead_indices": ("I64", "<i8", 1),
 }
-# metadata.json key -> RunConfig key (the notebook's constants)
-CONFIG_KEYS = {"total_steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len", "learning_rate": "lr",
-               "weight_decay": "weight_decay", "beta1": "beta1", "beta2": "beta2", "epsilon": "eps",
-               "vocab_size": "vocab_size", "hidden_dim": "hidden_dim", "num_layers": "num_layers",
-               "num_heads": "num_heads", "random_seed": "seed"}
 # every key the notebook's metadata.json holds, in its order
-METADATA_KEYS = ("experiment", "series", "date", *CONFIG_KEYS, "n_dead_tokens", "n_live_tokens", "final_loss",
+METADATA_KEYS = ("experiment", "series", "date", *NOTEBOOK_KEYS, "n_dead_tokens", "n_live_tokens", "final_loss",
                  "total_epochs", "device", "data_shapes", "notes")
-_TEXT_KEYS = ("experiment", "series", "date", "device", "notes")
 UNKNOWN_EPOCH = -1
 
 
@@ -72,18 +68,9 @@ class NotebookFile:
     header: bytes  # length prefix + JSON, as in the file
     data_start: int
     entries: dict[str, tuple[str, list[int], int, int]]  # name -> (dtype, shape, begin, end) in the data
-
-    @property
-    def steps(self) -> int:
-        return self.entries["W"][1][0] - 1
-
-    @property
-    def vocab(self) -> int:
-        return self.entries["W"][1][1]
-
-    @property
-    def hidden(self) -> int:
-        return self.entries["W"][1][2]
+    steps: int  # W's shape: (steps + 1, vocab, hidden)
+    vocab: int
+    hidden: int
 
     def read(self, f, name: str, first: int = 0, count: int | None = None) -> np.ndarray:
         """Rows [first, first+count) of a tensor, by plain reads (never memory-mapped)."""
@@ -100,12 +87,6 @@ class NotebookFile:
             raise CrucibleError(f"{self.path} ended early, inside tensor {name}")
         out = np.frombuffer(data, dtype=np_dtype).reshape(count, *shape[1:])
         return out.astype(np_dtype.newbyteorder("="), copy=False)
-
-    @property
-    def canonical(self) -> bool:
-        """Is the header what safetensors' save_file (and so `export`) writes for these tensors?"""
-        tensors = {name: (dtype, shape, end - begin) for name, (dtype, shape, begin, end) in self.entries.items()}
-        return safetensors_header(tensors)[0] == self.header
 
 
 @dataclass
@@ -134,18 +115,28 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
         raise CrucibleError(f"--out {out} already exists and is not empty; choose a new directory")
     nb = read_notebook_file(file)
     with _open_input(file) as f:
-        check_tensors(nb, f)
-    meta = load_metadata(Path(metadata)) if metadata is not None else None
-    if meta is not None:
-        config = check_metadata(meta, nb, Path(metadata))
-        config_from = f"metadata file {Path(metadata).name}"
-    else:
-        config = inferred_config(nb)
-        config_from = ("tensor shapes (steps, vocab_size, hidden_dim); every other key is a RunConfig default"
-                       + (", num_heads 1 (2 does not divide hidden_dim)" if config.num_heads == 1 else "")
-                       + ", not necessarily the notebook's value")
+        masks = check_tensors(nb, f)
+        meta = load_metadata(Path(metadata)) if metadata is not None else None
+        if meta is not None:
+            config = check_metadata(meta, nb, Path(metadata), f)
+            config_from = f"metadata file {Path(metadata).name}"
+        else:
+            heads = RunConfig().num_heads
+            try:
+                config = RunConfig(steps=nb.steps, vocab_size=nb.vocab, hidden_dim=nb.hidden,
+                                   num_heads=heads if nb.hidden % heads == 0 else 1)
+            except CrucibleError as e:
+                raise CrucibleError(f"{file}: the shapes make no Crucible-3 config: {e}") from None
+            config_from = ("tensor shapes (steps, vocab_size, hidden_dim); every other key is a RunConfig default"
+                           + (", num_heads 1 (2 does not divide hidden_dim)" if config.num_heads == 1 else "")
+                           + ", not necessarily the notebook's value")
+        try:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise CrucibleError(f"cannot read {file}: {e.strerror or e}") from None
     epochs = EpochBounds(nb.steps, meta["total_epochs"] if meta is not None else None)
-    canonical = nb.canonical
+    tensors = {name: (dtype, shape, end - begin) for name, (dtype, shape, begin, end) in nb.entries.items()}
+    canonical = safetensors_header(tensors)[0] == nb.header  # what safetensors' save_file (and `export`) writes?
     attributes = {
         "experiment": EXPERIMENT,
         "config": config.to_dict(),
@@ -154,7 +145,7 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
         "checkpoints": False,
         "import": {
             "source": file.name,
-            "sha256": _sha256(file),
+            "sha256": sha256,
             "bytes": nb.size,
             "imported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "config_from": config_from,
@@ -167,10 +158,7 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
     if meta is not None:
         attributes["date"] = meta["date"]
         attributes["notebook_metadata"] = meta
-    with _open_input(file) as f:
-        dead_mask = torch.from_numpy(nb.read(f, "dead_mask").astype(bool))
-        dead_indices = torch.from_numpy(nb.read(f, "dead_indices").astype(np.int64))
-    _write_run(nb, out, config, attributes, dead_mask, dead_indices, epochs, layout, durability)
+    _write_run(nb, out, config, attributes, masks, epochs, layout, durability)
     return ImportSummary(out, nb.steps, nb.vocab, nb.hidden, config_from, canonical, epochs.known_steps(),
                          open_store(out).bytes_on_disk())
 
@@ -178,66 +166,55 @@ def import_notebook(file: str | Path, out: str | Path, metadata: str | Path | No
 # ----- checking the input --------------------------------------------------------------------
 def read_notebook_file(path: Path) -> NotebookFile:
     """Parse and check the safetensors header: the notebook's five tensors, dtypes and shapes."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         with _open_input(path) as f:  # the header only: the tensors are streamed later by plain reads
             size = os.fstat(f.fileno()).st_size
             parsed = parse_header(f.read, size, str(path))
     except OSError as e:
         raise CrucibleError(f"cannot read {path}: {e.strerror or e}") from None
-    _check_with_safetensors(path)
-    nb = NotebookFile(path, size, parsed.raw, parsed.data_start, parsed.entries)
-    _check_layout(nb)
-    return nb
-
-
-def _check_with_safetensors(path: Path) -> None:
-    """The safetensors library's own checks (it opens the header only; no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
+    try:  # the safetensors library's own checks (it opens the header only; no tensor is read)
         with safe_open(str(path), framework="numpy"):
             pass
     except (SafetensorError, OSError, ValueError) as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CrucibleError(f"{path} is not a safetensors file ({text})") from None
-
-
-def _check_layout(nb: NotebookFile) -> None:
-    name = nb.path
-    missing = [t for t in NOTEBOOK_TENSORS if t not in nb.entries]
+    entries = parsed.entries
+    missing = [t for t in NOTEBOOK_TENSORS if t not in entries]
     if missing:
-        raise CrucibleError(f"{name} is not a notebook output: tensor(s) {', '.join(missing)} missing "
-                            f"(it holds {', '.join(nb.entries) or 'none'})")
-    extra = sorted(set(nb.entries) - set(NOTEBOOK_TENSORS))
+        raise CrucibleError(f"{path} is not a notebook output: tensor(s) {', '.join(missing)} missing "
+                            f"(it holds {', '.join(entries) or 'none'})")
+    extra = sorted(set(entries) - set(NOTEBOOK_TENSORS))
     if extra:
-        raise CrucibleError(f"{name} is not a notebook output: unexpected tensor(s) {', '.join(extra)} "
+        raise CrucibleError(f"{path} is not a notebook output: unexpected tensor(s) {', '.join(extra)} "
                             f"(a Crucible-3 run would drop them)")
     for t, (dtype, _, ndim) in NOTEBOOK_TENSORS.items():
-        got, shape = nb.entries[t][0], nb.entries[t][1]
+        got, shape = entries[t][0], entries[t][1]
         if got != dtype:
-            raise CrucibleError(f"{name}: tensor {t} has dtype {got}, the notebook writes {dtype}")
+            raise CrucibleError(f"{path}: tensor {t} has dtype {got}, the notebook writes {dtype}")
         if len(shape) != ndim:
-            raise CrucibleError(f"{name}: tensor {t} has shape {shape}, the notebook writes {ndim} dimension(s)")
-    W, h_mean, loss = (nb.entries[t][1] for t in ("W", "h_mean", "loss"))
-    dead_mask, dead_indices = nb.entries["dead_mask"][1], nb.entries["dead_indices"][1]
+            raise CrucibleError(f"{path}: tensor {t} has shape {shape}, the notebook writes {ndim} dimension(s)")
+    W, h_mean, loss, dead_mask, dead_indices = (entries[t][1] for t in NOTEBOOK_TENSORS)
     steps = W[0] - 1
     if steps < 1:
-        raise CrucibleError(f"{name}: W has shape {W}: no training step (the notebook writes steps+1 rows)")
+        raise CrucibleError(f"{path}: W has shape {W}: no training step (the notebook writes steps+1 rows)")
     if W[1] < 1 or W[2] < 1:
-        raise CrucibleError(f"{name}: W has shape {W}: an empty vocabulary or width")
+        raise CrucibleError(f"{path}: W has shape {W}: an empty vocabulary or width")
     if h_mean[0] != steps or loss[0] != steps + 1:
-        raise CrucibleError(f"{name}: inconsistent step counts: W has {W[0]} rows (steps+1), h_mean {h_mean[0]} "
+        raise CrucibleError(f"{path}: inconsistent step counts: W has {W[0]} rows (steps+1), h_mean {h_mean[0]} "
                             f"(steps), loss {loss[0]} (steps+1)")
     if h_mean[1] != W[2]:
-        raise CrucibleError(f"{name}: h_mean has shape {h_mean}, its width differs from W's {W[2]}")
+        raise CrucibleError(f"{path}: h_mean has shape {h_mean}, its width differs from W's {W[2]}")
     if dead_mask[0] != W[1]:
-        raise CrucibleError(f"{name}: dead_mask has shape {dead_mask}, W's vocabulary is {W[1]}")
+        raise CrucibleError(f"{path}: dead_mask has shape {dead_mask}, W's vocabulary is {W[1]}")
     if dead_indices[0] > W[1]:
-        raise CrucibleError(f"{name}: dead_indices has {dead_indices[0]} entries for a vocabulary of {W[1]}")
+        raise CrucibleError(f"{path}: dead_indices has {dead_indices[0]} entries for a vocabulary of {W[1]}")
+    return NotebookFile(path, size, parsed.raw, parsed.data_start, entries, steps, W[1], W[2])
 
 
-def check_tensors(nb: NotebookFile, f) -> None:
-    """The values the steps' rows do not stream: masks consistent, loss[0] NaN."""
+def check_tensors(nb: NotebookFile, f) -> TokenMasks:
+    """The values the steps' rows do not stream: masks consistent, loss[0] NaN. Returns the masks."""
     mask = nb.read(f, "dead_mask")
     if (mask > 1).any():
         raise CrucibleError(f"{nb.path}: dead_mask holds bytes other than 0 and 1")
@@ -248,6 +225,7 @@ def check_tensors(nb: NotebookFile, f) -> None:
     first = nb.read(f, "loss", 0, 1)[0]
     if not np.isnan(first):
         raise CrucibleError(f"{nb.path}: loss[0] is {float(first)}, the notebook writes NaN (no step yet)")
+    return TokenMasks(torch.from_numpy(mask.astype(bool)), torch.from_numpy(indices.astype(np.int64)))
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
@@ -279,16 +257,16 @@ def load_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_metadata(meta: dict[str, Any], nb: NotebookFile, path: Path) -> RunConfig:
+def check_metadata(meta: dict[str, Any], nb: NotebookFile, path: Path, f) -> RunConfig:
     """The config the metadata gives, after checking every value the tensors also say."""
     def bad(text: str) -> CrucibleError:
         return CrucibleError(f"metadata file {path} does not match {nb.path.name}: {text}")
 
-    for key in _TEXT_KEYS:
+    for key in ("experiment", "series", "date", "device", "notes"):
         if not isinstance(meta[key], str):
             raise CrucibleError(f"metadata file {path}: {key} must be a string, got {meta[key]!r}")
     try:
-        config = RunConfig.from_dict({CONFIG_KEYS[k]: meta[k] for k in CONFIG_KEYS})
+        config = RunConfig.from_dict({NOTEBOOK_KEYS[k]: meta[k] for k in NOTEBOOK_KEYS})
     except CrucibleError as e:
         raise CrucibleError(f"metadata file {path}: {e}") from None
     for key, value in (("total_steps", nb.steps), ("vocab_size", nb.vocab), ("hidden_dim", nb.hidden)):
@@ -301,8 +279,7 @@ def check_metadata(meta: dict[str, Any], nb: NotebookFile, path: Path) -> RunCon
     shapes = {t: nb.entries[t][1] for t in ("W", "h_mean", "loss")}
     if meta["data_shapes"] != shapes:
         raise bad(f"data_shapes is {meta['data_shapes']!r}, the tensors have {shapes}")
-    with _open_input(nb.path) as f:
-        last = float(nb.read(f, "loss", nb.steps, 1)[0])
+    last = float(nb.read(f, "loss", nb.steps, 1)[0])
     final = meta["final_loss"]
     if isinstance(final, bool) or not isinstance(final, (int, float)) or not (
             final == last or (math.isnan(final) and math.isnan(last))):
@@ -312,15 +289,6 @@ def check_metadata(meta: dict[str, Any], nb: NotebookFile, path: Path) -> RunCon
         raise bad(f"total_epochs {meta['total_epochs']!r} is impossible for {nb.steps} steps "
                   f"(every epoch has the same number of batches)")
     return config
-
-
-def inferred_config(nb: NotebookFile) -> RunConfig:
-    heads = RunConfig().num_heads
-    try:
-        return RunConfig(steps=nb.steps, vocab_size=nb.vocab, hidden_dim=nb.hidden,
-                         num_heads=heads if nb.hidden % heads == 0 else 1)
-    except CrucibleError as e:
-        raise CrucibleError(f"{nb.path}: the shapes make no Crucible-3 config: {e}") from None
 
 
 def _int(value) -> int | None:
@@ -352,21 +320,34 @@ class EpochBounds:
 
 
 # ----- writing the run -----------------------------------------------------------------------
-def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict, dead_mask: torch.Tensor,
-               dead_indices: torch.Tensor, epochs: EpochBounds, layout: Layout, durability: str) -> None:
-    """Record every step into a hidden sibling of `out`, then rename it to `out`."""
-    created = _missing_parents(out)
+def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict, masks: TokenMasks,
+               epochs: EpochBounds, layout: Layout, durability: str) -> None:
+    """Record every step into a hidden sibling of `out`, then rename it to `out`. The file is read
+    one block of W's stored steps at a time."""
+    created = list(itertools.takewhile(lambda p: not p.exists(), out.parents))  # removed again on failure
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CrucibleError(f"cannot create {out.parent}: {e.strerror or e}") from None
     tmp = out.parent / f".{out.name}.import-{uuid.uuid4().hex[:12]}"
+    block = time_chunk_for(layout, nb.vocab * nb.hidden * 2)
+    nan_h = torch.full((nb.hidden,), float("nan"), dtype=torch.float32)
     try:
-        recorder = record(tmp, fields(config), steps=nb.steps + 1, attributes=attributes,
-                          constants={"dead_mask": (dead_mask, ("token",)), "dead_indices": (dead_indices, ("dead_token",))},
+        recorder = record(tmp, fields(config), steps=nb.steps + 1, attributes=attributes, constants=masks.constants(),
                           layout=layout, commit_interval=1e9, durability=durability)
         try:
-            _record_steps(nb, recorder, epochs, layout)
+            with _open_input(nb.path) as f:
+                for first in range(0, nb.steps + 1, block):
+                    count = min(block, nb.steps + 1 - first)
+                    W = dtypes.from_stored(torch.from_numpy(nb.read(f, "W", first, count)), torch.bfloat16)
+                    h_first = max(first - 1, 0)
+                    h_mean = torch.from_numpy(nb.read(f, "h_mean", h_first, first + count - 1 - h_first))
+                    loss = torch.from_numpy(nb.read(f, "loss", first, count))
+                    epoch = torch.from_numpy(epochs.at(first, count))
+                    for i, step in enumerate(range(first, first + count)):
+                        h = nan_h if step == 0 else h_mean[step - 1 - h_first]
+                        recorder.record(step, W=W[i], h_mean=h, loss=loss[i], epoch=epoch[i])
+                    del W, h_mean, loss
         finally:
             recorder.close()
         if out.exists():
@@ -386,34 +367,6 @@ def _write_run(nb: NotebookFile, out: Path, config: RunConfig, attributes: dict,
         raise
 
 
-def _record_steps(nb: NotebookFile, recorder, epochs: EpochBounds, layout: Layout) -> None:
-    """Read the file one block of W's stored steps at a time and hand each step to the recorder."""
-    block = time_chunk_for(layout, nb.vocab * nb.hidden * 2)
-    nan_h = torch.full((nb.hidden,), float("nan"), dtype=torch.float32)
-    with _open_input(nb.path) as f:
-        for first in range(0, nb.steps + 1, block):
-            count = min(block, nb.steps + 1 - first)
-            W = dtypes.from_stored(torch.from_numpy(nb.read(f, "W", first, count)), torch.bfloat16)
-            h_first = max(first - 1, 0)
-            h_mean = torch.from_numpy(nb.read(f, "h_mean", h_first, first + count - 1 - h_first))
-            loss = torch.from_numpy(nb.read(f, "loss", first, count))
-            epoch = torch.from_numpy(epochs.at(first, count))
-            for i in range(count):
-                step = first + i
-                h = nan_h if step == 0 else h_mean[step - 1 - h_first]
-                recorder.record(step, W=W[i], h_mean=h, loss=loss[i], epoch=epoch[i])
-            del W, h_mean, loss
-
-
-def _missing_parents(path: Path) -> list[Path]:
-    """Folders above `path` that do not exist yet, deepest first (removed again on failure)."""
-    missing, parent = [], path.parent
-    while not parent.exists() and parent != parent.parent:
-        missing.append(parent)
-        parent = parent.parent
-    return missing
-
-
 def _open_input(path: Path):
     """The input file: a regular file (a symlink the user named is followed), never a FIFO or device."""
     try:
@@ -424,10 +377,3 @@ def _open_input(path: Path):
         raise CrucibleError(f"{path} is not a file") from None
     return os.fdopen(fd, "rb")
 
-
-def _sha256(path: Path) -> str:
-    try:
-        with _open_input(path) as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError as e:
-        raise CrucibleError(f"cannot read {path}: {e.strerror or e}") from None

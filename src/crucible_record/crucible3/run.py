@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
-from .. import dtypes
+from .. import __version__, dtypes
 from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format.schema import open_group, read_commit
@@ -32,8 +33,9 @@ from ..steps_text import steps_committed
 from ..storage import DEFAULT_COMMIT_INTERVAL, is_url, open_store
 from . import checkpoint
 from .config import RunConfig, training_line
-from .engine import Inputs, build_model, fields, load_inputs, resolve_device, train
+from .engine import Inputs, StepHook, build_model, fields, load_inputs, resolve_device, train
 from .trajectory import EXPERIMENT
+
 
 @dataclass
 class RunSummary:
@@ -46,19 +48,10 @@ class RunSummary:
     seconds: float
 
 
-def start_run(
-    config: RunConfig,
-    run_dir: str | Path,
-    *,
-    layout: Layout = Layout(),
-    checkpoints: bool = True,
-    commit_interval: float = DEFAULT_COMMIT_INTERVAL,
-    durability: str = "fsync",
-    progress: bool = True,
-    writer_threads: int | None = None,
-    announce: Callable[[str], None] = lambda line: None,
-    say: Callable[[str], None] = lambda line: None,
-) -> RunSummary:
+def start_run(config: RunConfig, run_dir: str | Path, *, layout: Layout = Layout(), checkpoints: bool = True,
+              commit_interval: float = DEFAULT_COMMIT_INTERVAL, durability: str = "fsync", progress: bool = True,
+              writer_threads: int | None = None, announce: Callable[[str], None] = lambda line: None,
+              say: Callable[[str], None] = lambda line: None) -> RunSummary:
     """Train a new run into RUN_DIR (which must not exist, or be empty).
 
     ``announce`` gets the first line at once, before the inputs are read: the run, the device, the
@@ -71,26 +64,15 @@ def start_run(
     device = resolve_device(config.device)
     announce(training_line(run_dir, device, config))
     inputs = load_inputs(config)  # every input is checked before anything is written
-    recorder = record(
-        run_dir,
-        fields(config, inputs.masks),
-        steps=config.steps + 1,  # W[0] is the initial embedding, W[s] the one after step s
-        attributes={
-            "experiment": EXPERIMENT,
-            "config": config.to_dict(),
-            "provenance": provenance(device),
-            "inputs": _input_hashes(inputs),
-            "date": dt.date.today().isoformat(),
-            "checkpoints": checkpoints,
-        },
-        constants={"dead_mask": (inputs.masks.dead_mask, ("token",)),
-                   "dead_indices": (inputs.masks.dead_indices, ("dead_token",))},
-        layout=layout,
-        commit_interval=commit_interval,
-        durability=durability,
-        writer_threads=writer_threads,
-    )
-    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say=say)
+    provenance = {"package": f"crucible-record {__version__}", "torch": torch.__version__, "zarr": zarr.__version__,
+                  "numpy": np.__version__, "python": platform.python_version(), "device": device,
+                  "torch_threads": str(torch.get_num_threads())}  # (a resume on other threads would diverge)
+    attributes = {"experiment": EXPERIMENT, "config": config.to_dict(), "provenance": provenance,
+                  "inputs": _input_hashes(inputs), "date": dt.date.today().isoformat(), "checkpoints": checkpoints}
+    recorder = record(run_dir, fields(config, inputs.masks), steps=config.steps + 1,  # W[0]: the initial state
+                      attributes=attributes, constants=inputs.masks.constants(), layout=layout,
+                      commit_interval=commit_interval, durability=durability, writer_threads=writer_threads)
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say)
 
 
 def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval: float = DEFAULT_COMMIT_INTERVAL,
@@ -133,7 +115,6 @@ def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval
     inputs = load_inputs(config)
     if _input_hashes(inputs) != info.attributes.get("inputs"):
         raise CrucibleError(f"the corpus, tokenizer or dead mask of {run_dir} changed since it was recorded")
-    resolve_device(config.device)
     with torch.device("meta"):  # the run's model without memory or RNG draws, to check the checkpoint against
         model = build_model(config)
     ckpt = checkpoint.load(store, checkpoint.size_limit(model))  # before taking the run: a refusal leaves it as it was
@@ -149,101 +130,62 @@ def resume_run(run_dir: str | Path, *, steps: int | None = None, commit_interval
     say(f"resuming {run_dir} at training step {recorder.next_step}"
         + (f": recomputing and checking steps {first}-{last} against the run first" if first <= last else ""))
     checkpoints = bool(info.attributes.get("checkpoints", True))
-    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, ckpt, say=say)
+    return _train_recorded(config, inputs, recorder, run_dir, checkpoints, progress, say, ckpt)
 
 
-def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpoints: bool,
-                    progress: bool, ckpt: dict | None = None, say: Callable[[str], None] = lambda line: None) -> RunSummary:
+def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpoints: bool, progress: bool,
+                    say: Callable[[str], None], ckpt: dict | None = None) -> RunSummary:
     started = time.perf_counter()
     try:
         with _signals_stop(say) as stop_requested:
-            result = train(
-                config,
-                inputs,
-                recorder,
-                progress=progress,
-                checkpoints_to=recorder.store if checkpoints else None,
-                resume_from=ckpt,
-                replay=_ReplayCheck(run_dir) if recorder.next_step > 0 else None,
-                stop_requested=stop_requested,
-            )
+            result = train(config, inputs, recorder, progress=progress,
+                           checkpoints_to=recorder.store if checkpoints else None, resume_from=ckpt,
+                           replay=_replay_check(run_dir) if recorder.next_step > 0 else None,
+                           stop_requested=stop_requested)
         recorder.close()
-    except (KeyboardInterrupt, Interrupted):
+    except BaseException as e:
+        stopped = isinstance(e, (KeyboardInterrupt, Interrupted))
         try:
-            recorder.close()
-        except RecorderError as e:
-            raise e from None
+            recorder.close()  # commit what is safe to commit
+        except RecorderError as close_error:
+            if stopped:  # (after any other error, the close's own error is secondary)
+                raise close_error from None
+        if not stopped:
+            raise
         raise Interrupted(
             f"stopped: {steps_committed(recorder.committed, of=config.steps + 1, training=True)} in {run_dir}; "
             f"continue with: crucible-record train --resume {run_dir}"
         ) from None
-    except BaseException:
-        try:
-            recorder.close()  # commit what is safe to commit; its own error is secondary
-        except RecorderError:
-            pass
-        raise
-    return RunSummary(
-        run_dir=run_dir,
-        steps=recorder.committed - 1,
-        planned=config.steps,
-        final_loss=result.final_loss,
-        epochs=result.epochs,
-        bytes_on_disk=recorder.store.bytes_on_disk(),
-        seconds=time.perf_counter() - started,
-    )
+    return RunSummary(run_dir, recorder.committed - 1, config.steps, result.final_loss, result.epochs,
+                      recorder.store.bytes_on_disk(), time.perf_counter() - started)
 
 
-class _ReplayCheck:
+def _replay_check(run_dir) -> StepHook:
     """On resume, steps already on disk are recomputed and must equal what was written, bit for bit.
 
     Each stored block is decoded once (the recomputed steps of a block are checked against it).
     A field that keeps some rows only (--record-rows) is checked on those rows.
     """
+    from ..reader import Run
 
-    def __init__(self, run_dir):
-        from ..reader import Run
+    run, blocks = Run(run_dir), {}  # name -> (first step, the decoded block)
 
-        self.run = Run(run_dir)
-        self.block: dict[str, tuple[int, np.ndarray]] = {}
-
-    def __call__(self, step: int, tensors: dict) -> None:
+    def check(step: int, tensors: dict) -> None:
         for name, value in tensors.items():
-            stored = self._row(name, step)
+            field = run[name]
+            start = step - step % field.array.chunks[0]
+            if blocks.get(name, (None,))[0] != start:
+                blocks[name] = (start, field.numpy(slice(start, min(start + field.array.chunks[0], len(field)))))
             given = value.detach().cpu()
-            rows = self.run[name].rows
-            given = given if rows is None else given.index_select(0, rows)
-            given = dtypes.to_stored(given)
-            if given.numpy().tobytes() != stored.tobytes():
+            given = dtypes.to_stored(given if field.rows is None else given.index_select(0, field.rows))
+            if given.numpy().tobytes() != blocks[name][1][step - start].tobytes():
                 raise CrucibleError(
                     f"resume diverged at step {step} ({name}): the recomputed step differs from the recorded one "
                     f"(was the run recorded with another torch thread count "
-                    f"({self.run.attributes['provenance']['torch_threads']}) or device?)"
+                    f"({run.attributes['provenance']['torch_threads']}) or device?)"
                 )
 
-    def _row(self, name: str, step: int) -> np.ndarray:
-        field = self.run[name]
-        rows = field.array.chunks[0]
-        start = step - step % rows
-        if self.block.get(name, (None,))[0] != start:
-            self.block[name] = (start, field.numpy(slice(start, min(start + rows, len(field)))))
-        return self.block[name][1][step - start]
-
-
-def provenance(device: str) -> dict[str, str]:
-    import zarr
-
-    from .. import __version__
-
-    return {
-        "package": f"crucible-record {__version__}",
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "device": device,
-        "torch_threads": str(torch.get_num_threads()),
-    }
+    return check
 
 
 @contextmanager
@@ -257,22 +199,19 @@ def _signals_stop(say: Callable[[str], None]):
     signal.set_wakeup_fd prints the line."""
     requested = threading.Event()
 
-    def on_term(signum, frame):
-        raise Interrupted(f"received signal {signum}")
-
-    def on_int(signum, frame):
-        if requested.is_set():
+    def on_signal(signum, frame):
+        if signum == signal.SIGTERM or requested.is_set():
             raise Interrupted(f"received signal {signum}")
         requested.set()
 
     try:
-        previous_term = signal.signal(signal.SIGTERM, on_term)
+        previous_term = signal.signal(signal.SIGTERM, on_signal)
     except ValueError:  # not the main thread: leave signals alone
         yield requested.is_set
         return
     previous_int = signal.getsignal(signal.SIGINT)
     if previous_int is not signal.SIG_IGN:  # a shell that started us in the background keeps Ctrl-C away
-        signal.signal(signal.SIGINT, on_int)
+        signal.signal(signal.SIGINT, on_signal)
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)
     previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
@@ -298,16 +237,10 @@ def _signals_stop(say: Callable[[str], None]):
 
 
 def _input_hashes(inputs: Inputs) -> dict[str, str]:
-    return {
-        "corpus_sha256": _sha256(inputs.corpus_path),
-        "tokenizer_sha256": _sha256(inputs.tokenizer_path),
-        "dead_mask_sha256": hashlib.sha256(inputs.masks.dead_mask.numpy().tobytes()).hexdigest(),
-    }
+    return {"corpus_sha256": _sha256(inputs.corpus_path), "tokenizer_sha256": _sha256(inputs.tokenizer_path),
+            "dead_mask_sha256": hashlib.sha256(inputs.masks.dead_mask.numpy().tobytes()).hexdigest()}
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
