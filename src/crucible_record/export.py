@@ -34,19 +34,16 @@ def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int
     def fill(fd: int) -> None:
         # One thread writes a block while this one decodes the next (memory: two blocks).
         with ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
-            write_all(fd, header)
-            pending = None
+            pending = writer.submit(write_all, fd, header)
             for name in order:
                 written = 0
                 for chunk in tensors[name][3]():
-                    if pending is not None:
-                        pending.result()
+                    pending.result()
                     pending = writer.submit(write_all, fd, chunk)
                     written += memoryview(chunk).nbytes
                 if written != tensors[name][2]:
                     raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
-            if pending is not None:
-                pending.result()
+            pending.result()
 
     try:
         atomic_write_bytes(target, fill, dir_fd=dir_fd, mode=0o644)
