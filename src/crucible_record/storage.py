@@ -798,9 +798,7 @@ class ObjectRunStore(RunStore):
             self._fence()
         try:
             etag = obstore.head(objects, key)["e_tag"]
-        except Exception as e:
-            if not _missing(e):
-                raise
+        except _not_found():
             etag = None
         if obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etags[id(self._zarr_objects)].get(MARKER):
             self._fence()
@@ -878,10 +876,8 @@ def _get(objects, key: str):
 
     try:
         return obstore.get(objects, key)
-    except Exception as e:
-        if _missing(e):
-            return None
-        raise
+    except _not_found():
+        return None
 
 
 def _listing(objects):
@@ -895,13 +891,14 @@ def _refused(e: Exception, *, if_match: bool) -> bool:
     if_match, on an object deleted since: S3 answers 404 there)."""
     from obstore.exceptions import AlreadyExistsError, PreconditionError
 
-    return isinstance(e, (AlreadyExistsError, PreconditionError)) or (if_match and _missing(e))
+    return isinstance(e, (AlreadyExistsError, PreconditionError)) or (if_match and isinstance(e, _not_found()))
 
 
-def _missing(e: Exception) -> bool:
+def _not_found() -> tuple[type[Exception], ...]:
+    """What obstore raises for an absent object."""
     from obstore.exceptions import NotFoundError
 
-    return isinstance(e, (NotFoundError, FileNotFoundError))
+    return NotFoundError, FileNotFoundError
 
 
 def _object_store(url: str):
