@@ -92,6 +92,10 @@ class RunStore:
 
         return sync(self.store.get(key, default_buffer_prototype()))
 
+    def get(self, key: str) -> bytes | None:
+        buf = self.get_buffer(key)
+        return None if buf is None else buf.to_bytes()
+
     def set(self, key: str, data: bytes) -> None:
         """One atomic write (a PUT; a temporary file + rename on disk)."""
         from zarr.core.buffer import default_buffer_prototype
@@ -106,11 +110,11 @@ class RunStore:
 
     def read_json(self, key: str) -> Any | None:
         """A small JSON document of the run, or None if absent. Never unpickled, never executed."""
-        data = self.get_buffer(key)
+        data = self.get(key)
         if data is None:
             return None
         try:
-            return json.loads(data.to_bytes().decode("utf-8"))
+            return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise CrucibleError(f"{self.location}: {key} is not valid JSON ({e})") from None
 
