@@ -26,4 +26,3 @@ def size_text(n: int) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
-    return f"{n} B"

@@ -34,19 +34,16 @@ def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int
     def fill(fd: int) -> None:
         # One thread writes a block while this one decodes the next (memory: two blocks).
         with ThreadPoolExecutor(1, thread_name_prefix="crucible-export") as writer:
-            write_all(fd, header)
-            pending = None
+            pending = writer.submit(write_all, fd, header)
             for name in order:
                 written = 0
                 for chunk in tensors[name][3]():
-                    if pending is not None:
-                        pending.result()
+                    pending.result()
                     pending = writer.submit(write_all, fd, chunk)
                     written += memoryview(chunk).nbytes
                 if written != tensors[name][2]:
                     raise CrucibleError(f"{name}: wrote {written} bytes, the header promised {tensors[name][2]}")
-            if pending is not None:
-                pending.result()
+            pending.result()
 
     try:
         atomic_write_bytes(target, fill, dir_fd=dir_fd, mode=0o644)
@@ -54,32 +51,24 @@ def write_safetensors(target: Path, tensors: dict[str, tuple[str, list[int], int
         raise CrucibleError(f"cannot write {target}: {e.strerror or e}") from None
 
 
-def field_blocks(field: LazyField, start: int = 0, stop: int | None = None) -> Chunks:
-    """A field's rows [start, stop) as little-endian bytes, one stored block of steps at a time."""
-    stop = len(field) if stop is None else stop
+def field_blocks(field: LazyField) -> Chunks:
+    """A field's rows as little-endian bytes, one stored block of steps at a time."""
+    rows, block = len(field), field.array.chunks[0]
 
     def chunks():
-        block, first = field.array.chunks[0], start
-        while first < stop:
-            end = min(first - first % block + block, stop)  # whole stored blocks: each decoded once
-            data = field.numpy(slice(first, end))
+        for first in range(0, rows, block):  # whole stored blocks: each decoded once
+            data = field.numpy(slice(first, min(first + block, rows)))
             data = data.astype(data.dtype.newbyteorder("<"), copy=False)
             yield memoryview(data).cast("B")  # no bytes copy of the block
             del data  # freed before the next block is decoded
-            first = end
 
     return chunks
 
 
-def whole(array: np.ndarray) -> Chunks:
-    data = np.ascontiguousarray(array)
-    data = data.astype(data.dtype.newbyteorder("<"), copy=False)
-    return lambda: iter([data.tobytes()])
-
-
 def tensor_spec(tensor: torch.Tensor) -> tuple[str, list[int], int, Chunks]:
-    bits = dtypes.to_stored(tensor)
-    return dtypes.safetensors_name(tensor.dtype), list(tensor.shape), bits.numel() * bits.element_size(), whole(bits.numpy())
+    data = np.ascontiguousarray(dtypes.stored_numpy(tensor))
+    data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    return dtypes.safetensors_name(tensor.dtype), list(tensor.shape), data.nbytes, lambda: iter([data.tobytes()])
 
 
 def check_targets(out_dir: Path, names: list[str], force: bool, run_dir: Path | None = None) -> tuple[int, list[Path]]:
@@ -103,23 +92,19 @@ def export_run(run: Run, out_dir: str | Path, *, force: bool = False) -> Path:
     metadata holds each field's step numbers: ``<name>.steps`` -> JSON ``{"start", "every",
     "count"}`` (row i holds step start + i * every), read back by ``safe_open(...).metadata()``."""
     folder, (target,) = check_targets(Path(out_dir), [f"{run.store.name or 'run'}.safetensors"], force, run.run_dir)
+    tensors, metadata = {}, {}
     try:
-        _export(run, target, folder)
+        for name, spec in run.fields.items():
+            field = run[name]
+            nbytes = len(field) * int(np.prod(spec.stored_shape, dtype=np.int64)) * spec.dtype.itemsize
+            tensors[name] = (dtypes.safetensors_name(spec.dtype), list(field.shape), nbytes, field_blocks(field))
+            metadata[f"{name}.steps"] = json.dumps({"start": field.steps.start, "every": field.every,
+                                                    "count": len(field)})
+            if field.rows is not None:
+                tensors[f"{name}.rows"] = tensor_spec(field.rows)
+        for name in run.info.constants:
+            tensors[name] = tensor_spec(run.constant(name))
+        write_safetensors(target, tensors, metadata, dir_fd=folder)
     finally:
         os.close(folder)
     return target
-
-
-def _export(run: Run, target: Path, folder: int) -> None:
-    tensors, metadata = {}, {}
-    for name, spec in run.fields.items():
-        field = run[name]
-        itemsize = spec.dtype.itemsize
-        nbytes = len(field) * int(np.prod(spec.stored_shape, dtype=np.int64)) * itemsize
-        tensors[name] = (dtypes.safetensors_name(spec.dtype), list(field.shape), nbytes, field_blocks(field))
-        metadata[f"{name}.steps"] = json.dumps({"start": field.steps.start, "every": field.every, "count": len(field)})
-        if field.rows is not None:
-            tensors[f"{name}.rows"] = tensor_spec(field.rows)
-    for name in run.info.constants:
-        tensors[name] = tensor_spec(run.constant(name))
-    write_safetensors(target, tensors, metadata, dir_fd=folder)

@@ -40,8 +40,7 @@ def header(tensors: Mapping[str, tuple[str, list[int], int]],
     tensors: name -> (safetensors dtype, shape, number of bytes). Byte for byte ``save_file``'s
     layout when there is no metadata (save_file writes metadata keys in a random order; here sorted).
     """
-    rank = {name: i for i, name in enumerate(dtypes.SAFETENSORS_ORDER)}
-    order = sorted(tensors, key=lambda name: (-rank[tensors[name][0]], name))
+    order = sorted(tensors, key=lambda name: (-dtypes.SAFETENSORS_ORDER.index(tensors[name][0]), name))
     layout: dict = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -82,7 +81,7 @@ def parse_header(read: Callable[[int], bytes], size: int, where: str) -> Header:
     metadata = layout.pop(METADATA_KEY, None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("its __metadata__ is not an object of strings")
-    entries, spans = {}, []
+    entries = {}
     for name, entry in layout.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
@@ -94,9 +93,8 @@ def parse_header(read: Callable[[int], bytes], size: int, where: str) -> Header:
         if not ok:
             raise bad(f"bad header entry for tensor {name!r}")
         entries[name] = (dtype, shape, begin, end)
-        spans.append((begin, end))
     position = 0
-    for begin, end in sorted(spans):
+    for begin, end in sorted(entry[2:] for entry in entries.values()):
         if begin != position:
             raise bad("tensor data overlaps or leaves gaps")
         position = end

@@ -18,13 +18,15 @@ import errno
 import fcntl
 import functools
 import json
+import math
 import os
 import re
 import shutil
 import stat
 import threading
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -47,7 +49,7 @@ _NOFOLLOW_DIR = _DIR | os.O_NOFOLLOW
 
 
 def is_url(location: str | Path) -> bool:
-    return bool(_URL.match(str(location))) and len(str(location).split(":", 1)[0]) > 1
+    return bool(_URL.match(str(location)))  # (a one-letter scheme is a Windows drive: the regex needs two)
 
 
 def open_store(location: str | Path, *, read_only: bool = True, durability: str = "fsync") -> "RunStore":
@@ -73,7 +75,9 @@ def _marker_bytes(doc: dict[str, Any]) -> bytes:
 
 
 class RunStore:
-    """A run: its zarr store (``RUN/trajectory.zarr``) and a few run-level files beside it."""
+    """A run: its zarr store (``RUN/trajectory.zarr``) and a few run-level files beside it (put_file,
+    get_file: e.g. a checkpoint, replaced atomically). prepare_new: before creating a run, refuse an
+    existing one and make the place."""
 
     location: str
     name: str
@@ -115,13 +119,6 @@ class RunStore:
             raise CrucibleError(f"{self.location}: {key} is not valid JSON ({e})") from None
 
     # ----- what differs between disks and object stores -------------------------------------
-    def run_exists(self) -> bool:
-        raise NotImplementedError
-
-    def prepare_new(self) -> None:
-        """Before creating a run here: refuse an existing one, make the place."""
-        raise NotImplementedError
-
     def claim_new(self) -> None:
         """The first write of a new run: it must not exist yet (atomic on object stores)."""
 
@@ -143,18 +140,8 @@ class RunStore:
     def sweep_partial_files(self) -> int:
         return 0
 
-    def bytes_on_disk(self) -> int:
-        raise NotImplementedError
-
     def writer_lock(self):
         return nullcontext()
-
-    def put_file(self, name: str, data: bytes) -> None:
-        """A run-level file beside the store (e.g. a checkpoint), replaced atomically."""
-        raise NotImplementedError
-
-    def get_file(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
-        raise NotImplementedError
 
 
 class LocalRunStore(RunStore):
@@ -166,17 +153,13 @@ class LocalRunStore(RunStore):
         if self.root.is_symlink():  # (the run directory itself may be a symlink: the user named it)
             raise CrucibleError(f"{self.root} is a symlink; a run's store must be a directory inside the run, "
                                 f"never read or written through a link (replace it by the store itself)")
-        self.durability = durability
         self.files = DurableFiles(durability == "fsync", self.run_dir)
         self.store = _guarded_local_store()(self.root, read_only=read_only, files=self.files)
-
-    def path(self, key: str) -> Path:
-        return self.root / key
 
     def exists(self, key: str) -> bool:
         """A file is there (a FIFO, a device or a symlink too: reading it says what is wrong)."""
         try:
-            return not stat.S_ISDIR(os.lstat(self.path(key)).st_mode)
+            return not stat.S_ISDIR(os.lstat(self.root / key).st_mode)
         except (FileNotFoundError, NotADirectoryError):
             return False
 
@@ -195,18 +178,15 @@ class LocalRunStore(RunStore):
 
     def sync(self, keys) -> None:
         """fsync what of `keys` this store did not write durably itself, and its folders up to the root."""
-        if self.durability == "none":
+        if not self.files.fsync:
             return
         dirs: set[Path] = set()
         for key in keys:
-            path = self.path(key)
+            path = self.root / key
             if self.files.take_durable(path):
                 continue
             fsync_path(path, os.O_RDONLY | os.O_NOFOLLOW)
-            parent = path.parent
-            while parent != self.root.parent and parent not in dirs:
-                dirs.add(parent)
-                parent = parent.parent
+            dirs.update(takewhile(lambda folder: folder != self.root.parent, path.parents))
         for directory in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first
             fsync_path(directory, _NOFOLLOW_DIR)
 
@@ -255,21 +235,22 @@ class DurableFiles:
     def make_dirs(self, directory: Path) -> None:
         """mkdir -p; with fsync, each created folder's entry is made durable in its parent."""
         directory = Path(directory)
-        missing = []
-        parent = self.run_dir
-        while not os.path.isdir(parent):
-            missing.append(parent)
-            parent = parent.parent
+        missing = list(takewhile(lambda folder: not os.path.isdir(folder), (self.run_dir, *self.run_dir.parents)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.fsync:
             for created in reversed(missing):  # outermost first: each entry durable before the next
                 fsync_path(created.parent, _DIR)
         if directory != self.run_dir:
-            os.close(open_dir_beneath(self.run_dir, _parts_beneath(self.run_dir, directory), make=True,
-                                      fsync=self.fsync))
+            os.close(open_dir_beneath(self.run_dir, self._parts(directory), make=True, fsync=self.fsync))
 
-    def _file_parts(self, path: Path) -> tuple[str, ...]:
-        parts = _parts_beneath(self.run_dir, path)
+    def _parts(self, path: Path) -> tuple[str, ...]:
+        """`path`'s components below the run (pathlib has dropped any '' or '.')."""
+        try:
+            parts = Path(path).relative_to(self.run_dir).parts
+        except ValueError:
+            raise CrucibleError(f"{path} is outside the run {self.run_dir}; refusing to touch it") from None
+        if ".." in parts:
+            raise CrucibleError(f"{path}: a path inside a run has no '.' or '..' component")
         if not parts:
             raise IsADirectoryError(errno.EISDIR, "is the run directory", str(path))
         return parts
@@ -277,7 +258,7 @@ class DurableFiles:
     def replace(self, path: Path, data, *, exclusive: bool = False) -> None:
         """A durable replace of `path` (exclusive: FileExistsError if it exists) through a temporary
         named like zarr's (``<name>.<32 hex>.partial``), which sweep_partial_files removes."""
-        *dirs, name = self._file_parts(path)
+        *dirs, name = self._parts(path)
         if not os.path.isdir(self.run_dir):
             self.make_dirs(self.run_dir)
         dir_fd = open_dir_beneath(self.run_dir, dirs, make=True, fsync=self.fsync)
@@ -294,20 +275,18 @@ class DurableFiles:
 
     def delete(self, path: Path) -> None:
         """Remove a file (or a folder, whole) beneath the run, never through a symlinked folder."""
-        *dirs, name = self._file_parts(path)
+        *dirs, name = self._parts(path)
         try:
             dir_fd = open_dir_beneath(self.run_dir, dirs)
         except (FileNotFoundError, NotADirectoryError):
             return
         try:
-            try:
-                info = os.lstat(name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                return
-            if stat.S_ISDIR(info.st_mode):
+            if stat.S_ISDIR(os.lstat(name, dir_fd=dir_fd).st_mode):
                 shutil.rmtree(name, dir_fd=dir_fd)  # (fd-based: never follows a symlink inside)
             else:
                 os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
         finally:
             os.close(dir_fd)
 
@@ -320,16 +299,6 @@ class DurableFiles:
 
 
 # ----- file primitives: no-follow folders, durable replaces, bounded reads -----------------------
-def _parts_beneath(base: Path, path: Path) -> tuple[str, ...]:
-    try:
-        parts = Path(path).relative_to(base).parts
-    except ValueError:
-        raise CrucibleError(f"{path} is outside the run {base}; refusing to touch it") from None
-    if any(part in ("", ".", "..") for part in parts):
-        raise CrucibleError(f"{path}: a path inside a run has no '.' or '..' component")
-    return parts
-
-
 def fsync_path(path, flags: int) -> None:
     """fsync what `path` opens to with `flags` (O_NOFOLLOW to refuse a symlink)."""
     fd = os.open(path, flags | os.O_CLOEXEC)
@@ -353,17 +322,16 @@ def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool
                 except FileNotFoundError:
                     if not make:
                         raise
-                    try:
+                    with suppress(FileExistsError):  # (another writer thread made it just now)
                         os.mkdir(part, dir_fd=fd)
                         if fsync:
                             os.fsync(fd)
-                    except FileExistsError:  # (another writer thread made it just now)
-                        pass
                     child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
             except OSError as e:
                 where = Path(base, *parts[:i + 1])
                 if e.errno in (errno.ELOOP, errno.ENOTDIR) and stat.S_ISLNK(os.lstat(part, dir_fd=fd).st_mode):
-                    raise _symlink_error(where) from None
+                    raise CrucibleError(f"{where} is a symlink inside the run; refusing to read or write through it "
+                                        f"(a damaged run: replace the link by what it should hold)") from None
                 if e.errno == errno.ENOTDIR:
                     raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(where)) from None
                 raise
@@ -375,19 +343,13 @@ def open_dir_beneath(base: str | Path, parts, *, make: bool = False, fsync: bool
     return fd
 
 
-def _symlink_error(path) -> CrucibleError:
-    return CrucibleError(f"{path} is a symlink inside the run; refusing to read or write through it "
-                         f"(a damaged run: replace the link by what it should hold)")
-
-
 def open_output_dir(out: str | Path, run_dir: str | Path | None = None) -> int:
     """A descriptor of the folder a command writes its files into (export, analysis), created if
     missing: inside `run_dir` no component below the run may be a symlink, elsewhere the folder itself
     may not be one. So a link planted in the run, or given as --out, never sends files outside."""
     out = Path(out)
-    parts = None
-    if run_dir is not None and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(run_dir)):
-        parts = Path(os.path.abspath(out)).relative_to(os.path.abspath(run_dir)).parts
+    where, run = Path(os.path.abspath(out)), run_dir and os.path.abspath(run_dir)
+    parts = where.relative_to(run).parts if run and where.is_relative_to(run) else ()
     symlink = f"output folder {out} is a symlink; refusing to write through it (give the folder itself)"
     try:
         if parts:
@@ -437,10 +399,8 @@ def _replace_at(dir_fd: int, name: str, data, tmp: str, *, exclusive: bool = Fal
         else:
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     finally:  # (after a rename there is nothing left to remove; after a link or a failure there is)
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
     if fsync:
         os.fsync(dir_fd)
 
@@ -452,10 +412,7 @@ def atomic_write_bytes(path: str | Path, data, *, dir_fd: int | None = None, mod
     path = Path(path)
     if dir_fd is not None:
         return _replace_at(dir_fd, path.name, data, f".{path.name}.{uuid.uuid4().hex}.tmp", mode=mode)
-    try:
-        dir_fd = os.open(path.parent, _DIR)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror, str(path.parent)) from None
+    dir_fd = os.open(path.parent, _DIR)  # (an OSError names the folder)
     try:
         atomic_write_bytes(path, data, dir_fd=dir_fd, mode=mode)
     finally:
@@ -510,11 +467,10 @@ def open_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None,
 def read_fd(fd: int, start: int, stop: int) -> bytearray:
     """Bytes [start, stop) of an open file, by pread (stops early at the end of the file)."""
     out = bytearray(max(stop - start, 0))
-    view, done = memoryview(out), 0
+    done = 0
     while done < len(out):
-        n = os.preadv(fd, [view[done:]], start + done)
+        n = os.preadv(fd, [memoryview(out)[done:]], start + done)  # (the view is gone before a resize)
         if n == 0:
-            del view
             del out[done:]
             break
         done += n
@@ -595,23 +551,14 @@ def run_lock(run_dir: str | Path):
         os.close(fd)
 
 
-def _chunk_array_path(key: str) -> str | None:
-    """The array a chunk key belongs to ("W/c/0/0/0" -> "W", "c/0" -> ""), None for other keys."""
-    if key.startswith("c/"):
-        return ""
-    head, sep, _ = key.partition("/c/")
-    return head if sep else None
-
-
-def chunk_file_cap(meta: Any) -> int | None:
+def chunk_file_cap(zarr_json: bytes | None) -> int | None:
     """The most bytes one chunk (or shard) file of an array may hold, from its zarr.json: the raw
     bytes of a chunk, plus what lossless codecs may add (well under 1/8), an index and checksums per
-    inner chunk. None if the metadata does not say."""
-    import math
-
+    inner chunk. None if the metadata (None: absent) does not say."""
     import numpy as np
 
     try:
+        meta = json.loads(zarr_json)
         shape = [int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"]]
         name = meta["data_type"] if isinstance(meta["data_type"], str) else meta["data_type"]["name"]
         itemsize = 2 if name == "bfloat16" else np.dtype(name).itemsize
@@ -638,9 +585,9 @@ def _guarded_local_store():
     from zarr.core.buffer import default_buffer_prototype
 
     class GuardedLocalStore(zarr.storage.LocalStore):
-        def __init__(self, root, *, read_only: bool = False, files: DurableFiles | None = None):
+        def __init__(self, root, *, read_only: bool = False, files: DurableFiles):
             super().__init__(root, read_only=read_only)
-            self.files = files if files is not None else DurableFiles(True, Path(root).parent)
+            self.files = files
             self._caps: dict[str, int] = {}  # array path -> the most bytes one of its chunk files may hold
 
         def with_read_only(self, read_only: bool = False):
@@ -651,24 +598,15 @@ def _guarded_local_store():
                 await asyncio.to_thread(self.files.make_dirs, self.root)
             await super()._open(mode=mode)
 
-        def _checked(self, key: str) -> Path:
-            self._check_writable()
-            if key != "zarr.json" and not (self.root / "zarr.json").is_file():
-                raise FileNotFoundError(f"the run at {self.root} disappeared ({STORE_NAME}/zarr.json is gone)")
-            return self.root / key
-
         def cap(self, key: str) -> int:
-            """The most bytes the file of `key` may hold."""
-            array = _chunk_array_path(key)
-            if array is None:
+            """The most bytes the file of `key` may hold (a chunk's: from its array's zarr.json)."""
+            array, is_chunk, _ = f"/{key}".partition("/c/")  # "W/c/0/0/0" -> "/W", "c/0" -> ""
+            if not is_chunk:
                 return MAX_METADATA_BYTES if key.endswith(".json") else MAX_FILE_BYTES
+            array = array[1:]
             if array not in self._caps:
                 meta = self.read(f"{array}/zarr.json" if array else "zarr.json", None)
-                try:
-                    cap = None if meta is None else chunk_file_cap(json.loads(bytes(meta)))
-                except ValueError:
-                    cap = None
-                self._caps[array] = cap or MAX_FILE_BYTES
+                self._caps[array] = chunk_file_cap(meta) or MAX_FILE_BYTES
             return self._caps[array]
 
         def read(self, key: str, byte_range) -> bytearray | None:
@@ -688,11 +626,10 @@ def _guarded_local_store():
 
         def set_sync(self, key, value, *, exclusive: bool = False) -> None:
             self._ensure_open_sync()
-            try:
-                self.files.replace(self._checked(key), value.as_buffer_like(), exclusive=exclusive)
-            except FileExistsError:
-                if not exclusive:
-                    raise
+            self._check_writable()
+            if key != "zarr.json" and not (self.root / "zarr.json").is_file():
+                raise FileNotFoundError(f"the run at {self.root} disappeared ({STORE_NAME}/zarr.json is gone)")
+            self.files.replace(self.root / key, value.as_buffer_like(), exclusive=exclusive)
 
         async def set(self, key, value) -> None:
             await self._ensure_open()
@@ -700,7 +637,8 @@ def _guarded_local_store():
 
         async def set_if_not_exists(self, key, value) -> None:
             await self._ensure_open()
-            await asyncio.to_thread(self.set_sync, key, value, exclusive=True)
+            with suppress(FileExistsError):
+                await asyncio.to_thread(self.set_sync, key, value, exclusive=True)
 
         def delete_sync(self, key) -> None:
             self._ensure_open_sync()
@@ -807,16 +745,16 @@ class ObjectRunStore(RunStore):
     def check_writer(self) -> None:
         """Raise once a PUT found the run taken over (the PUTs themselves are the fence: no request)."""
         if self._fenced:
-            raise self._fenced_error()
+            self._fence()
 
     def write_marker(self, doc: dict[str, Any]) -> None:
-        self._put(self._zarr_objects, MARKER, _marker_bytes({**doc, "writer": self.token}))
+        self.put_key(MARKER, _marker_bytes({**doc, "writer": self.token}))
 
     def bytes_on_disk(self) -> int:
         return sum(meta["size"] for meta in _listing(self._zarr_objects))
 
     def put_file(self, name: str, data: bytes) -> None:
-        self._put(self._objects, name, data)
+        self.put_key(name, data, objects=self._objects)
 
     def get_file(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes | None:
         result = _get(self._objects, name)
@@ -828,39 +766,30 @@ class ObjectRunStore(RunStore):
         return bytes(result.bytes())
 
     # ----- conditional PUTs -----------------------------------------------------------------------
-    def put_key(self, key: str, data, *, only_new: bool = False) -> bool:
-        """A key of the zarr store, PUT conditionally; only_new (zarr's set_if_not_exists): False if it exists."""
-        return self._put(self._zarr_objects, key, data, only_new=only_new)
-
     def forget_key(self, key: str) -> None:
         """A key of the zarr store was deleted: its next PUT creates it."""
         self._etags[id(self._zarr_objects)].pop(key, None)
 
-    def forget_prefix(self, prefix: str) -> None:
-        etags = self._etags[id(self._zarr_objects)]
-        for key in [k for k in etags if k.startswith(prefix.rstrip("/") + "/")]:
-            etags.pop(key, None)
-
-    def _put(self, objects, key: str, data, *, only_new: bool = False) -> bool:
-        """PUT If-Match on the ETag this writer knows, If-None-Match where it knows none."""
-        if self._fenced:
-            raise self._fenced_error()
+    def put_key(self, key: str, data, *, only_new: bool = False, objects=None) -> None:
+        """PUT a key of the zarr store (of `objects`: the run-level files) If-Match on the ETag this
+        writer knows, If-None-Match where it knows none; only_new (zarr's set_if_not_exists): not if it exists."""
+        objects = self._zarr_objects if objects is None else objects
+        self.check_writer()
         if not self._listed:
             self._learn_etags()
         etags = self._etags[id(objects)]
         etag = etags.get(key)
         if only_new and etag is not None:
-            return False
+            return
         try:
             result = _put_if(objects, key, data, etag)
         except Exception as e:
             if not _refused(e, if_match=etag is not None):
                 raise
             if only_new and etag is None:
-                return False
+                return
             result = self._put_over_a_stale_writer(objects, key, data)
         etags[key] = result["e_tag"]
-        return True
 
     def _put_over_a_stale_writer(self, objects, key: str, data):
         """A PUT was refused: `key` changed since this writer learnt its ETag. If this writer still holds
@@ -873,9 +802,7 @@ class ObjectRunStore(RunStore):
             self._fence()
         try:
             etag = obstore.head(objects, key)["e_tag"]
-        except Exception as e:
-            if not _missing(e):
-                raise
+        except _not_found():
             etag = None
         if obstore.head(self._zarr_objects, MARKER)["e_tag"] != self._etags[id(self._zarr_objects)].get(MARKER):
             self._fence()
@@ -902,11 +829,8 @@ class ObjectRunStore(RunStore):
 
     def _fence(self):
         self._fenced = True
-        raise self._fenced_error()
-
-    def _fenced_error(self) -> CrucibleError:
-        return CrucibleError(f"another writer took over {self.location}; this writer stops: nothing of the other's "
-                             f"was overwritten (what this one committed before is kept)")
+        raise CrucibleError(f"another writer took over {self.location}; this writer stops: nothing of the other's "
+                            f"was overwritten (what this one committed before is kept)")
 
 
 @functools.cache
@@ -936,13 +860,9 @@ def _conditional_object_store():
             self._check_writable()
             await asyncio.to_thread(self.run.put_key, key, value.as_buffer_like(), only_new=True)
 
-        async def delete(self, key) -> None:
+        async def delete(self, key) -> None:  # (zarr's delete_dir deletes what it lists here, key by key)
             await super().delete(key)
             self.run.forget_key(key)
-
-        async def delete_dir(self, prefix) -> None:
-            await super().delete_dir(prefix)
-            self.run.forget_prefix(prefix)
 
     return ConditionalObjectStore
 
@@ -960,10 +880,8 @@ def _get(objects, key: str):
 
     try:
         return obstore.get(objects, key)
-    except Exception as e:
-        if _missing(e):
-            return None
-        raise
+    except _not_found():
+        return None
 
 
 def _listing(objects):
@@ -977,13 +895,14 @@ def _refused(e: Exception, *, if_match: bool) -> bool:
     if_match, on an object deleted since: S3 answers 404 there)."""
     from obstore.exceptions import AlreadyExistsError, PreconditionError
 
-    return isinstance(e, (AlreadyExistsError, PreconditionError)) or (if_match and _missing(e))
+    return isinstance(e, (AlreadyExistsError, PreconditionError)) or (if_match and isinstance(e, _not_found()))
 
 
-def _missing(e: Exception) -> bool:
+def _not_found() -> tuple[type[Exception], ...]:
+    """What obstore raises for an absent object."""
     from obstore.exceptions import NotFoundError
 
-    return isinstance(e, (NotFoundError, FileNotFoundError))
+    return NotFoundError, FileNotFoundError
 
 
 def _object_store(url: str):

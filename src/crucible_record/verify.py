@@ -64,8 +64,11 @@ def _check_array(store: RunStore, array, name: str, rows: int, report: VerifyRep
         if start // unit in missing:
             problem = "chunk file missing"
         else:
-            try:
-                _read(store, array, name, start, stop)
+            try:  # by shardio where it can, else through zarr
+                if not array.ndim:
+                    array[...]
+                elif read_whole_rows(store, array, name, start, stop) is None:
+                    array[start:stop]
                 report.blocks_read += 1
             except DamagedBlock as e:  # shardio: checksum mismatch, truncated data
                 problem = e.detail
@@ -76,14 +79,6 @@ def _check_array(store: RunStore, array, name: str, rows: int, report: VerifyRep
             report.problems.append(f"{where}: {problem}")
             if step_of is not None and name not in report.first_bad_step:
                 report.first_bad_step[name] = step_of(start)
-
-
-def _read(store: RunStore, array, name: str, start: int, stop: int) -> None:
-    """Decode rows [start, stop): by shardio where it can, else through zarr."""
-    if not array.ndim:
-        array[...]
-    elif read_whole_rows(store, array, name, start, stop) is None:
-        array[start:stop]
 
 
 def repair_run(run_dir: str | Path) -> tuple[int, int]:
