@@ -19,7 +19,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -290,6 +289,22 @@ def test_absurd_sizes_neither_hang_nor_allocate(bases, tmp_path):
     for sentinel, before in sentinels:
         assert _snapshot(sentinel) == before
 
+
+
+@pytest.mark.parametrize("index", [{"index_location": "start"},
+                                   {"index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}]}])
+def test_a_foreign_shard_index_is_refused_even_with_its_digest_rewritten(index, bases, tmp_path):
+    """A crafted run can re-sign its edited metadata; an index of another kind is still refused, not
+    read through zarr (which reads an inner chunk absent from such an index as fill)."""
+    from crucible_record.format.schema import DIGESTS, metadata_digest
+    import zarr
+
+    run, _ = _copy(bases, "gen", tmp_path, lambda store: None)
+    _edit_json(W, lambda d: d["codecs"][0]["configuration"].update(index))(run / STORE)
+    digest = metadata_digest(zarr.open_array(str(run / STORE / "w"), mode="r"))
+    _edit_json(GROUP, lambda d: d["attributes"][DIGESTS].update(w=digest))(run / STORE)
+    with pytest.raises(CrucibleError, match="shard index other than the checksummed one"):
+        cr.open(run)["w"][:]
 
 # -- names that would collide with the format's own files -------------------------------------------
 

@@ -261,6 +261,18 @@ def test_step_past_a_sized_run_and_after_close_are_refused(tmp_path):
     assert cr.open(tmp_path / "run").committed_steps == 2
 
 
+
+def test_latest_scalar_and_field_equality_stay_public(tmp_path):
+    """Recorder.latest and Field.same_as are public API (cr.Recorder, cr.Field): kept, and right."""
+    rec = cr.record(tmp_path / "run", REFUSE_FIELDS, steps=2)
+    assert rec.latest("loss") is None
+    for s in range(2):
+        rec.record(s, **good(s))
+    rec.close()  # the writer has placed every step
+    assert rec.latest("loss") == float(good(1)["loss"]) and rec.latest("w") is None
+    assert REFUSE_FIELDS["w"].same_as(cr.Field((6, 5), torch.bfloat16))
+    assert not REFUSE_FIELDS["w"].same_as(cr.Field((6, 5), torch.float32))
+
 BAD_FIELDS = [
     ("negative-shape", lambda: cr.Field((3, -1), torch.float32), "must not be negative"),
     ("shape-not-ints", lambda: cr.Field(("a",), torch.float32), "tuple of ints"),

@@ -96,6 +96,9 @@ class Field:
             "dims": list(self.dims) if self.dims else None,
         }
 
+    def same_as(self, other: "Field") -> bool:
+        return self == other
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Field) or (self.row_indices is None) != (other.row_indices is None):
             return False

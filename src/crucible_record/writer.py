@@ -182,6 +182,7 @@ class Recorder:
         self._error: BaseException | None = None
         self._closed = False
         self._written: list[str] = []  # keys written since the last commit: made durable before it
+        self._latest: dict[str, float] = {}
         self._durable = committer.committed  # this process's rows of steps 0.._durable-1 are durable
         self.next_step = committer.committed
         self._last_commit_point = time.monotonic()
@@ -273,6 +274,10 @@ class Recorder:
         """Run `fn()` on the writer thread once `step` is committed (e.g. save a checkpoint)."""
         self._raise_if_failed()
         self._work.put(("after_commit", step, fn))
+
+    def latest(self, name: str) -> float | None:
+        """The last value of a scalar field the writer has seen (no device sync), or None."""
+        return self._latest.get(name)
 
     @property
     def backlog(self) -> int:
@@ -456,8 +461,12 @@ class Recorder:
         for event in slot.events:
             event.synchronize()
         for name in slot.names:
+            buf = slot.buffers[name]
+            value = dtypes.stored_numpy(buf)
             block = self._blocks[name]
-            block.put(dtypes.stored_numpy(slot.buffers[name]))
+            block.put(value)
+            if buf.dim() == 0 and buf.dtype.is_floating_point:
+                self._latest[name] = float(value)
             if block.full:  # the buffer is needed for the next rows: write it now, commit soon
                 self.store.check_writer()  # (object stores: never overwrite a newer writer's shards)
                 self._written.extend(block.write(self._encode_threads()))

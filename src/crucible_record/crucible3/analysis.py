@@ -443,7 +443,11 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
 
 
 def _align_answer(mean_cos: float | None) -> str:
-    return "unknown" if mean_cos is None else "yes" if mean_cos > ALIGN_STRONG else "weakly" if mean_cos > 0 else "no"
+    if mean_cos is None:
+        return "unknown"
+    if mean_cos > ALIGN_STRONG:
+        return "yes"
+    return "weakly" if mean_cos > 0 else "no"
 
 
 def _fmt(x, spec: str = ".4f") -> str:

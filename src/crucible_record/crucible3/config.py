@@ -167,11 +167,14 @@ def device_without_torch(name: str) -> str | None:
         tree = ast.parse((Path(spec.origin).parent / "version.py").read_text())
     except (OSError, SyntaxError, ValueError):
         return None
-    built_for = {target.id: node.value.value for node in tree.body
-                 if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant)
-                 for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                 if isinstance(target, ast.Name)}
-    return "cpu" if "cuda" in built_for and all(built_for.get(k) is None for k in ("cuda", "hip", "rocm")) else None
+    built_for = {}  # the module's constants: cuda, hip, rocm (None when torch was built without it)
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    built_for[target.id] = node.value.value
+    cpu_only = "cuda" in built_for and all(built_for.get(k) is None for k in ("cuda", "hip", "rocm"))
+    return "cpu" if cpu_only else None
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -14,15 +14,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
 
-from .. import __version__, dtypes
+from .. import dtypes
 from ..codecs import Layout
 from ..errors import CrucibleError, Interrupted, RecorderError
 from ..format.schema import open_group, read_commit
@@ -64,6 +63,10 @@ def start_run(config: RunConfig, run_dir: str | Path, *, layout: Layout = Layout
     device = resolve_device(config.device)
     announce(training_line(run_dir, device, config))
     inputs = load_inputs(config)  # every input is checked before anything is written
+    import zarr  # (after the first line: on a GPU build it waits for torch and this module's imports)
+
+    from .. import __version__
+
     provenance = {"package": f"crucible-record {__version__}", "torch": torch.__version__, "zarr": zarr.__version__,
                   "numpy": np.__version__, "python": platform.python_version(), "device": device,
                   "torch_threads": str(torch.get_num_threads())}  # (a resume on other threads would diverge)
@@ -143,19 +146,19 @@ def _train_recorded(config, inputs: Inputs, recorder: Recorder, run_dir, checkpo
                            replay=_replay_check(run_dir) if recorder.next_step > 0 else None,
                            stop_requested=stop_requested)
         recorder.close()
-    except BaseException as e:
-        stopped = isinstance(e, (KeyboardInterrupt, Interrupted))
+    except (KeyboardInterrupt, Interrupted):
         try:
             recorder.close()  # commit what is safe to commit
-        except RecorderError as close_error:
-            if stopped:  # (after any other error, the close's own error is secondary)
-                raise close_error from None
-        if not stopped:
-            raise
+        except RecorderError as e:
+            raise e from None
         raise Interrupted(
             f"stopped: {steps_committed(recorder.committed, of=config.steps + 1, training=True)} in {run_dir}; "
             f"continue with: crucible-record train --resume {run_dir}"
         ) from None
+    except BaseException:
+        with suppress(RecorderError):
+            recorder.close()  # commit what is safe to commit; its own error is secondary
+        raise
     return RunSummary(run_dir, recorder.committed - 1, config.steps, result.final_loss, result.epochs,
                       recorder.store.bytes_on_disk(), time.perf_counter() - started)
 

@@ -284,6 +284,11 @@ def _check_codecs(where: str, codecs: Any, ndim: int) -> None:
             raise CrucibleError(f"{where}: transpose order {config.get('order')!r} is not the step-last order "
                                 f"{[*range(1, ndim), 0]}")
         if name == "sharding_indexed":
+            # runs write the index last, checksummed; shardio reads no other (zarr, the fallback, would
+            # read an inner chunk absent from another kind of index as fill, silently)
+            index = [c.get("name") if isinstance(c, dict) else None for c in config.get("index_codecs") or ()]
+            if config.get("index_location", "end") != "end" or index != ["bytes", "crc32c"]:
+                raise CrucibleError(f"{where}: a shard index other than the checksummed one at the shard's end")
             _check_codecs(where, config.get("codecs"), ndim)
             _check_codecs(where, config.get("index_codecs"), 0)
 
