@@ -122,8 +122,8 @@ def _layout(codecs_json: str, shard_shape: tuple[int, ...], dtype_str: str, fill
         inner = conf["codecs"]
         index = conf["index_codecs"]
         index_endian = (index[0].get("configuration") or {}).get("endian", "little")
-        if [c["name"] for c in index] != ["bytes", "crc32c"] or index_endian != "little" \
-                or conf.get("index_location", "end") != "end":
+        if ([c["name"] for c in index] != ["bytes", "crc32c"] or index_endian != "little"
+                or conf.get("index_location", "end") != "end"):
             raise NotImplementedError(f"shard index codecs {index} at the {conf.get('index_location')}")
         if len(chunk_shape) != len(shard_shape) or any(s % c for s, c in zip(shard_shape, chunk_shape)):
             raise NotImplementedError("inner chunks do not tile the shard")

@@ -240,7 +240,7 @@ def h_mean_persistence(traj: Trajectory) -> dict[str, torch.Tensor]:
     return {"h_mean_cos_lag1": lag1, "h_mean_autocorr": autocorr, "h_mean_cos_to_first": to_first}
 
 
-def centroid_dynamics(traj: Trajectory, scan: WScan) -> dict[str, torch.Tensor]:
+def centroid_dynamics(scan: WScan) -> dict[str, torch.Tensor]:
     """Question 2, per step t = 0..n (float32 math on the bf16 values, as the notebook's Quick Stats)."""
     cd, cl = scan.centroid_dead, scan.centroid_live
     return {
@@ -306,7 +306,7 @@ def analyze(traj: Trajectory, block: int | None = None, scan: WScan | None = Non
         "loss": traj.loss,
     }
     result.update(h_mean_persistence(traj))
-    result.update(centroid_dynamics(traj, scan))
+    result.update(centroid_dynamics(scan))
     result.update(alignment(traj, scan))
     # question 4, per transition: the share of the dead (live) entries whose bf16 value changed
     result.update(frac_changed_dead=scan.changed_dead, frac_changed_live=scan.changed_live)
@@ -367,12 +367,19 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
     sep = result["centroid_separation"]
     sep_first, sep_last = _num(sep[0]), _num(sep[-1])
     growth = sep_last / sep_first if sep_first and sep_last is not None else None
+    if growth is None:
+        answer2 = "unknown"
+    elif growth > SEPARATION_GROWTH:
+        answer2 = "yes"
+    elif growth >= 1 / SEPARATION_GROWTH:
+        answer2 = "no (about unchanged)"
+    else:
+        answer2 = "no (they come closer)"
     s_dead = straightness_summary(result["path_straightness"], dead_mask)
     s_live = straightness_summary(result["path_straightness"], ~dead_mask.bool())
     q2 = {
         "question": "Do live and dead centroids separate?",
-        "answer": ("unknown" if growth is None else "yes" if growth > SEPARATION_GROWTH
-                   else "no (about unchanged)" if growth >= 1 / SEPARATION_GROWTH else "no (they come closer)"),
+        "answer": answer2,
         "separation_first": sep_first,
         "separation_last": sep_last,
         "separation_growth": growth,
@@ -412,10 +419,17 @@ def summarize(result: dict[str, Any], dead_mask: torch.Tensor) -> dict[str, Any]
     # 4. bf16 stall
     fd, fl = result["frac_changed_dead"], result["frac_changed_live"]
     late_dead, late_live = _nanmean(fd[-late:]), _nanmean(fl[-late:])
+    if late_dead is None:
+        answer4 = "unknown"
+    elif late_dead < STALL_STRONG:
+        answer4 = "yes"
+    elif late_dead < STALL_PARTLY:
+        answer4 = "partly"
+    else:
+        answer4 = "no"
     q4 = {
         "question": "Does bf16 stall the drift?",
-        "answer": ("unknown" if late_dead is None else "yes" if late_dead < STALL_STRONG
-                   else "partly" if late_dead < STALL_PARTLY else "no"),
+        "answer": answer4,
         "late_steps": late,
         "late_mean_frac_changed_dead": late_dead,
         "late_mean_frac_changed_live": late_live,

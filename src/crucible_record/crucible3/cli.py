@@ -93,7 +93,7 @@ def view_panels(run: Run) -> dict[str, dict[str, tuple]]:
     traj = Trajectory(run)
     n = traj.steps
     scan = scan_W(traj)
-    persistence, centroids, align = h_mean_persistence(traj), centroid_dynamics(traj, scan), alignment(traj, scan)
+    persistence, centroids, align = h_mean_persistence(traj), centroid_dynamics(scan), alignment(traj, scan)
     steps, transitions = torch.arange(n + 1), torch.arange(1, n + 1)
     return {
         "h_mean persistence": {"cos(h_mean[i], h_mean[i+1])": (torch.arange(2, n + 1), persistence["h_mean_cos_lag1"]),
